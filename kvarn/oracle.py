@@ -51,7 +51,7 @@ def to_storage(x: np.ndarray, dtype) -> np.ndarray:
     """Round float32 to `dtype` to nearest-even, saturating at its finite range; -0 -> +0."""
     dtype = np.dtype(dtype)
     if dtype != np.float32:
-        hi = F32(float(np.finfo(dtype).max))
+        hi = F32(float(ml_dtypes.finfo(dtype).max))
         x = np.minimum(np.maximum(x, -hi), hi)
     y = x.astype(dtype)
     return np.where(y == 0, np.zeros((), dtype), y)

@@ -1,0 +1,2 @@
+from kvarn_jax.reference import dequantize, quantize, rotate
+unrotate = rotate
