@@ -7,7 +7,9 @@ below is one correctly rounded IEEE float32 operation in eager mode:
 * divisions are tensor / tensor (torch turns a division by a Python scalar into a
   multiply by its reciprocal); constants are float32 values rounded once, as in the oracle;
 * sums are the oracle's adjacent-pair tree (`pair_sum`), never torch.sum;
-* torch.round is round-half-even, torch.sqrt and float16/bfloat16 casts are IEEE.
+* torch.round is round-half-even, float16/bfloat16 casts are IEEE;
+* torch.sqrt is not correctly rounded on CPU (its float32 vector path is off by an ulp
+  for ~1 in 6 inputs), so `sqrt_rn` computes the IEEE float32 square root explicitly.
 """
 
 from __future__ import annotations
@@ -87,12 +89,30 @@ def pair_sum(x: Tensor, dim: int) -> Tensor:
     return x
 
 
+def sqrt_rn(x: Tensor) -> Tensor:
+    """Correctly rounded float32 square root of x >= 0, on any device.
+
+    A float64 root rounded to float32 is a candidate within one ulp; it is then moved to
+    the float32 whose rounding interval holds sqrt(x). The test is exact in float64: a
+    midpoint between adjacent float32s has 25 significant bits, so its square (50 bits)
+    is exact, and it never equals a float32 x, so there are no ties.
+    """
+    xd = x.to(torch.float64)
+    s = torch.sqrt(xd).to(torch.float32)
+    up = torch.nextafter(s, torch.full_like(s, float("inf")))
+    mid_up = (s.to(torch.float64) + up.to(torch.float64)) * 0.5
+    s = torch.where(mid_up * mid_up < xd, up, s)
+    down = torch.nextafter(s, torch.zeros_like(s))
+    mid_down = (s.to(torch.float64) + down.to(torch.float64)) * 0.5
+    return torch.where(mid_down * mid_down > xd, down, s)
+
+
 def std(x: Tensor, dim: int) -> Tensor:
     """Two-pass Bessel-corrected standard deviation along `dim`, axis kept."""
     n = x.shape[dim]
     mean = pair_sum(x, dim) * f32_const(1.0 / n)
     d = x - mean
-    return torch.sqrt(pair_sum(d * d, dim) * f32_const(1.0 / (n - 1)))
+    return sqrt_rn(pair_sum(d * d, dim) * f32_const(1.0 / (n - 1)))
 
 
 def _rcp(x: Tensor) -> Tensor:

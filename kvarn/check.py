@@ -1,0 +1,181 @@
+"""`kvarn check`: every available implementation against the NumPy oracle, byte for byte.
+
+Implementations load lazily, so this module (like all of `kvarn`) imports neither jax
+nor torch until asked. On a CUDA machine the Pallas and Triton entries are the compiled
+kernels; on the CPU they run interpreted, and the references run on the CPU everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+
+from kvarn import oracle
+from kvarn.format import HEAD_DIMS, PRESETS
+from kvarn.tiles import DTYPES, adversarial_tiles, random_tiles
+
+Array = np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    name: str
+    rotate: Callable[[Array], Array]
+    quantize: Callable[[Array, Array, str, int], Array]
+    dequantize: Callable[[Array, str, int], tuple[Array, Array]]
+
+
+def _jax_implementations() -> Iterator[Implementation]:
+    import kvarn_jax  # noqa: F401  (sets the exact-CPU XLA flag before jax loads)
+    import jax
+    import jax.numpy as jnp
+
+    from kvarn_jax import pallas_quantize, pallas_rotate, reference
+
+    cpu = jax.devices("cpu")[0]
+
+    def on_cpu(fn):
+        def run(*args):
+            with jax.default_device(cpu):
+                arrays = [jnp.asarray(a) if isinstance(a, np.ndarray) else a for a in args]
+                return jax.tree.map(np.asarray, fn(*arrays))
+        return run
+
+    def on_default(fn):
+        def run(*args):
+            arrays = [jnp.asarray(a) if isinstance(a, np.ndarray) else a for a in args]
+            return jax.tree.map(np.asarray, fn(*arrays))
+        return run
+
+    deq = on_cpu(reference.dequantize)
+    yield Implementation("jax-reference", on_cpu(reference.rotate), on_cpu(reference.quantize), deq)
+    kind = "interpret" if jax.default_backend() == "cpu" else jax.default_backend()
+    yield Implementation(f"jax-pallas[{kind}]", on_default(pallas_rotate.rotate),
+                         on_default(pallas_quantize.quantize), deq)
+
+
+def _to_torch(x: Array, device):
+    import torch
+
+    if x.dtype == DTYPES["bfloat16"]:
+        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16).to(device)
+    return torch.from_numpy(np.ascontiguousarray(x)).to(device)
+
+
+def _from_torch(t) -> Array:
+    import torch
+
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(DTYPES["bfloat16"])
+    return t.numpy()
+
+
+def _torch_implementations() -> Iterator[Implementation]:
+    import torch
+
+    import kvarn_torch  # noqa: F401  (selects the Triton interpreter without CUDA)
+    from kvarn_torch import codec
+
+    gpu = torch.cuda.is_available()
+
+    def wrap(fn, impl, device):
+        def run(*args):
+            args = [_to_torch(a, device) if isinstance(a, np.ndarray) else a for a in args]
+            out = fn(*args, impl=impl)
+            return tuple(map(_from_torch, out)) if isinstance(out, tuple) else _from_torch(out)
+        return run
+
+    deq = wrap(codec.dequantize, "reference", "cpu")
+    yield Implementation("torch-reference", wrap(codec.rotate, "reference", "cpu"),
+                         wrap(codec.quantize, "reference", "cpu"), deq)
+    device = "cuda" if gpu else "cpu"
+    yield Implementation(f"torch-triton[{'cuda' if gpu else 'interpret'}]",
+                         wrap(codec.rotate, "triton", device),
+                         wrap(codec.quantize, "triton", device), deq)
+
+
+LOADERS = {"jax": _jax_implementations, "torch": _torch_implementations}
+
+
+def load_implementations(frameworks=("jax", "torch")) -> tuple[list[Implementation], list[str]]:
+    """Implementations that load here, and a note for each framework that did not."""
+    impls, missing = [], []
+    for fw in frameworks:
+        try:
+            impls.extend(LOADERS[fw]())
+        except ImportError as e:
+            missing.append(f"{fw}: {e}")
+    return impls, missing
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    preset: str
+    dtype: str
+    head_dim: int
+    iters: int = oracle.DEFAULT_ITERS
+
+
+def case_tiles(case: Case, n_random: int, seed: int) -> tuple[Array, Array, Array]:
+    """Raw K, V tiles (for rotate) and the quantize inputs: rotated random tiles followed
+    by the adversarial set used as is (any fp16/bf16 tile is a valid rotated tile)."""
+    g = PRESETS[case.preset].tile
+    rng = np.random.default_rng([seed, g, case.head_dim, len(case.dtype)])
+    k = random_tiles(rng, n_random, g, case.head_dim, case.dtype)
+    v = random_tiles(rng, n_random, g, case.head_dim, case.dtype)
+    adv = np.stack(list(adversarial_tiles(g, case.head_dim, case.dtype).values()))
+    k_rot = np.concatenate([oracle.rotate(k), adv])
+    v_rot = np.concatenate([oracle.rotate(v), adv[::-1]])
+    return k, k_rot, v_rot
+
+
+def _oracle_records(args) -> Array:
+    k_rot, v_rot, preset, iters = args
+    return oracle.quantize(k_rot, v_rot, preset, iters)
+
+
+def oracle_records(k_rot: Array, v_rot: Array, preset: str, iters: int, workers: int) -> Array:
+    """The oracle's records, computed in `workers` processes for large batches."""
+    if workers <= 1 or len(k_rot) < 4 * workers:
+        return oracle.quantize(k_rot, v_rot, preset, iters)
+    chunks = [(k, v, preset, iters) for k, v in
+              zip(np.array_split(k_rot, workers), np.array_split(v_rot, workers))]
+    with ProcessPoolExecutor(workers) as pool:
+        return np.concatenate(list(pool.map(_oracle_records, chunks)))
+
+
+def mismatched_bytes(a: Array, b: Array) -> int:
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return max(a.nbytes, b.nbytes)
+    return int(np.count_nonzero(a.view(np.uint8) != b.view(np.uint8)))
+
+
+def check_case(case: Case, impls: list[Implementation], n_random: int, seed: int,
+               workers: int = 1) -> tuple[int, dict[str, int]]:
+    """(tile pairs, mismatched bytes per implementation) for one case."""
+    k, k_rot, v_rot = case_tiles(case, n_random, seed)
+    records = oracle_records(k_rot, v_rot, case.preset, case.iters, workers)
+    k_deq, v_deq = oracle.dequantize(records, case.preset, case.head_dim)
+    result = {}
+    for impl in impls:
+        bad = mismatched_bytes(impl.rotate(k), k_rot[:n_random])
+        bad += mismatched_bytes(impl.quantize(k_rot, v_rot, case.preset, case.iters), records)
+        got_k, got_v = impl.dequantize(records, case.preset, case.head_dim)
+        bad += mismatched_bytes(got_k, k_deq) + mismatched_bytes(got_v, v_deq)
+        result[impl.name] = bad
+    return len(k_rot), result
+
+
+def all_cases(presets=tuple(PRESETS), dtypes=tuple(DTYPES), head_dims=HEAD_DIMS,
+              iters=oracle.DEFAULT_ITERS) -> list[Case]:
+    return [Case(p, t, d, iters) for p in presets for t in dtypes for d in head_dims]
+
+
+def default_workers() -> int:
+    return max(1, min(16, (os.cpu_count() or 1)))

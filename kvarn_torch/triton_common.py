@@ -1,0 +1,97 @@
+"""Triton building blocks shared by the rotate and quantize kernels.
+
+Each helper is one step of kvarn.oracle written with ops whose result is the same on a
+GPU and in the Triton interpreter (TRITON_INTERPRET=1, numpy):
+
+* bfloat16 is never converted with `.to()`: the interpreter truncates fp32 -> bf16, so
+  bf16 values travel as int16 bits and are widened / rounded with integer ops;
+* sums are the oracle's adjacent-pair tree, built from reshape + split (never tl.sum);
+* division and square root use tl.div_rn / tl.sqrt_rn (plain `/` and tl.sqrt are
+  approximate on the GPU), and launches pass enable_fp_fusion=False.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import triton
+import triton.language as tl
+
+F32 = np.float32
+
+
+def f32(x: float) -> float:
+    """x rounded once to float32, as a Python float: the oracle's `np.float32(x)`."""
+    return float(F32(x))
+
+
+# Kernel constants (float32 values, exact as Python floats); see kvarn.oracle.
+FP16_MAX = tl.constexpr(f32(65504.0))
+BF16_MAX = tl.constexpr(f32(3.3895313892515355e38))  # largest finite bfloat16
+TINY_INPUT = tl.constexpr(f32(2.0**-100))
+F32_MIN_NORMAL = tl.constexpr(f32(np.finfo(np.float32).tiny))
+
+# How a tensor of a storage dtype is handed to a kernel (bf16 goes as its int16 bits).
+KIND_FP16, KIND_BF16, KIND_FP32 = 0, 1, 2
+
+
+@triton.jit
+def load_f32(ptrs, mask, KIND: tl.constexpr):
+    """Load fp16 / bf16-bits / fp32 values and widen them exactly to float32."""
+    if KIND == 1:
+        bits = tl.load(ptrs, mask=mask, other=0).to(tl.uint16, bitcast=True)
+        return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def canonicalize(x):
+    """NaN -> 0, |x| saturated at 65504, |x| < 2^-100 (and -0) -> +0."""
+    x = tl.where(x != x, 0.0, x)
+    x = tl.minimum(tl.maximum(x, -FP16_MAX), FP16_MAX)
+    return tl.where(tl.abs(x) < TINY_INPUT, 0.0, x)
+
+
+@triton.jit
+def to_fp16(x):
+    """Round float32 to float16 (nearest-even), saturating at +-65504; -0 -> +0."""
+    h = tl.minimum(tl.maximum(x, -FP16_MAX), FP16_MAX).to(tl.float16)
+    return tl.where(h == 0, tl.zeros_like(h), h)
+
+
+@triton.jit
+def to_bf16_bits(x):
+    """Round float32 to bfloat16 (nearest-even, saturating, -0 -> +0) as int16 bits.
+
+    Integer rounding: add 0x7FFF plus the lowest kept bit, keep the high half. Exact for
+    every finite input, and identical on the GPU and in the interpreter.
+    """
+    x = tl.minimum(tl.maximum(x, -BF16_MAX), BF16_MAX)
+    u = x.to(tl.uint32, bitcast=True)
+    u = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
+    u = tl.where((u & 0x7FFF) == 0, tl.zeros_like(u), u)
+    return u.to(tl.uint16).to(tl.int16, bitcast=True)
+
+
+@triton.jit
+def pair_sum_last(x, ROWS: tl.constexpr, COLS: tl.constexpr, LOG_COLS: tl.constexpr):
+    """[ROWS, COLS] -> [ROWS, 1]: sum of each row by the tree ((x0 + x1) + (x2 + x3)) + ...
+
+    Each level pairs adjacent elements: an order-keeping reshape to [.., n/2, 2], then split.
+    """
+    for i in tl.static_range(LOG_COLS):
+        pairs = tl.reshape(x, [ROWS, COLS >> (i + 1), 2], can_reorder=False)
+        a, b = tl.split(pairs)
+        x = a + b
+    return x
+
+
+@triton.jit
+def store_fp16_bytes(ptrs, h):
+    """Write fp16 values little-endian into a uint8 buffer: byte 2i low, 2i+1 high.
+
+    `ptrs` points at the low byte of each value; records hold no fp16-aligned view.
+    """
+    bits = h.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    tl.store(ptrs, (bits & 0xFF).to(tl.uint8))
+    tl.store(ptrs + 1, (bits >> 8).to(tl.uint8))

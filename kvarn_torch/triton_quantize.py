@@ -1,0 +1,195 @@
+"""Triton kernel: rotated K/V tiles -> KVarN records (kvarn.oracle.quantize), one tile per
+program.
+
+The K tile is loaded transposed ([D channels, G tokens]) and the V tile as is
+([G tokens, D channels]); both then go through the same body, `_quantize_rows`, which
+quantizes each row of an [R, C] tile: variance normalization (oracle.normalize), rescale,
+round-to-nearest-even codes (oracle.rtn), absorption of the row scale into the fp16
+step and zero, packing, and the byte stores into the record.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kvarn.checks import check_iters, check_tiles
+from kvarn_torch.triton_common import (
+    F32_MIN_NORMAL,
+    KIND_BF16,
+    KIND_FP16,
+    canonicalize,
+    f32,
+    load_f32,
+    pair_sum_last,
+    store_fp16_bytes,
+    to_fp16,
+)
+
+NUM_WARPS = 8
+DEFAULT_ITERS = 8
+STD_MIN, STD_MAX = tl.constexpr(f32(1e-3)), tl.constexpr(f32(1e3))
+SCALE_MIN = tl.constexpr(f32(0.7408182206817179))  # float32(exp(-0.3))
+SCALE_MAX = tl.constexpr(f32(22026.465794806718))  # float32(exp(10))
+IMB_FLOOR = tl.constexpr(f32(1e-8))
+DELTA_MIN = tl.constexpr(f32(1e-10))
+
+
+@triton.jit
+def _rescale(x, c, r):
+    """X * rcp(c)[col] * rcp(r)[row], values below the smallest normal flushed to +0."""
+    y = x * tl.div_rn(tl.full(c.shape, 1.0, tl.float32), c)
+    y = y * tl.div_rn(tl.full(r.shape, 1.0, tl.float32), r)
+    return tl.where(tl.abs(y) < F32_MIN_NORMAL, 0.0, y)
+
+
+@triton.jit
+def _std_rows(x, R: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr,
+              INV_C: tl.constexpr, INV_CM1: tl.constexpr):
+    """Two-pass Bessel-corrected std of each row of [R, C] -> [R, 1]."""
+    mean = pair_sum_last(x, R, C, LOG_C) * INV_C
+    d = x - mean
+    return tl.sqrt_rn(pair_sum_last(d * d, R, C, LOG_C) * INV_CM1)
+
+
+@triton.jit
+def _std_cols(x, R: tl.constexpr, C: tl.constexpr, LOG_R: tl.constexpr,
+              INV_R: tl.constexpr, INV_RM1: tl.constexpr):
+    """Std of each column of [R, C] -> [1, C]: the row std of the transpose."""
+    s = _std_rows(tl.trans(x), C, R, LOG_R, INV_R, INV_RM1)
+    return tl.reshape(s, [1, C], can_reorder=False)
+
+
+@triton.jit
+def _imbalance(s_col, s_row):
+    """max/min ratio of the column stds plus that of the row stds (floored at 1e-8)."""
+    col = tl.div_rn(tl.maximum(tl.max(s_col), IMB_FLOOR), tl.maximum(tl.min(s_col), IMB_FLOOR))
+    row = tl.div_rn(tl.maximum(tl.max(s_row), IMB_FLOOR), tl.maximum(tl.min(s_row), IMB_FLOOR))
+    return col + row
+
+
+@triton.jit
+def _clamp(x, lo, hi):
+    return tl.minimum(tl.maximum(x, lo), hi)
+
+
+@triton.jit
+def _quantize_rows(
+    x, rec_ptr, iters,
+    R: tl.constexpr, C: tl.constexpr, LOG_R: tl.constexpr, LOG_C: tl.constexpr,
+    INV_R: tl.constexpr, INV_RM1: tl.constexpr, INV_C: tl.constexpr, INV_CM1: tl.constexpr,
+    BITS: tl.constexpr, INV_QMAX: tl.constexpr,
+    CODES: tl.constexpr, ROW_SCALE: tl.constexpr, ROW_ZERO: tl.constexpr, COL_SCALE: tl.constexpr,
+):
+    """Quantize each row of the canonical tile x [R, C] and write its record fields:
+    codes [R, C] packed at CODES, fp16 row scale / zero [R] and column scale [C]."""
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    PER_BYTE: tl.constexpr = 8 // BITS
+
+    # Variance normalization: keep the most balanced iterate, ties to the later one.
+    c = tl.full([1, C], 1.0, tl.float32)
+    r = tl.full([R, 1], 1.0, tl.float32)
+    y = _rescale(x, c, r)
+    s_col = _std_cols(y, R, C, LOG_R, INV_R, INV_RM1)
+    best = _imbalance(s_col, _std_rows(y, R, C, LOG_C, INV_C, INV_CM1))
+    best_c = c
+    best_r = r
+    for _ in range(iters):
+        c = _clamp(c * _clamp(s_col, STD_MIN, STD_MAX), SCALE_MIN, SCALE_MAX)
+        y = _rescale(x, c, r)
+        r = _clamp(r * _clamp(_std_rows(y, R, C, LOG_C, INV_C, INV_CM1), STD_MIN, STD_MAX),
+                   SCALE_MIN, SCALE_MAX)
+        y = _rescale(x, c, r)
+        s_col = _std_cols(y, R, C, LOG_R, INV_R, INV_RM1)
+        imb = _imbalance(s_col, _std_rows(y, R, C, LOG_C, INV_C, INV_CM1))
+        keep = imb <= best
+        best = tl.where(keep, imb, best)
+        best_c = tl.where(keep, c, best_c)
+        best_r = tl.where(keep, r, best_r)
+
+    # Asymmetric RTN per row; round-half-even from floor (no rint in Triton's core ops).
+    b = _rescale(x, best_c, best_r)
+    lo = tl.min(b, axis=1, keep_dims=True)
+    hi = tl.max(b, axis=1, keep_dims=True)
+    delta = tl.maximum((hi - lo) * INV_QMAX, DELTA_MIN)
+    v = tl.div_rn(b - lo, delta)
+    f = tl.floor(v)
+    frac = v - f
+    q = f.to(tl.int32)
+    up = (frac > 0.5) | ((frac == 0.5) & ((q & 1) == 1))
+    q = _clamp(q + up.to(tl.int32), 0, QMAX)
+
+    # Pack LSB first along the row: merge adjacent pairs, doubling the field width.
+    for i in tl.static_range(LOG_C - (C // PER_BYTE).bit_length() + 1):
+        a, hi_part = tl.split(tl.reshape(q, [R, C >> (i + 1), 2], can_reorder=False))
+        q = a | (hi_part << (BITS << i))
+    rows = tl.arange(0, R)[:, None]
+    cols = tl.arange(0, C)[None, :]
+    tl.store(rec_ptr + CODES + rows * (C // PER_BYTE) + tl.arange(0, C // PER_BYTE)[None, :],
+             q.to(tl.uint8))
+
+    store_fp16_bytes(rec_ptr + ROW_SCALE + 2 * rows, to_fp16(best_r * delta))
+    store_fp16_bytes(rec_ptr + ROW_ZERO + 2 * rows, to_fp16(best_r * lo))
+    store_fp16_bytes(rec_ptr + COL_SCALE + 2 * cols, to_fp16(best_c))
+
+
+@triton.jit
+def _quantize_kernel(
+    k_ptr, v_ptr, out_ptr, iters,
+    G: tl.constexpr, D: tl.constexpr, LOG_G: tl.constexpr, LOG_D: tl.constexpr,
+    INV_G: tl.constexpr, INV_GM1: tl.constexpr, INV_D: tl.constexpr, INV_DM1: tl.constexpr,
+    KIND: tl.constexpr, RECORD_BYTES: tl.constexpr,
+    K_BITS: tl.constexpr, INV_K_QMAX: tl.constexpr, V_BITS: tl.constexpr,
+    INV_V_QMAX: tl.constexpr,
+    K_CODES: tl.constexpr, A_K: tl.constexpr, Z_K: tl.constexpr, TAU_K: tl.constexpr,
+    V_CODES: tl.constexpr, SIGMA_V: tl.constexpr, A_V: tl.constexpr, Z_V: tl.constexpr,
+):
+    tile = tl.program_id(0).to(tl.int64)
+    rec_ptr = out_ptr + tile * RECORD_BYTES
+    tokens = tl.arange(0, G)
+    chans = tl.arange(0, D)
+    always = tokens[None, :] < G  # loads are in bounds; the mask only selects `other`
+
+    # K: rows are channels, so load the [G, D] tile transposed to [D, G].
+    k_offs = tile * G * D + tokens[None, :] * D + chans[:, None]
+    xk = canonicalize(load_f32(k_ptr + k_offs, always, KIND))
+    _quantize_rows(xk, rec_ptr, iters, D, G, LOG_D, LOG_G, INV_D, INV_DM1, INV_G, INV_GM1,
+                   K_BITS, INV_K_QMAX, K_CODES, A_K, Z_K, TAU_K)
+
+    # V: rows are tokens, the tile as stored.
+    v_offs = tile * G * D + tokens[:, None] * D + chans[None, :]
+    xv = canonicalize(load_f32(v_ptr + v_offs, always, KIND))
+    _quantize_rows(xv, rec_ptr, iters, G, D, LOG_G, LOG_D, INV_G, INV_GM1, INV_D, INV_DM1,
+                   V_BITS, INV_V_QMAX, V_CODES, A_V, Z_V, SIGMA_V)
+
+
+def quantize(k_rot: Tensor, v_rot: Tensor, preset: str, iters: int = DEFAULT_ITERS) -> Tensor:
+    """Rotated K and V tiles [N, G, D] (fp16/bf16) -> records [N, record_bytes] uint8."""
+    lay = check_tiles(tuple(k_rot.shape), k_rot.dtype, tuple(v_rot.shape), v_rot.dtype, preset)
+    check_iters(iters)
+    if k_rot.device != v_rot.device:
+        raise ValueError(f"k and v are on different devices: {k_rot.device} vs {v_rot.device}")
+    n, g, d = k_rot.shape
+    p = lay.preset
+    out = torch.zeros((n, lay.record_bytes), dtype=torch.uint8, device=k_rot.device)
+    if n == 0:
+        return out
+    bf16 = k_rot.dtype == torch.bfloat16
+    # bf16 tiles travel as their int16 bits (see triton_common)
+    k, v = (t.contiguous().view(torch.int16) if bf16 else t.contiguous() for t in (k_rot, v_rot))
+    _quantize_kernel[(n,)](
+        k, v, out, iters,
+        G=g, D=d, LOG_G=g.bit_length() - 1, LOG_D=d.bit_length() - 1,
+        INV_G=f32(1.0 / g), INV_GM1=f32(1.0 / (g - 1)),
+        INV_D=f32(1.0 / d), INV_DM1=f32(1.0 / (d - 1)),
+        KIND=KIND_BF16 if bf16 else KIND_FP16, RECORD_BYTES=lay.record_bytes,
+        K_BITS=p.k_bits, INV_K_QMAX=f32(1.0 / p.k_qmax),
+        V_BITS=p.v_bits, INV_V_QMAX=f32(1.0 / p.v_qmax),
+        K_CODES=lay.k_codes.offset, A_K=lay.a_k.offset, Z_K=lay.z_k.offset,
+        TAU_K=lay.tau_k.offset, V_CODES=lay.v_codes.offset, SIGMA_V=lay.sigma_v.offset,
+        A_V=lay.a_v.offset, Z_V=lay.z_v.offset,
+        num_warps=NUM_WARPS, enable_fp_fusion=False,
+    )
+    return out
