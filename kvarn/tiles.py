@@ -14,13 +14,14 @@ def random_tiles(rng: np.random.Generator, n: int, tile: int, head_dim: int,
     outlier channels (keys), outlier tokens (values, sinks), heavy tails and scales
     from 1e-4 to 1e3."""
     g, d = tile, head_dim
-    kind = rng.integers(0, 4, size=(n, 1, 1))
-    body = np.where(kind == 3, rng.standard_t(3, (n, g, d)), rng.standard_normal((n, g, d)))
-    channel = np.where(kind == 1, rng.lognormal(0.0, 1.5, (n, 1, d)), 1.0)
-    token = np.where(kind == 2, rng.lognormal(0.0, 1.5, (n, g, 1)), 1.0)
-    offset = rng.standard_normal((n, 1, d)) * rng.uniform(0, 2, (n, 1, 1))
-    scale = 10.0 ** rng.uniform(-4, 3, (n, 1, 1))
-    x = (body * channel * token + offset) * scale
+    kind = rng.integers(0, 4, size=n)
+    x = rng.standard_normal((n, g, d), dtype=np.float32)
+    heavy = kind == 3
+    x[heavy] = rng.standard_t(3, (int(heavy.sum()), g, d))
+    x[kind == 1] *= rng.lognormal(0.0, 1.5, (int((kind == 1).sum()), 1, d)).astype(np.float32)
+    x[kind == 2] *= rng.lognormal(0.0, 1.5, (int((kind == 2).sum()), g, 1)).astype(np.float32)
+    x += (rng.standard_normal((n, 1, d)) * rng.uniform(0, 2, (n, 1, 1))).astype(np.float32)
+    x *= (10.0 ** rng.uniform(-4, 3, (n, 1, 1))).astype(np.float32)
     return np.clip(x, -60000, 60000).astype(DTYPES[dtype])
 
 

@@ -201,8 +201,8 @@ def quantize_tile(x: Tensor, bits: int, iters: int) -> tuple[Tensor, Tensor, Ten
 
 
 def _fp16_bytes(x: Tensor) -> Tensor:
-    # little-endian, like every host and GPU torch runs on
-    return x.contiguous().view(torch.uint8).reshape(x.shape[0], -1)
+    """[N, M] fp16 -> [N, 2M] bytes, little-endian like every host and GPU torch runs on."""
+    return x.contiguous().view(torch.uint8)
 
 
 def quantize(k_rot: Tensor, v_rot: Tensor, preset: str, iters: int = DEFAULT_ITERS) -> Tensor:
@@ -215,8 +215,8 @@ def quantize(k_rot: Tensor, v_rot: Tensor, preset: str, iters: int = DEFAULT_ITE
     qk, a_k, z_k, tau_k = quantize_tile(xk, p.k_bits, iters)
     qv, a_v, z_v, sigma_v = quantize_tile(xv, p.v_bits, iters)
     parts = [
-        pack(qk, p.k_bits).reshape(n, -1), _fp16_bytes(a_k), _fp16_bytes(z_k),
-        _fp16_bytes(tau_k), pack(qv, p.v_bits).reshape(n, -1), _fp16_bytes(sigma_v),
+        pack(qk, p.k_bits).flatten(1), _fp16_bytes(a_k), _fp16_bytes(z_k),
+        _fp16_bytes(tau_k), pack(qv, p.v_bits).flatten(1), _fp16_bytes(sigma_v),
         _fp16_bytes(a_v), _fp16_bytes(z_v),
     ]
     out = torch.zeros((n, lay.record_bytes), dtype=torch.uint8, device=k_rot.device)
@@ -235,8 +235,10 @@ def dequantize(records: Tensor, preset: str, head_dim: int) -> tuple[Tensor, Ten
     """Records [N, record_bytes] -> K, V [N, G, D] float32 in the rotated frame."""
     lay = check_records(tuple(records.shape), records.dtype, preset, head_dim)
     p, d, g, n = lay.preset, head_dim, lay.preset.tile, records.shape[0]
-    qk = unpack(field(records, lay, "k_codes").reshape(n, d, -1), p.k_bits).to(torch.float32)
-    qv = unpack(field(records, lay, "v_codes").reshape(n, g, -1), p.v_bits).to(torch.float32)
+    k_codes = field(records, lay, "k_codes").reshape(n, d, g * p.k_bits // 8)
+    v_codes = field(records, lay, "v_codes").reshape(n, g, d * p.v_bits // 8)
+    qk = unpack(k_codes, p.k_bits).to(torch.float32)
+    qv = unpack(v_codes, p.v_bits).to(torch.float32)
     a_k, z_k, tau_k = (field(records, lay, f) for f in ("a_k", "z_k", "tau_k"))
     sigma_v, a_v, z_v = (field(records, lay, f) for f in ("sigma_v", "a_v", "z_v"))
     # separate multiply and add, as the oracle: no fused multiply-add

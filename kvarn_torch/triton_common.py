@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 F32 = np.float32
 
@@ -22,6 +23,17 @@ F32 = np.float32
 def f32(x: float) -> float:
     """x rounded once to float32, as a Python float: the oracle's `np.float32(x)`."""
     return float(F32(x))
+
+
+def interpreted(kernel) -> bool:
+    """Whether `kernel` runs in the Triton interpreter (TRITON_INTERPRET=1 at definition)."""
+    return isinstance(kernel, InterpretedFunction)
+
+
+def runtime_int(kernel, x: int) -> int | np.int32:
+    """A runtime int argument for `kernel`. The interpreter wraps a Python int in a
+    1-element array, which numpy >= 2.5 refuses as a range() bound; a numpy int passes."""
+    return np.int32(x) if interpreted(kernel) else x
 
 
 # Kernel constants (float32 values, exact as Python floats); see kvarn.oracle.
@@ -35,13 +47,13 @@ KIND_FP16, KIND_BF16, KIND_FP32 = 0, 1, 2
 
 
 @triton.jit
-def load_f32(ptrs, mask, KIND: tl.constexpr):
-    """Load fp16 / bf16-bits / fp32 values and widen them exactly to float32."""
+def widen_f32(raw, KIND: tl.constexpr):
+    """Loaded fp16 / bf16-bits (int16) / fp32 values -> float32, exactly."""
     if KIND == 1:
-        bits = tl.load(ptrs, mask=mask, other=0).to(tl.uint16, bitcast=True)
+        bits = raw.to(tl.uint16, bitcast=True)
         return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
-        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        return raw.to(tl.float32)
 
 
 @triton.jit

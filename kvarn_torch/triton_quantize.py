@@ -22,10 +22,11 @@ from kvarn_torch.triton_common import (
     KIND_FP16,
     canonicalize,
     f32,
-    load_f32,
     pair_sum_last,
+    runtime_int,
     store_fp16_bytes,
     to_fp16,
+    widen_f32,
 )
 
 NUM_WARPS = 8
@@ -122,9 +123,10 @@ def _quantize_rows(
     q = _clamp(q + up.to(tl.int32), 0, QMAX)
 
     # Pack LSB first along the row: merge adjacent pairs, doubling the field width.
-    for i in tl.static_range(LOG_C - (C // PER_BYTE).bit_length() + 1):
-        a, hi_part = tl.split(tl.reshape(q, [R, C >> (i + 1), 2], can_reorder=False))
-        q = a | (hi_part << (BITS << i))
+    for i in tl.static_range(3):  # 8 = BITS << (number of merges)
+        if (BITS << i) < 8:
+            a, b_hi = tl.split(tl.reshape(q, [R, C >> (i + 1), 2], can_reorder=False))
+            q = a | (b_hi << (BITS << i))
     rows = tl.arange(0, R)[:, None]
     cols = tl.arange(0, C)[None, :]
     tl.store(rec_ptr + CODES + rows * (C // PER_BYTE) + tl.arange(0, C // PER_BYTE)[None, :],
@@ -150,17 +152,16 @@ def _quantize_kernel(
     rec_ptr = out_ptr + tile * RECORD_BYTES
     tokens = tl.arange(0, G)
     chans = tl.arange(0, D)
-    always = tokens[None, :] < G  # loads are in bounds; the mask only selects `other`
 
     # K: rows are channels, so load the [G, D] tile transposed to [D, G].
     k_offs = tile * G * D + tokens[None, :] * D + chans[:, None]
-    xk = canonicalize(load_f32(k_ptr + k_offs, always, KIND))
+    xk = canonicalize(widen_f32(tl.load(k_ptr + k_offs), KIND))
     _quantize_rows(xk, rec_ptr, iters, D, G, LOG_D, LOG_G, INV_D, INV_DM1, INV_G, INV_GM1,
                    K_BITS, INV_K_QMAX, K_CODES, A_K, Z_K, TAU_K)
 
     # V: rows are tokens, the tile as stored.
     v_offs = tile * G * D + tokens[:, None] * D + chans[None, :]
-    xv = canonicalize(load_f32(v_ptr + v_offs, always, KIND))
+    xv = canonicalize(widen_f32(tl.load(v_ptr + v_offs), KIND))
     _quantize_rows(xv, rec_ptr, iters, G, D, LOG_G, LOG_D, INV_G, INV_GM1, INV_D, INV_DM1,
                    V_BITS, INV_V_QMAX, V_CODES, A_V, Z_V, SIGMA_V)
 
@@ -180,7 +181,7 @@ def quantize(k_rot: Tensor, v_rot: Tensor, preset: str, iters: int = DEFAULT_ITE
     # bf16 tiles travel as their int16 bits (see triton_common)
     k, v = (t.contiguous().view(torch.int16) if bf16 else t.contiguous() for t in (k_rot, v_rot))
     _quantize_kernel[(n,)](
-        k, v, out, iters,
+        k, v, out, runtime_int(_quantize_kernel, iters),
         G=g, D=d, LOG_G=g.bit_length() - 1, LOG_D=d.bit_length() - 1,
         INV_G=f32(1.0 / g), INV_GM1=f32(1.0 / (g - 1)),
         INV_D=f32(1.0 / d), INV_DM1=f32(1.0 / (d - 1)),

@@ -20,9 +20,9 @@ from kvarn_torch.triton_common import (
     KIND_FP32,
     canonicalize,
     f32,
-    load_f32,
     to_bf16_bits,
     to_fp16,
+    widen_f32,
 )
 
 BLOCK_ROWS = 16  # rows per program: 16 x 256 floats at most, 16 per thread at 8 warps
@@ -38,7 +38,7 @@ def _rotate_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     offs = rows[:, None] * D + tl.arange(0, D)[None, :]
     mask = rows[:, None] < n_rows
-    x = canonicalize(load_f32(x_ptr + offs, mask, KIND))
+    x = canonicalize(widen_f32(tl.load(x_ptr + offs, mask=mask, other=0), KIND))
 
     # Stage h pairs i with i + h in each block of 2h: view [.., D/2h, 2, h], bring the
     # pair axis last so split() yields (a, b), join (a + b, a - b), and move it back.

@@ -1,0 +1,3 @@
+"""Test setup: exact CPU arithmetic for XLA before jax loads, shared fixtures."""
+
+import kvarn_jax  # noqa: F401  (sets XLA_FLAGS=--xla_cpu_max_isa=AVX before jax is imported)

@@ -1,0 +1,69 @@
+"""Every implementation gives the oracle's bytes: rotate, quantize and dequantize.
+
+The references run on REFERENCE_TILES random tiles per case, the kernels (interpreted on
+the CPU, compiled on a GPU) on the first KERNEL_TILES of them; all on the adversarial set.
+`kvarn check --tiles 20000` runs the large GPU sweep with the same machinery.
+"""
+
+import numpy as np
+import pytest
+
+from kvarn import check, oracle
+from kvarn.format import layout
+
+REFERENCE_TILES = 2000
+KERNEL_TILES = 200
+SEED = 2026
+
+IMPLEMENTATIONS, MISSING = check.load_implementations()
+CASES = check.all_cases()
+
+
+def _first_difference(got, want, lay):
+    tile, byte = (int(i[0]) for i in np.nonzero(got != want))
+    name = next(n for n, f in lay.fields.items() if f.offset <= byte < f.offset + f.nbytes)
+    return f"first at tile {tile}, byte {byte} (field {name}): {got[tile, byte]} != {want[tile, byte]}"
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c.preset}-{c.dtype}-D{c.head_dim}")
+def case_data(request):
+    case = request.param
+    k, k_rot, v_rot = check.case_tiles(case, REFERENCE_TILES, SEED)
+    records = oracle.quantize(k_rot, v_rot, case.preset, case.iters)
+    return case, k, k_rot, v_rot, records
+
+
+def test_all_frameworks_load():
+    assert not MISSING, MISSING
+    assert len(IMPLEMENTATIONS) == 4
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=lambda i: i.name)
+def test_bytes_match_oracle(impl, case_data):
+    case, k, k_rot, v_rot, records = case_data
+    lay = layout(case.preset, case.head_dim)
+    n = REFERENCE_TILES if "reference" in impl.name else KERNEL_TILES
+    rows = np.r_[0:n, REFERENCE_TILES:len(k_rot)]  # n random tiles + the adversarial set
+
+    rotated = impl.rotate(k[:n])
+    assert check.mismatched_bytes(rotated, k_rot[:n]) == 0, "rotate differs from the oracle"
+
+    got = impl.quantize(k_rot[rows], v_rot[rows], case.preset, case.iters)
+    assert got.shape == records[rows].shape and got.dtype == np.uint8
+    if not np.array_equal(got, records[rows]):
+        pytest.fail(f"{np.count_nonzero(got != records[rows])} bytes differ; "
+                    + _first_difference(got, records[rows], lay))
+
+    k_deq, v_deq = oracle.dequantize(records[rows], case.preset, case.head_dim)
+    got_k, got_v = impl.dequantize(records[rows], case.preset, case.head_dim)
+    assert check.mismatched_bytes(got_k, k_deq) == 0
+    assert check.mismatched_bytes(got_v, v_deq) == 0
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=lambda i: i.name)
+@pytest.mark.parametrize("iters", [0, 1, 16])
+def test_iteration_counts(impl, iters):
+    case = check.Case("kvarn_k4v4_g64", "bfloat16", 64, iters)
+    _, k_rot, v_rot = check.case_tiles(case, 16, SEED)
+    want = oracle.quantize(k_rot, v_rot, case.preset, iters)
+    assert check.mismatched_bytes(impl.quantize(k_rot, v_rot, case.preset, iters), want) == 0
