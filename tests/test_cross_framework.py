@@ -25,12 +25,25 @@ def _first_difference(got, want, lay):
     return f"first at tile {tile}, byte {byte} (field {name}): {got[tile, byte]} != {want[tile, byte]}"
 
 
-@pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c.preset}-{c.dtype}-D{c.head_dim}")
-def case_data(request):
-    case = request.param
-    k, k_rot, v_rot = check.case_tiles(case, REFERENCE_TILES, SEED)
-    records = oracle.quantize(k_rot, v_rot, case.preset, case.iters)
-    return case, k, k_rot, v_rot, records
+def _compare(impl, case, k, k_rot, v_rot, records) -> list[str]:
+    """What `impl` gets wrong on this case (nothing when every byte matches)."""
+    lay = layout(case.preset, case.head_dim)
+    n = REFERENCE_TILES if "reference" in impl.name else KERNEL_TILES
+    rows = np.r_[0:n, REFERENCE_TILES:len(k_rot)]  # n random tiles + the adversarial set
+    errors = []
+    if check.mismatched_bytes(impl.rotate(k[:n]), k_rot[:n]):
+        errors.append("rotate differs")
+    got = impl.quantize(k_rot[rows], v_rot[rows], case.preset, case.iters)
+    if got.shape != records[rows].shape or got.dtype != np.uint8:
+        errors.append(f"quantize returned {got.dtype} {got.shape}")
+    elif not np.array_equal(got, records[rows]):
+        errors.append(f"quantize: {np.count_nonzero(got != records[rows])} bytes differ, "
+                      + _first_difference(got, records[rows], lay))
+    k_deq, v_deq = oracle.dequantize(records[rows], case.preset, case.head_dim)
+    got_k, got_v = impl.dequantize(records[rows], case.preset, case.head_dim)
+    if check.mismatched_bytes(got_k, k_deq) or check.mismatched_bytes(got_v, v_deq):
+        errors.append("dequantize differs")
+    return errors
 
 
 def test_all_frameworks_load():
@@ -38,26 +51,14 @@ def test_all_frameworks_load():
     assert len(IMPLEMENTATIONS) == 4
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=lambda i: i.name)
-def test_bytes_match_oracle(impl, case_data):
-    case, k, k_rot, v_rot, records = case_data
-    lay = layout(case.preset, case.head_dim)
-    n = REFERENCE_TILES if "reference" in impl.name else KERNEL_TILES
-    rows = np.r_[0:n, REFERENCE_TILES:len(k_rot)]  # n random tiles + the adversarial set
-
-    rotated = impl.rotate(k[:n])
-    assert check.mismatched_bytes(rotated, k_rot[:n]) == 0, "rotate differs from the oracle"
-
-    got = impl.quantize(k_rot[rows], v_rot[rows], case.preset, case.iters)
-    assert got.shape == records[rows].shape and got.dtype == np.uint8
-    if not np.array_equal(got, records[rows]):
-        pytest.fail(f"{np.count_nonzero(got != records[rows])} bytes differ; "
-                    + _first_difference(got, records[rows], lay))
-
-    k_deq, v_deq = oracle.dequantize(records[rows], case.preset, case.head_dim)
-    got_k, got_v = impl.dequantize(records[rows], case.preset, case.head_dim)
-    assert check.mismatched_bytes(got_k, k_deq) == 0
-    assert check.mismatched_bytes(got_v, v_deq) == 0
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.preset}-{c.dtype}-D{c.head_dim}")
+def test_bytes_match_oracle(case):
+    k, k_rot, v_rot = check.case_tiles(case, REFERENCE_TILES, SEED)
+    records = oracle.quantize(k_rot, v_rot, case.preset, case.iters)
+    failures = {impl.name: _compare(impl, case, k, k_rot, v_rot, records)
+                for impl in IMPLEMENTATIONS}
+    failures = {name: errs for name, errs in failures.items() if errs}
+    assert not failures, failures
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=lambda i: i.name)

@@ -1,0 +1,29 @@
+# Two entry points, each doing the whole set-up on a fresh machine (Python 3.12 venv,
+# pinned jax/torch/triton), CPU only, no network beyond the package index:
+#   make demo   the main job: `kvarn check` (every implementation vs the oracle) + `kvarn info`
+#   make test   the test suite
+PYTHON ?= python3.12
+export PYENV_VERSION ?= 3.12.1
+VENV := .venv
+STAMP := $(VENV)/.installed
+# XLA on the CPU must not fuse multiply-adds (bit-exact tiles); Triton runs interpreted.
+export XLA_FLAGS := --xla_cpu_max_isa=AVX
+export JAX_PLATFORMS ?= cpu
+
+.PHONY: demo test clean
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/kvarn check
+	$(VENV)/bin/kvarn info
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -n 2 -q tests
+
+clean:
+	rm -rf $(VENV)
