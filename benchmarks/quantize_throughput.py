@@ -37,25 +37,26 @@ def _time(fn, reps: int) -> float:
     return best
 
 
-def bench_pallas(k, v, preset, iters, reps):
+def bench_pallas(k, v, preset, iters, reps, warps):
     import jax
     import jax.numpy as jnp
 
     from kvarn_jax import pallas_quantize
 
     kj, vj = jnp.asarray(k), jnp.asarray(v)
-    run = lambda: pallas_quantize.quantize(kj, vj, preset, iters).block_until_ready()  # noqa: E731
-    seconds = _time(run, reps)
-    return seconds, np.asarray(pallas_quantize.quantize(kj, vj, preset, iters)), jax.devices()[0].device_kind
+    quantize = lambda: pallas_quantize.quantize(kj, vj, preset, iters, num_warps=warps)  # noqa: E731
+    seconds = _time(lambda: quantize().block_until_ready(), reps)
+    return seconds, np.asarray(quantize()), jax.devices()[0].device_kind
 
 
-def bench_triton(k, v, preset, iters, reps):
+def bench_triton(k, v, preset, iters, reps, warps):
     import torch
 
     from kvarn.check import _to_torch
     from kvarn_torch import triton_quantize
 
     kt, vt = _to_torch(k, "cuda"), _to_torch(v, "cuda")
+    triton_quantize.NUM_WARPS = warps  # read at launch
 
     def run():
         triton_quantize.quantize(kt, vt, preset, iters)
@@ -75,6 +76,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=oracle.DEFAULT_ITERS)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--kernels", nargs="+", default=["pallas", "triton"])
+    ap.add_argument("--warps", nargs="+", type=int, default=[8], help="num_warps to try")
     ap.add_argument("--json")
     ap.add_argument("--commit", help="commit measured (default: git rev-parse HEAD)")
     args = ap.parse_args()
@@ -88,13 +90,15 @@ def main() -> None:
     benches = {"pallas": bench_pallas, "triton": bench_triton}
     records, results, device = {}, [], None
     for name in args.kernels:
-        seconds, rec, device = benches[name](k, v, args.preset, args.iters, args.reps)
-        records[name] = rec
-        bad = int(np.count_nonzero(rec[:ORACLE_TILES] != expected))
-        results.append({"kernel": name, "seconds": seconds, "tile_pairs_per_s": args.tiles / seconds,
-                        "oracle_mismatched_bytes": bad})
-        print(f"{name:>7}: {args.tiles / seconds / 1e6:.3f} M tile pairs/s "
-              f"({seconds * 1e3:.2f} ms for {args.tiles}); oracle mismatched bytes {bad}", flush=True)
+        for warps in args.warps:
+            seconds, rec, device = benches[name](k, v, args.preset, args.iters, args.reps, warps)
+            records[name] = rec
+            bad = int(np.count_nonzero(rec[:ORACLE_TILES] != expected))
+            results.append({"kernel": name, "num_warps": warps, "seconds": seconds,
+                            "tile_pairs_per_s": args.tiles / seconds, "oracle_mismatched_bytes": bad})
+            print(f"{name:>7} num_warps={warps:<2}: {args.tiles / seconds / 1e6:.3f} M tile pairs/s "
+                  f"({seconds * 1e3:.2f} ms for {args.tiles}); oracle mismatched bytes {bad}",
+                  flush=True)
     if len(records) == 2:
         a, b = records.values()
         print(f"pallas vs triton mismatched bytes on all {args.tiles} tiles: "

@@ -8,9 +8,9 @@ kernels; on the CPU they run interpreted, and the references run on the CPU ever
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+import multiprocessing
+from concurrent.futures import Executor, ProcessPoolExecutor
 
 import numpy as np
 
@@ -121,32 +121,41 @@ class Case:
     iters: int = oracle.DEFAULT_ITERS
 
 
-def case_tiles(case: Case, n_random: int, seed: int) -> tuple[Array, Array, Array]:
-    """Raw K, V tiles (for rotate) and the quantize inputs: rotated random tiles followed
-    by the adversarial set used as is (any fp16/bf16 tile is a valid rotated tile)."""
+def _random_part(args) -> tuple[Array, Array, Array, Array]:
+    """Raw random K tiles, rotated K and V tiles and the oracle's records for them."""
+    case, n, seed = args
     g = PRESETS[case.preset].tile
-    rng = np.random.default_rng([seed, g, case.head_dim, len(case.dtype)])
-    k = random_tiles(rng, n_random, g, case.head_dim, case.dtype)
-    v = random_tiles(rng, n_random, g, case.head_dim, case.dtype)
+    rng = np.random.default_rng([*seed, g, case.head_dim, len(case.dtype)])
+    k = random_tiles(rng, n, g, case.head_dim, case.dtype)
+    k_rot = oracle.rotate(k)
+    v_rot = oracle.rotate(random_tiles(rng, n, g, case.head_dim, case.dtype))
+    return k, k_rot, v_rot, oracle.quantize(k_rot, v_rot, case.preset, case.iters)
+
+
+def build_case(case: Case, n_random: int, seed: int, pool: Executor | None = None):
+    """(raw K, rotated K, rotated V, oracle records) of `n_random` random tiles followed
+    by the adversarial set, used as is (any fp16/bf16 tile is a valid rotated tile).
+    With a process pool, chunks of random tiles are drawn and encoded in parallel."""
+    if pool is None:
+        parts = [_random_part((case, n_random, [seed]))]
+    else:
+        sizes = [len(c) for c in np.array_split(np.arange(n_random), 16)]
+        parts = list(pool.map(_random_part, [(case, n, [seed, i]) for i, n in enumerate(sizes)]))
+    g = PRESETS[case.preset].tile
     adv = np.stack(list(adversarial_tiles(g, case.head_dim, case.dtype).values()))
-    k_rot = np.concatenate([oracle.rotate(k), adv])
-    v_rot = np.concatenate([oracle.rotate(v), adv[::-1]])
-    return k, k_rot, v_rot
+    adv_records = oracle.quantize(adv, adv[::-1], case.preset, case.iters)
+    k = np.concatenate([p[0] for p in parts])
+    k_rot = np.concatenate([p[1] for p in parts] + [adv])
+    v_rot = np.concatenate([p[2] for p in parts] + [adv[::-1]])
+    records = np.concatenate([p[3] for p in parts] + [adv_records])
+    return k, k_rot, v_rot, records
 
 
-def _oracle_records(args) -> Array:
-    k_rot, v_rot, preset, iters = args
-    return oracle.quantize(k_rot, v_rot, preset, iters)
-
-
-def oracle_records(k_rot: Array, v_rot: Array, preset: str, iters: int, workers: int) -> Array:
-    """The oracle's records, computed in `workers` processes for large batches."""
-    if workers <= 1 or len(k_rot) < 4 * workers:
-        return oracle.quantize(k_rot, v_rot, preset, iters)
-    chunks = [(k, v, preset, iters) for k, v in
-              zip(np.array_split(k_rot, workers), np.array_split(v_rot, workers))]
-    with ProcessPoolExecutor(workers) as pool:
-        return np.concatenate(list(pool.map(_oracle_records, chunks)))
+def oracle_pool(workers: int) -> Executor | None:
+    """Worker processes for large checks; spawned, since jax and torch may hold threads."""
+    if workers <= 1:
+        return None
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
 def mismatched_bytes(a: Array, b: Array) -> int:
@@ -157,10 +166,9 @@ def mismatched_bytes(a: Array, b: Array) -> int:
 
 
 def check_case(case: Case, impls: list[Implementation], n_random: int, seed: int,
-               workers: int = 1) -> tuple[int, dict[str, int]]:
+               pool: Executor | None = None) -> tuple[int, dict[str, int]]:
     """(tile pairs, mismatched bytes per implementation) for one case."""
-    k, k_rot, v_rot = case_tiles(case, n_random, seed)
-    records = oracle_records(k_rot, v_rot, case.preset, case.iters, workers)
+    k, k_rot, v_rot, records = build_case(case, n_random, seed, pool)
     k_deq, v_deq = oracle.dequantize(records, case.preset, case.head_dim)
     result = {}
     for impl in impls:
@@ -176,6 +184,3 @@ def all_cases(presets=tuple(PRESETS), dtypes=tuple(DTYPES), head_dims=HEAD_DIMS,
               iters=oracle.DEFAULT_ITERS) -> list[Case]:
     return [Case(p, t, d, iters) for p in presets for t in dtypes for d in head_dims]
 
-
-def default_workers() -> int:
-    return max(1, min(16, (os.cpu_count() or 1)))

@@ -36,10 +36,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"kvarn check: {len(impls)} implementations ({', '.join(i.name for i in impls)}), "
           f"{len(cases)} cases, {args.tiles} random tiles + the adversarial set each", flush=True)
     total_bad, tiles, failed = 0, 0, []
+    pool = check.oracle_pool(args.workers)
     for case in cases:
         start = time.perf_counter()
         try:
-            n, result = check.check_case(case, impls, args.tiles, args.seed, args.workers)
+            n, result = check.check_case(case, impls, args.tiles, args.seed, pool)
         except Exception as e:  # an implementation that crashes fails the check
             failed.append(f"{case}: {type(e).__name__}: {e}")
             print(f"  {case.preset} {case.dtype} D={case.head_dim}: FAILED {e}", flush=True)
@@ -49,6 +50,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         detail = " ".join(f"{k}={v}" for k, v in result.items())
         print(f"  {case.preset:<16} {case.dtype:<8} D={case.head_dim:<3} tiles={n:<6} "
               f"mismatched_bytes: {detail}  ({time.perf_counter() - start:.1f}s)", flush=True)
+    if pool is not None:
+        pool.shutdown()
     for f in failed:
         print(f"kvarn check: failure: {f}", file=sys.stderr)
     print(f"kvarn check: implementations={len(impls)} tiles={tiles} mismatched_bytes={total_bad}")
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     chk.add_argument("--impl", nargs="+", help="only implementations whose name starts so")
     chk.add_argument("--seed", type=int, default=0)
     chk.add_argument("--workers", type=int, default=1,
-                     help="processes computing the oracle (useful for large --tiles)")
+                     help="processes drawing tiles and computing the oracle (for large --tiles)")
     chk.set_defaults(fn=cmd_check)
 
     args = parser.parse_args(argv)

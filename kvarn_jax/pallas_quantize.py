@@ -28,7 +28,8 @@ def _quantize_kernel(k_ref, v_ref, out_ref, *, k_bits, v_bits, iters, offsets, g
 
 
 def quantize(k_rot: jax.Array, v_rot: jax.Array, preset: str,
-             iters: int = oracle.DEFAULT_ITERS, *, interpret: bool | None = None) -> jax.Array:
+             iters: int = oracle.DEFAULT_ITERS, *, interpret: bool | None = None,
+             num_warps: int = NUM_WARPS) -> jax.Array:
     """Rotated K, V tiles [N, G, D] (fp16/bf16) -> records [N, record_bytes] uint8.
 
     `interpret` defaults to True on the CPU backend (Pallas runs interpreted there).
@@ -37,11 +38,11 @@ def quantize(k_rot: jax.Array, v_rot: jax.Array, preset: str,
     check_iters(iters)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    return _quantize(k_rot, v_rot, lay, iters, interpret)
+    return _quantize(k_rot, v_rot, lay, iters, interpret, num_warps)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _quantize(k_rot, v_rot, lay, iters, interpret):
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _quantize(k_rot, v_rot, lay, iters, interpret, num_warps):
     n, g, d = k_rot.shape
     if lay.raw_bytes != lay.record_bytes:  # never for the shipped presets
         raise NotImplementedError("records with trailing padding")
@@ -55,6 +56,6 @@ def _quantize(k_rot, v_rot, lay, iters, interpret):
         in_specs=[tile_spec, tile_spec],
         out_specs=pl.BlockSpec((None, lay.record_bytes), lambda i: (i, 0)),
         out_shape=jax.ShapeDtypeStruct((n, lay.record_bytes), jnp.uint8),
-        compiler_params=pltr.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+        compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
     )(k_rot, v_rot)

@@ -53,8 +53,7 @@ def test_all_frameworks_load():
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.preset}-{c.dtype}-D{c.head_dim}")
 def test_bytes_match_oracle(case):
-    k, k_rot, v_rot = check.case_tiles(case, REFERENCE_TILES, SEED)
-    records = oracle.quantize(k_rot, v_rot, case.preset, case.iters)
+    k, k_rot, v_rot, records = check.build_case(case, REFERENCE_TILES, SEED)
     failures = {impl.name: _compare(impl, case, k, k_rot, v_rot, records)
                 for impl in IMPLEMENTATIONS}
     failures = {name: errs for name, errs in failures.items() if errs}
@@ -65,6 +64,5 @@ def test_bytes_match_oracle(case):
 @pytest.mark.parametrize("iters", [0, 1, 16])
 def test_iteration_counts(impl, iters):
     case = check.Case("kvarn_k4v4_g64", "bfloat16", 64, iters)
-    _, k_rot, v_rot = check.case_tiles(case, 16, SEED)
-    want = oracle.quantize(k_rot, v_rot, case.preset, iters)
+    _, k_rot, v_rot, want = check.build_case(case, 16, SEED)
     assert check.mismatched_bytes(impl.quantize(k_rot, v_rot, case.preset, iters), want) == 0
