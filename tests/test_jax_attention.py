@@ -1,0 +1,229 @@
+"""The JAX paged cache (commit/sink/release rules) and attention over it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvarn_jax  # noqa: F401
+from kvarn import oracle
+from kvarn_jax import attention_reference, cache, pallas_attention
+
+G, D = 64, 64
+PRESET = "kvarn_k4v2_g64"
+
+
+def slot_mapping(table, start, n):
+    pos = np.arange(start, start + n)
+    return (np.asarray(table)[pos // G] * G + pos % G).astype(np.int32)
+
+
+class Sequences:
+    """A tiny scheduler: sequences with block tables, appending tokens step by step."""
+
+    def __init__(self, tables, hk=2, dtype=np.float16, seed=0, **cache_kw):
+        kw = dict(pool_slots=8, preset=PRESET, dtype=dtype) | cache_kw
+        self.cache = cache.init(32, hk, D, **kw)
+        self.tables = np.array(tables, np.int32)
+        self.lens = np.zeros(len(tables), np.int32)
+        self.rng = np.random.default_rng(seed)
+        self.k = [np.zeros((0, hk, D), dtype) for _ in tables]
+        self.v = [np.zeros((0, hk, D), dtype) for _ in tables]
+        self.hk, self.dtype = hk, dtype
+
+    def step(self, counts, commit=True, impl="reference"):
+        """Append counts[b] tokens to each sequence, then commit as a scheduler would."""
+        ks, vs, maps = [], [], []
+        for b, n in enumerate(counts):
+            k = self.rng.standard_normal((n, self.hk, D)).astype(self.dtype)
+            v = self.rng.standard_normal((n, self.hk, D)).astype(self.dtype)
+            ks.append(k), vs.append(v), maps.append(slot_mapping(self.tables[b], self.lens[b], n))
+            self.k[b] = np.concatenate([self.k[b], k])
+            self.v[b] = np.concatenate([self.v[b], v])
+        self.lens = self.lens + np.array(counts, np.int32)
+        self.cache = cache.append(self.cache, jnp.asarray(np.concatenate(ks)),
+                                  jnp.asarray(np.concatenate(vs)),
+                                  jnp.asarray(np.concatenate(maps)), impl=impl)
+        if commit:
+            self.cache = cache.commit(self.cache, jnp.asarray(self.tables), jnp.asarray(self.lens),
+                                      jnp.asarray(counts, jnp.int32), impl=impl)
+
+    def slot(self, b, j):
+        return int(self.cache.block_to_slot[self.tables[b, j]])
+
+
+def test_prefill_is_not_committed_until_the_next_step_and_the_sink_stays():
+    s = Sequences([[3, 5, 7, -1]])
+    s.step([150])  # prefill: no token was accepted before this step
+    assert all(s.slot(0, j) >= 0 for j in range(3))
+    s.step([1])  # decode: the prompt is now accepted
+    assert s.slot(0, 0) >= 0, "sink block left the pool"
+    assert s.slot(0, 1) == -1, "full, accepted block was not quantized"
+    assert s.slot(0, 2) >= 0, "partial block was quantized"
+
+
+def test_records_written_by_commit_are_the_oracle_bytes():
+    s = Sequences([[3, 5, 7, -1]], dtype=jnp.bfloat16, seed=1)
+    s.step([150])
+    s.step([1])
+    blk = s.tables[0, 1]
+    k = np.swapaxes(s.k[0][G:2 * G], 0, 1)  # [Hk, G, D]
+    v = np.swapaxes(s.v[0][G:2 * G], 0, 1)
+    want = oracle.quantize(oracle.rotate(k), oracle.rotate(v), PRESET)
+    np.testing.assert_array_equal(np.asarray(s.cache.pages[blk]), want)
+
+
+def test_a_block_with_unaccepted_tokens_is_never_quantized():
+    s = Sequences([[3, 5, 7, -1]])
+    s.step([120])
+    # Speculative verify: 8 new tokens (1 + 7 drafts) complete block 1 at 128 tokens,
+    # but none of them is accepted yet.
+    s.step([8])
+    assert s.slot(0, 1) >= 0
+    s.step([1])  # the next step: the 8 tokens were accepted
+    assert s.slot(0, 1) == -1
+
+
+def test_without_sink_block_zero_is_quantized():
+    s = Sequences([[3, 5, -1, -1]], sink_blocks=0)
+    s.step([100])
+    s.step([1])
+    assert s.slot(0, 0) == -1 and s.slot(0, 1) >= 0
+
+
+def test_release_quantizes_full_blocks_drops_partial_ones_and_frees_slots():
+    s = Sequences([[3, 5, 7, -1], [1, 9, -1, -1]])
+    s.step([150, 70])
+    s.step([1, 1])
+    s.cache = cache.release(s.cache, jnp.asarray(s.tables[1:]), jnp.asarray(s.lens[1:]),
+                            impl="reference")
+    assert s.slot(1, 0) == -1 and s.slot(1, 1) == -1
+    assert int(jnp.sum(s.cache.slot_to_block >= 0)) == 2  # sequence 0: sink + tail
+    k = np.swapaxes(s.k[1][:G], 0, 1)
+    v = np.swapaxes(s.v[1][:G], 0, 1)
+    want = oracle.quantize(oracle.rotate(k), oracle.rotate(v), PRESET)
+    np.testing.assert_array_equal(np.asarray(s.cache.pages[1]), want)
+
+
+def test_recycled_block_gets_a_fresh_slot_and_record():
+    s = Sequences([[3, 5, -1, -1]])
+    s.step([130])
+    s.step([1])
+    s.cache = cache.release(s.cache, jnp.asarray(s.tables), jnp.asarray(s.lens), impl="reference")
+    assert int(jnp.sum(s.cache.slot_to_block >= 0)) == 0
+    s2 = Sequences([[5, 3, -1, -1]], seed=7)  # the same physical blocks, another sequence
+    s2.cache = s.cache
+    s2.step([140])
+    s2.step([1])
+    k = np.swapaxes(s2.k[0][G:2 * G], 0, 1)
+    v = np.swapaxes(s2.v[0][G:2 * G], 0, 1)
+    want = oracle.quantize(oracle.rotate(k), oracle.rotate(v), PRESET)
+    np.testing.assert_array_equal(np.asarray(s2.cache.pages[3]), want)
+
+
+def test_max_tiles_defers_the_rest_to_the_next_commit():
+    s = Sequences([[3, 5, 7, 9]], pool_slots=6)
+    s.step([256], commit=False)
+    args = (jnp.asarray(s.tables), jnp.asarray(s.lens), jnp.zeros((1,), jnp.int32))
+    s.cache = cache.commit(s.cache, *args, max_tiles=1, impl="reference")
+    assert [s.slot(0, j) >= 0 for j in range(4)] == [True, False, True, True]
+    s.cache = cache.commit(s.cache, *args, max_tiles=1, impl="reference")
+    assert [s.slot(0, j) >= 0 for j in range(4)] == [True, False, False, True]
+
+
+def test_pool_exhaustion_counts_dropped_tokens():
+    s = Sequences([[3, 5, 7, -1]], pool_slots=2)
+    s.step([150], commit=False)
+    assert int(s.cache.dropped_tokens) == 150 - 2 * G
+
+
+def test_init_errors():
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        cache.init(4, 2, 64, pool_slots=2, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="64, 128, 256"):
+        cache.init(4, 2, 96, pool_slots=2)
+
+
+def dense_attention(q, k, v, limit):
+    """q [Hq, D], k/v [T, Hk, D] numpy, positions < limit; exact float64."""
+    hq, hk = q.shape[0], k.shape[1]
+    out = []
+    for h in range(hq):
+        kk, vv = k[:limit, h // (hq // hk)].astype(np.float64), v[:limit, h // (hq // hk)]
+        s = kk @ q[h].astype(np.float64) / np.sqrt(q.shape[1])
+        p = np.exp(s - s.max())
+        out.append((p / p.sum()) @ vv.astype(np.float64))
+    return np.stack(out)
+
+
+def test_reference_attention_on_pool_blocks_is_exact_attention():
+    s = Sequences([[3, 5, -1, -1]], hk=2, seed=3)
+    s.step([100])
+    q = np.random.default_rng(4).standard_normal((1, 1, 4, D)).astype(np.float32)
+    out = attention_reference.attention(jnp.asarray(q), s.cache, jnp.asarray(s.tables),
+                                        jnp.asarray(s.lens), jnp.ones((1,), jnp.int32),
+                                        max_blocks=4)
+    want = dense_attention(q[0, 0], s.k[0], s.v[0], 100)
+    np.testing.assert_allclose(np.asarray(out)[0, 0], want, atol=2e-3)
+
+
+def _kernel_vs_reference(s, q, query_lens, causal, splits, atol):
+    args = (s.cache, jnp.asarray(s.tables), jnp.asarray(s.lens))
+    got = pallas_attention.attention(jnp.asarray(q), *args, jnp.asarray(query_lens),
+                                     causal=causal, splits=splits)
+    want = attention_reference.attention(jnp.asarray(q, jnp.float32), *args,
+                                         jnp.asarray(query_lens), causal=causal,
+                                         max_blocks=s.tables.shape[1])
+    assert got.shape == q.shape and got.dtype == q.dtype
+    got, want = np.asarray(got, np.float32), np.asarray(want)
+    for b, n in enumerate(query_lens):  # rows past query_len are padding
+        np.testing.assert_allclose(got[b, :n], want[b, :n], atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, jnp.bfloat16])
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("hq", [2, 8])
+def test_decode_kernel_mixed_blocks_ragged_lengths(dtype, splits, hq):
+    s = Sequences([[3, 5, 7, 11], [1, 9, 13, -1], [2, -1, -1, -1]], dtype=dtype, seed=5)
+    s.step([230, 150, 40])  # ragged, pool + quantized blocks after the next step
+    s.step([1, 1, 1])
+    q = np.random.default_rng(6).standard_normal((3, 1, hq, D)).astype(dtype)
+    _kernel_vs_reference(s, q, [1, 1, 1], True, splits, atol=0.03)
+
+
+def test_decode_kernel_quantized_blocks_only():
+    s = Sequences([[3, 5, -1, -1]], sink_blocks=0, seed=8)
+    s.step([128])
+    s.step([0])
+    assert s.slot(0, 0) == -1 and s.slot(0, 1) == -1
+    q = np.random.default_rng(9).standard_normal((1, 1, 4, D)).astype(np.float16)
+    _kernel_vs_reference(s, q, [1], True, 2, atol=0.03)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_multi_query_rows(causal):
+    s = Sequences([[3, 5, 7, -1], [1, 9, -1, -1]], seed=10)
+    s.step([140, 60])
+    s.step([5, 3], commit=False)  # verify rows: 5 and 3 new tokens, not accepted yet
+    q = np.random.default_rng(11).standard_normal((2, 5, 4, D)).astype(np.float16)
+    _kernel_vs_reference(s, q, [5, 3], causal, 2, atol=0.03)
+
+
+def test_attention_shape_errors():
+    s = Sequences([[3, -1]])
+    s.step([10])
+    with pytest.raises(ValueError, match="multiple of 2 KV heads"):
+        pallas_attention.attention(jnp.zeros((1, 1, 3, D), jnp.float16), s.cache,
+                                   jnp.asarray(s.tables), jnp.asarray(s.lens))
+    with pytest.raises(ValueError, match="block_tables must be"):
+        pallas_attention.attention(jnp.zeros((2, 1, 4, D), jnp.float16), s.cache,
+                                   jnp.asarray(s.tables), jnp.asarray(s.lens))
+
+
+def test_cache_ops_jit_with_donation():
+    s = Sequences([[3, 5, -1, -1]])
+    step = jax.jit(lambda c, k, v, m: cache.append(c, k, v, m, impl="reference"),
+                   donate_argnums=0)
+    k = jnp.zeros((4, 2, D), jnp.float16)
+    c = step(s.cache, k, k, jnp.arange(3 * G, 3 * G + 4, dtype=jnp.int32))
+    assert int(c.block_to_slot[3]) == 0
