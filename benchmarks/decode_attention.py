@@ -1,0 +1,246 @@
+"""Paged decode attention on one GPU, all implementations in one process on the same shapes:
+KVarN Triton (torch), KVarN Pallas (JAX), FlashAttention-3 fp16 and fp8 from vLLM 0.26,
+and the time to commit the tiles one decode step completes (B blocks x Hk heads).
+
+    PYTHONPATH=/tmp/vsite:$PWD python benchmarks/decode_attention.py --json out.json
+
+Steady-state cache: every sequence holds its sink block and its partial last block in the
+tail pool, every other block quantized (k4v2_g128 records). Torch calls are timed as CUDA
+graph replays; JAX calls as one jitted program that runs the kernel REPS times in a loop
+(one launch, like a graph). Effective TB/s counts the bytes each kernel must read: K/V
+records or fp16/fp8 pages, pool blocks, queries and outputs.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import traceback  # noqa: E402
+
+import kvarn_jax  # noqa: E402,F401  (before jax)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from kvarn.format import layout  # noqa: E402
+from kvarn_jax import cache as jcache  # noqa: E402
+from kvarn_jax import pallas_attention, pallas_quantize  # noqa: E402
+
+PRESET = "kvarn_k4v2_g128"
+G = 128
+REPS = 20
+DISTINCT_TILES = 256
+
+
+def shapes(args):
+    out = []
+    for hq, hk in ((32, 8), (9, 3)):
+        for d in (128, 64):
+            for b in (1, 16, 64):
+                for ctx in (4096, 16384, 32768):
+                    out.append((b, ctx, hq, hk, d))
+            out.append((1, 131072, hq, hk, d))
+    if args.quick:
+        out = [s for s in out if s[2] == 32 and s[4] == 128 and s[0] in (1, 16)]
+    return out
+
+
+def build_jax_cache(b, ctx, hk, d, dtype, rng):
+    """Blocks of sequence i: i*nb .. i*nb+nb-1 (shuffled); sink and last block in the pool."""
+    nb = -(-ctx // G)
+    lay = layout(PRESET, d)
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    kt = jax.random.normal(key, (DISTINCT_TILES, G, d), dtype)
+    recs = pallas_quantize.quantize(kt, kt[::-1], PRESET)  # realistic record contents
+    n_blocks = b * nb
+    idx = (jnp.arange(n_blocks * hk) % DISTINCT_TILES).reshape(n_blocks, hk)
+    pages = recs[idx]
+    table = rng.permutation(n_blocks).astype(np.int32).reshape(b, nb)
+    pool_blocks = np.stack([table[:, 0], table[:, -1]], 1).reshape(-1)
+    b2s = np.full(n_blocks, -1, np.int32)
+    b2s[pool_blocks] = np.arange(2 * b, dtype=np.int32)
+    pool = jax.random.normal(key, (2 * b, G, hk, d), dtype)
+    cache = jcache.KVarNCache(
+        pages=pages, pool_k=pool, pool_v=pool * 0.5, block_to_slot=jnp.asarray(b2s),
+        slot_to_block=jnp.asarray(pool_blocks.astype(np.int32)),
+        dropped_tokens=jnp.zeros((), jnp.int32), preset=PRESET, sink_blocks=1, iters=8)
+    lens = np.full(b, ctx - 1, np.int32)  # the last block is partial
+    return cache, jnp.asarray(table), jnp.asarray(lens), lay
+
+
+def time_jax(fn, q):
+    """Mean microseconds of fn(q) over REPS calls inside one jitted loop."""
+    @jax.jit
+    def loop(q):
+        def body(_, carry):
+            out = fn(carry)
+            return carry + (out * 0).astype(carry.dtype)  # a data dependence, no CSE
+        return jax.lax.fori_loop(0, REPS, body, q)
+
+    loop(q).block_until_ready()
+    best = float("inf")
+    for _ in range(3):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        loop(q).block_until_ready()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e3 / REPS)
+    return best
+
+
+def time_graph(fn):
+    """Mean microseconds of one CUDA-graph replay of fn()."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(REPS):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(3):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e3 / REPS)
+    return best
+
+
+def fa3(b, ctx, hq, hk, d, fp8):
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    nb = -(-ctx // G)
+    dt = torch.float16
+    k = torch.randn(b * nb, G, hk, d, device="cuda", dtype=dt)
+    v = torch.randn_like(k)
+    q = torch.randn(b, hq, d, device="cuda", dtype=dt)
+    table = torch.randperm(b * nb, device="cuda", dtype=torch.int32).reshape(b, nb)
+    lens = torch.full((b,), ctx - 1, device="cuda", dtype=torch.int32)
+    cu_q = torch.arange(b + 1, device="cuda", dtype=torch.int32)
+    out = torch.empty(b, hq, d, device="cuda", dtype=torch.bfloat16 if fp8 else dt)
+    extra = {}
+    if fp8:
+        k, v, q = (x.to(torch.float8_e4m3fn) for x in (k, v, q))
+        ones = torch.ones(b, hk, device="cuda", dtype=torch.float32)
+        extra = dict(q_descale=ones, k_descale=ones, v_descale=ones)
+    call = lambda: flash_attn_varlen_func(  # noqa: E731
+        q, k, v, max_seqlen_q=1, cu_seqlens_q=cu_q, max_seqlen_k=ctx, seqused_k=lens,
+        causal=True, block_table=table, out=out, fa_version=3, **extra)
+    us = time_graph(call)
+    elem = 1 if fp8 else 2
+    nbytes = b * (ctx - 1) * hk * d * 2 * elem + 2 * b * hq * d * 2
+    return us, nbytes
+
+
+def kvarn_bytes(b, ctx, hk, d, hq, lay):
+    nb = -(-ctx // G)
+    return b * hk * ((nb - 2) * lay.record_bytes + 2 * G * d * 2 * 2) + 2 * b * hq * d * 2
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--json")
+    ap.add_argument("--quick", action="store_true", help="32/8 heads, D=128, batch 1 and 16")
+    ap.add_argument("--commit", help="commit measured")
+    ap.add_argument("--impls", nargs="+",
+                    default=["kvarn-triton", "kvarn-pallas", "fa3-fp16", "fa3-fp8", "commit"])
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    records = []
+    for (b, ctx, hq, hk, d) in shapes(args):
+        dt = jnp.float16
+        cache, table, lens, lay = build_jax_cache(b, ctx, hk, d, dt, rng)
+        q = jax.random.normal(jax.random.key(1), (b, 1, hq, d), dt)
+        kb = kvarn_bytes(b, ctx, hk, d, hq, lay)
+        row = dict(batch=b, context=ctx, q_heads=hq, kv_heads=hk, head_dim=d)
+
+        def record(impl, fn):
+            if impl not in args.impls:
+                return
+            try:
+                us, nbytes = fn()
+                records.append(row | dict(impl=impl, us=us, bytes=nbytes, tb_s=nbytes / us / 1e6))
+                print(f"{impl:>13} B={b:<3} ctx={ctx:<6} {hq}/{hk} D={d:<3} {us:9.1f} us "
+                      f"{nbytes / us / 1e6:6.2f} TB/s", flush=True)
+            except Exception as e:  # record and go on: one failing impl must not hide the rest
+                traceback.print_exc()
+                records.append(row | dict(impl=impl, error=f"{type(e).__name__}: {e}"))
+
+        record("kvarn-pallas", lambda: (time_jax(
+            lambda qq: pallas_attention.attention(qq, cache, table, lens), q), kb))
+
+        def triton():
+            from kvarn_torch import cache as tcache
+            from kvarn_torch import triton_attention
+
+            t = lambda x: torch.from_dlpack(x)  # noqa: E731  zero-copy views of the JAX buffers
+            tc = tcache.KVarNCache(
+                pages=t(cache.pages), pool_k=t(cache.pool_k), pool_v=t(cache.pool_v),
+                block_to_slot=t(cache.block_to_slot), slot_to_block=t(cache.slot_to_block),
+                dropped_tokens=torch.zeros((), dtype=torch.int32, device="cuda"),
+                preset=PRESET, sink_blocks=1, iters=8)
+            tq, tt, tl = t(q), t(table), t(lens)
+            return time_graph(lambda: triton_attention.attention(tq, tc, tt, tl)), kb
+
+        record("kvarn-triton", triton)
+        record("fa3-fp16", lambda: fa3(b, ctx, hq, hk, d, fp8=False))
+        record("fa3-fp8", lambda: fa3(b, ctx, hq, hk, d, fp8=True))
+
+        def commit():
+            # One decode step completes one block per sequence: quantize B x Hk tiles from
+            # the pool and write their records.
+            tiles = jax.random.normal(jax.random.key(2), (b * hk, G, d), dt)
+            pages = cache.pages
+
+            @jax.jit
+            def step(pages):
+                recs = pallas_quantize.quantize(tiles, tiles, PRESET).reshape(b, hk, -1)
+                return pages.at[table[:, 1]].set(recs)
+
+            def loop(p):
+                return jax.lax.fori_loop(0, REPS, lambda _, x: step(x), p)
+
+            fn = jax.jit(loop, donate_argnums=0)
+            pages = fn(pages)
+            pages.block_until_ready()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            pages = fn(pages)
+            pages.block_until_ready()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) * 1e3 / REPS, b * hk * (2 * G * d * 2 + lay.record_bytes)
+
+        record("commit", commit)
+        del cache
+
+    if args.json:
+        commit_id = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                                  capture_output=True, text=True).stdout.strip()
+        with open(args.json, "w") as f:
+            json.dump({"benchmark": "decode_attention", "preset": PRESET,
+                       "device": torch.cuda.get_device_name(),
+                       "date": datetime.date.today().isoformat(), "commit": commit_id,
+                       "reps": REPS, "results": records}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
