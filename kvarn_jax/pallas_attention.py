@@ -33,7 +33,8 @@ from kvarn_jax.cache import KVarNCache
 
 MIN_ROWS = 16  # tensor-core dots need M >= 16
 NUM_WARPS = 4
-TARGET_PROGRAMS = 264  # ~2 waves on an H100's 132 SMs
+TARGET_PROGRAMS = 1056  # 8 programs per SM of an H100: enough warps to hide load latency
+MIN_BLOCKS_PER_SPLIT = 2
 MASK = -0.7 * float(np.finfo(np.float32).max)
 F32 = jnp.float32
 
@@ -125,7 +126,7 @@ def _attention_kernel(bt_ref, lens_ref, qlens_ref, b2s_ref, q_ref, pages_ref, pk
 def num_splits(batch: int, kv_heads: int, max_blocks: int) -> int:
     """Split the context only when batch x heads leaves the GPU short of programs."""
     want = max(1, TARGET_PROGRAMS // max(1, batch * kv_heads))
-    return max(1, min(want, max_blocks))
+    return max(1, min(want, max_blocks // MIN_BLOCKS_PER_SPLIT))
 
 
 def attention(q: jax.Array, cache: KVarNCache, block_tables: jax.Array, seq_lens: jax.Array,

@@ -39,6 +39,27 @@ DELTA_MIN = tl.constexpr(f32(1e-10))
 
 
 @triton.jit
+def _load_tile(ptr, ROWS: tl.constexpr, COLS: tl.constexpr, ROW_STRIDE: tl.constexpr,
+               COL_STRIDE: tl.constexpr, KIND: tl.constexpr):
+    """The canonical float32 [ROWS, COLS] view of a stored tile with the given strides."""
+    offs = tl.arange(0, ROWS)[:, None] * ROW_STRIDE + tl.arange(0, COLS)[None, :] * COL_STRIDE
+    return canonicalize(widen_f32(tl.load(ptr + offs), KIND))
+
+
+@triton.jit
+def _as_row(v, N: tl.constexpr):
+    """[N, 1] -> [1, N], exactly: the max of each column of diag(v) (-inf elsewhere).
+
+    A reduction, rather than tl.reshape / tl.trans, so that the compiler lays the result
+    out as a slice of an ordinary tile layout; after a reshape it tends to keep whole
+    tiles in every thread, which explodes compile time and registers.
+    """
+    i = tl.arange(0, N)
+    diag = tl.where(i[:, None] == i[None, :], v, float("-inf"))
+    return tl.max(diag, axis=0, keep_dims=True)
+
+
+@triton.jit
 def _rescale(x, c, r):
     """X * rcp(c)[col] * rcp(r)[row], values below the smallest normal flushed to +0."""
     y = x * tl.div_rn(tl.full(c.shape, 1.0, tl.float32), c)
@@ -47,20 +68,12 @@ def _rescale(x, c, r):
 
 
 @triton.jit
-def _std_rows(x, R: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr,
-              INV_C: tl.constexpr, INV_CM1: tl.constexpr):
+def _row_std(x, R: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr,
+             INV_C: tl.constexpr, INV_CM1: tl.constexpr):
     """Two-pass Bessel-corrected std of each row of [R, C] -> [R, 1]."""
     mean = pair_sum_last(x, R, C, LOG_C) * INV_C
     d = x - mean
     return tl.sqrt_rn(pair_sum_last(d * d, R, C, LOG_C) * INV_CM1)
-
-
-@triton.jit
-def _std_cols(x, R: tl.constexpr, C: tl.constexpr, LOG_R: tl.constexpr,
-              INV_R: tl.constexpr, INV_RM1: tl.constexpr):
-    """Std of each column of [R, C] -> [1, C]: the row std of the transpose."""
-    s = _std_rows(tl.trans(x), C, R, LOG_R, INV_R, INV_RM1)
-    return tl.reshape(s, [1, C], can_reorder=False)
 
 
 @triton.jit
@@ -78,40 +91,49 @@ def _clamp(x, lo, hi):
 
 @triton.jit
 def _quantize_rows(
-    x, rec_ptr, iters,
+    tile_ptr, rec_ptr, iters, KIND: tl.constexpr,
     R: tl.constexpr, C: tl.constexpr, LOG_R: tl.constexpr, LOG_C: tl.constexpr,
+    ROW_STRIDE: tl.constexpr, COL_STRIDE: tl.constexpr,
     INV_R: tl.constexpr, INV_RM1: tl.constexpr, INV_C: tl.constexpr, INV_CM1: tl.constexpr,
     BITS: tl.constexpr, INV_QMAX: tl.constexpr,
     CODES: tl.constexpr, ROW_SCALE: tl.constexpr, ROW_ZERO: tl.constexpr, COL_SCALE: tl.constexpr,
 ):
-    """Quantize each row of the canonical tile x [R, C] and write its record fields:
-    codes [R, C] packed at CODES, fp16 row scale / zero [R] and column scale [C]."""
+    """Quantize each row of the tile X [R, C] (element (i, j) at tile_ptr + i * ROW_STRIDE +
+    j * COL_STRIDE) and write its record fields: codes [R, C] packed at CODES, fp16 row
+    scale / zero [R] and column scale [C].
+
+    Column statistics are row statistics of X^T, loaded transposed from memory rather than
+    transposed in registers (tl.trans between the sum trees makes the compiler keep whole
+    tiles in every thread). Column scales c are therefore kept as [C, 1] columns of X^T.
+    """
     QMAX: tl.constexpr = (1 << BITS) - 1
     PER_BYTE: tl.constexpr = 8 // BITS
+    x = _load_tile(tile_ptr, R, C, ROW_STRIDE, COL_STRIDE, KIND)
+    xt = _load_tile(tile_ptr, C, R, COL_STRIDE, ROW_STRIDE, KIND)
 
     # Variance normalization: keep the most balanced iterate, ties to the later one.
-    c = tl.full([1, C], 1.0, tl.float32)
+    c = tl.full([C, 1], 1.0, tl.float32)
     r = tl.full([R, 1], 1.0, tl.float32)
-    y = _rescale(x, c, r)
-    s_col = _std_cols(y, R, C, LOG_R, INV_R, INV_RM1)
-    best = _imbalance(s_col, _std_rows(y, R, C, LOG_C, INV_C, INV_CM1))
+    s_row = _row_std(_rescale(x, _as_row(c, C), r), R, C, LOG_C, INV_C, INV_CM1)
+    s_col = _row_std(_rescale(xt, c, _as_row(r, R)), C, R, LOG_R, INV_R, INV_RM1)
+    best = _imbalance(s_col, s_row)
     best_c = c
     best_r = r
     for _ in range(iters):
         c = _clamp(c * _clamp(s_col, STD_MIN, STD_MAX), SCALE_MIN, SCALE_MAX)
-        y = _rescale(x, c, r)
-        r = _clamp(r * _clamp(_std_rows(y, R, C, LOG_C, INV_C, INV_CM1), STD_MIN, STD_MAX),
+        y = _rescale(x, _as_row(c, C), r)
+        r = _clamp(r * _clamp(_row_std(y, R, C, LOG_C, INV_C, INV_CM1), STD_MIN, STD_MAX),
                    SCALE_MIN, SCALE_MAX)
-        y = _rescale(x, c, r)
-        s_col = _std_cols(y, R, C, LOG_R, INV_R, INV_RM1)
-        imb = _imbalance(s_col, _std_rows(y, R, C, LOG_C, INV_C, INV_CM1))
+        s_row = _row_std(_rescale(x, _as_row(c, C), r), R, C, LOG_C, INV_C, INV_CM1)
+        s_col = _row_std(_rescale(xt, c, _as_row(r, R)), C, R, LOG_R, INV_R, INV_RM1)
+        imb = _imbalance(s_col, s_row)
         keep = imb <= best
         best = tl.where(keep, imb, best)
         best_c = tl.where(keep, c, best_c)
         best_r = tl.where(keep, r, best_r)
 
     # Asymmetric RTN per row; round-half-even from floor (no rint in Triton's core ops).
-    b = _rescale(x, best_c, best_r)
+    b = _rescale(x, _as_row(best_c, C), best_r)
     lo = tl.min(b, axis=1, keep_dims=True)
     hi = tl.max(b, axis=1, keep_dims=True)
     delta = tl.maximum((hi - lo) * INV_QMAX, DELTA_MIN)
@@ -128,13 +150,12 @@ def _quantize_rows(
             a, b_hi = tl.split(tl.reshape(q, [R, C >> (i + 1), 2], can_reorder=False))
             q = a | (b_hi << (BITS << i))
     rows = tl.arange(0, R)[:, None]
-    cols = tl.arange(0, C)[None, :]
     tl.store(rec_ptr + CODES + rows * (C // PER_BYTE) + tl.arange(0, C // PER_BYTE)[None, :],
              q.to(tl.uint8))
 
     store_fp16_bytes(rec_ptr + ROW_SCALE + 2 * rows, to_fp16(best_r * delta))
     store_fp16_bytes(rec_ptr + ROW_ZERO + 2 * rows, to_fp16(best_r * lo))
-    store_fp16_bytes(rec_ptr + COL_SCALE + 2 * cols, to_fp16(best_c))
+    store_fp16_bytes(rec_ptr + COL_SCALE + 2 * tl.arange(0, C)[:, None], to_fp16(best_c))
 
 
 @triton.jit
@@ -150,20 +171,12 @@ def _quantize_kernel(
 ):
     tile = tl.program_id(0).to(tl.int64)
     rec_ptr = out_ptr + tile * RECORD_BYTES
-    tokens = tl.arange(0, G)
-    chans = tl.arange(0, D)
-
-    # K: rows are channels, so load the [G, D] tile transposed to [D, G].
-    k_offs = tile * G * D + tokens[None, :] * D + chans[:, None]
-    xk = canonicalize(widen_f32(tl.load(k_ptr + k_offs), KIND))
-    _quantize_rows(xk, rec_ptr, iters, D, G, LOG_D, LOG_G, INV_D, INV_DM1, INV_G, INV_GM1,
-                   K_BITS, INV_K_QMAX, K_CODES, A_K, Z_K, TAU_K)
-
+    # K: rows are channels, i.e. the stored [G, D] tile read as [D, G].
+    _quantize_rows(k_ptr + tile * G * D, rec_ptr, iters, KIND, D, G, LOG_D, LOG_G, 1, D,
+                   INV_D, INV_DM1, INV_G, INV_GM1, K_BITS, INV_K_QMAX, K_CODES, A_K, Z_K, TAU_K)
     # V: rows are tokens, the tile as stored.
-    v_offs = tile * G * D + tokens[:, None] * D + chans[None, :]
-    xv = canonicalize(widen_f32(tl.load(v_ptr + v_offs), KIND))
-    _quantize_rows(xv, rec_ptr, iters, G, D, LOG_G, LOG_D, INV_G, INV_GM1, INV_D, INV_DM1,
-                   V_BITS, INV_V_QMAX, V_CODES, A_V, Z_V, SIGMA_V)
+    _quantize_rows(v_ptr + tile * G * D, rec_ptr, iters, KIND, G, D, LOG_G, LOG_D, D, 1,
+                   INV_G, INV_GM1, INV_D, INV_DM1, V_BITS, INV_V_QMAX, V_CODES, A_V, Z_V, SIGMA_V)
 
 
 def quantize(k_rot: Tensor, v_rot: Tensor, preset: str, iters: int = DEFAULT_ITERS) -> Tensor:

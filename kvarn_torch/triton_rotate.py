@@ -42,9 +42,8 @@ def _rotate_kernel(
 
     # Stage h pairs i with i + h in each block of 2h: view [.., D/2h, 2, h], bring the
     # pair axis last so split() yields (a, b), join (a + b, a - b), and move it back.
-    for s in tl.static_range(LOG_D):
-        h: tl.constexpr = 1 << s
-        y = tl.reshape(x, [BLOCK_ROWS, D // (2 * h), 2, h], can_reorder=False)
+    for s in tl.static_range(LOG_D):  # h = 1 << s
+        y = tl.reshape(x, [BLOCK_ROWS, D >> (s + 1), 2, 1 << s], can_reorder=False)
         a, b = tl.split(tl.permute(y, (0, 1, 3, 2)))
         y = tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2))
         x = tl.reshape(y, [BLOCK_ROWS, D], can_reorder=False)
