@@ -1,0 +1,309 @@
+"""The paged KVarN cache of one attention layer, in torch: tensors updated in place.
+
+The torch mirror of `kvarn_jax.cache` (the semantic spec): the same fields, the same slot
+allocation order and lifecycle, and byte-identical records for the same inputs.
+
+* `pages`: uint8 [num_blocks, num_kv_heads, record_bytes], one record per (block, head);
+* `pool_k`, `pool_v`: [pool_slots, G, num_kv_heads, D] in the model dtype, rotated: the
+  tail pool holding every block that is still being written (and the sink blocks);
+* `block_to_slot`: int32 [num_blocks], -1 where the block lives in `pages`;
+* `slot_to_block`: int32 [pool_slots], -1 for a free slot;
+* `dropped_tokens`: int32 [] tensor, tokens whose block found no free slot (pool too
+  small); a device counter, so that counting costs no host sync (`int(...)` reads it).
+
+Lifecycle, keyed by physical block id (so prefix sharing and block recycling stay right):
+`append` rotates new tokens into pool slots (a block gets a slot on its first write: the
+lowest-numbered free slot, blocks served in order of first appearance); `commit`
+quantizes every full block whose tokens were all accepted before this step
+(`seq_len - query_len`), except the first `sink_blocks` blocks of each sequence, and frees
+its slot; `release` does the same for finished sequences, sinks included, and drops
+partial blocks.
+
+Every function works with vectorized index math and no Python loop over tokens or
+blocks. `append` and `gather_kv` never synchronize with the host; `commit` and `release`
+read one count (how many tiles to quantize) unless `max_tiles` is given, in which case
+they quantize exactly `max_tiles` tiles (padding included) with no host sync, as the JAX
+version does, which suits CUDA graphs when the caller bounds the tiles per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from kvarn.format import DEFAULT_PRESET, layout
+from kvarn_torch import codec
+
+INT32_MAX = 2**31 - 1
+
+
+@dataclasses.dataclass
+class KVarNCache:
+    pages: Tensor
+    pool_k: Tensor
+    pool_v: Tensor
+    block_to_slot: Tensor
+    slot_to_block: Tensor
+    dropped_tokens: Tensor
+    preset: str = DEFAULT_PRESET
+    sink_blocks: int = 1
+    iters: int = codec.DEFAULT_ITERS
+
+    @property
+    def tile(self) -> int:
+        return self.pool_k.shape[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.pool_k.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.pool_k.shape[3]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pages.shape[0]
+
+    @property
+    def pool_slots(self) -> int:
+        return self.pool_k.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pool_k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.pages.device
+
+
+def init(num_blocks: int, num_kv_heads: int, head_dim: int, *, pool_slots: int,
+         dtype: torch.dtype = torch.float16, preset: str = DEFAULT_PRESET,
+         sink_blocks: int = 1, iters: int = codec.DEFAULT_ITERS,
+         device: torch.device | str | None = None) -> KVarNCache:
+    """An empty cache. Size `pool_slots` as 2 per running sequence (sink + tail) plus the
+    blocks one prefill step writes (prompt tokens per step / tile)."""
+    lay = layout(preset, head_dim)
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"the cache holds the model dtype, float16 or bfloat16; got {dtype}")
+    if pool_slots < 1 or num_blocks < 1:
+        raise ValueError(f"need num_blocks >= 1 and pool_slots >= 1; got {num_blocks}, "
+                         f"{pool_slots}")
+    if num_kv_heads < 1:
+        raise ValueError(f"need num_kv_heads >= 1; got {num_kv_heads}")
+    g = lay.preset.tile
+    return KVarNCache(
+        pages=torch.zeros((num_blocks, num_kv_heads, lay.record_bytes), dtype=torch.uint8,
+                          device=device),
+        pool_k=torch.zeros((pool_slots, g, num_kv_heads, head_dim), dtype=dtype, device=device),
+        pool_v=torch.zeros((pool_slots, g, num_kv_heads, head_dim), dtype=dtype, device=device),
+        block_to_slot=torch.full((num_blocks,), -1, dtype=torch.int32, device=device),
+        slot_to_block=torch.full((pool_slots,), -1, dtype=torch.int32, device=device),
+        dropped_tokens=torch.zeros((), dtype=torch.int32, device=device),
+        preset=lay.preset.name, sink_blocks=sink_blocks, iters=iters,
+    )
+
+
+# ---------------------------------------------------------------- index helpers
+
+
+def _nth_true(mask: Tensor, n: int) -> Tensor:
+    """[n] int64: the indices of the first n True entries of `mask` [S], in order, and S
+    where there are fewer (`jnp.nonzero(mask, size=n)` without a host sync)."""
+    cum = torch.cumsum(mask.to(torch.int32), 0, dtype=torch.int32)
+    want = torch.arange(1, n + 1, dtype=torch.int32, device=mask.device)
+    return torch.searchsorted(cum, want)
+
+
+def _scatter_(dst: Tensor, index: tuple[Tensor, ...], values: Tensor, keep: Tensor) -> None:
+    """dst[index][i] = values[i] where keep[i], in place, without a host sync.
+
+    Entries not kept repeat the write of the first kept entry (same place, same value, so
+    the order of duplicate writes cannot matter); when nothing is kept they all rewrite
+    dst at index 0 with its own value.
+    """
+    if keep.numel() == 0:
+        return
+    first = torch.argmax(keep.to(torch.int32))  # first kept entry (0 if none)
+    anything = keep.any()
+    shape = (-1,) + (1,) * (values.dim() - 1)
+    zero = tuple(torch.zeros((), dtype=torch.int64, device=dst.device) for _ in index)
+    fallback_index = [torch.where(anything, i[first], z) for i, z in zip(index, zero)]
+    fallback_value = torch.where(anything, values[first], dst[zero])
+    index = tuple(torch.where(keep, i, f) for i, f in zip(index, fallback_index))
+    values = torch.where(keep.reshape(shape), values, fallback_value)
+    dst.index_put_(index, values)
+
+
+def _mark(num_blocks: int, block_tables: Tensor, mask: Tensor) -> Tensor:
+    """[num_blocks] bool: physical blocks referenced where `mask` [B, M] holds."""
+    ids = torch.where(mask & (block_tables >= 0), block_tables, num_blocks).long()
+    marks = torch.zeros(num_blocks + 1, dtype=torch.bool, device=block_tables.device)
+    marks[ids.flatten()] = True  # every write is True: duplicates are harmless
+    return marks[:num_blocks]
+
+
+def _check_tables(cache: KVarNCache, block_tables: Tensor, *lens: Tensor) -> None:
+    if block_tables.dim() != 2:
+        raise ValueError(f"block_tables must be [B, M]; got shape {tuple(block_tables.shape)}")
+    b = block_tables.shape[0]
+    for x in lens:
+        if tuple(x.shape) != (b,):
+            raise ValueError(f"seq_lens / query_lens must be [B={b}]; got {tuple(x.shape)}")
+    for x in (block_tables, *lens):
+        if x.dtype.is_floating_point or x.dtype == torch.bool:
+            raise TypeError(f"block tables and lengths must be integer tensors; got {x.dtype}")
+        if x.device != cache.device:
+            raise ValueError(f"index tensors must be on the cache's device {cache.device}; "
+                             f"got {x.device}")
+
+
+# ---------------------------------------------------------------- cache operations
+
+
+def append(cache: KVarNCache, k: Tensor, v: Tensor, slot_mapping: Tensor,
+           *, impl: codec.Impl = "auto") -> KVarNCache:
+    """Write new tokens: k, v [T, num_kv_heads, D] (post-RoPE, model dtype) at cache
+    positions `slot_mapping` [T] = block * G + offset (-1 = padding, skipped).
+
+    Tokens of one block must be contiguous in the batch (as a scheduler lays them out).
+    Updates the cache in place (and returns it).
+    """
+    t = k.shape[0] if k.dim() else 0
+    if k.shape != v.shape or tuple(k.shape[1:]) != (cache.num_kv_heads, cache.head_dim):
+        raise ValueError(f"k and v must be [T, {cache.num_kv_heads}, {cache.head_dim}]; "
+                         f"got {tuple(k.shape)} and {tuple(v.shape)}")
+    if tuple(slot_mapping.shape) != (t,):
+        raise ValueError(f"slot_mapping must be [T={t}]; got {tuple(slot_mapping.shape)}")
+    if k.device != cache.device or slot_mapping.device != cache.device:
+        raise ValueError(f"k, v and slot_mapping must be on the cache's device {cache.device}")
+    if t == 0:
+        return cache
+    g, s = cache.tile, cache.pool_slots
+    b2s, s2b = cache.block_to_slot, cache.slot_to_block
+    sm = slot_mapping.long()
+    valid = sm >= 0
+    block = torch.where(valid, sm // g, 0)
+    offset = torch.remainder(sm, g)
+
+    # A block's first write this step takes the next free slot (lowest number first).
+    first = valid.clone()
+    first[1:] &= block[1:] != block[:-1]
+    needs = first & (b2s[block] < 0)
+    rank = torch.cumsum(needs.to(torch.int32), 0, dtype=torch.int32) - 1
+    free_cum = torch.cumsum((s2b < 0).to(torch.int32), 0, dtype=torch.int32)
+    new_slot = torch.searchsorted(free_cum, rank + 1)  # the (rank+1)-th free slot, or S
+    granted = needs & (new_slot < s)
+    # Scatter with max: a granted slot replaces -1; every other write is -1, a no-op.
+    minus_one = torch.full_like(block, -1, dtype=torch.int32)
+    b2s.scatter_reduce_(0, block, torch.where(granted, new_slot.to(torch.int32), minus_one),
+                        reduce="amax")
+    s2b.scatter_reduce_(0, torch.where(granted, new_slot, 0),
+                        torch.where(granted, block.to(torch.int32), minus_one), reduce="amax")
+
+    slot = torch.where(valid, b2s[block].long(), -1)
+    written = slot >= 0
+    k_rot = codec.rotate(k, impl=impl).to(cache.pool_k.dtype)
+    v_rot = codec.rotate(v, impl=impl).to(cache.pool_v.dtype)
+    target = (slot.clamp(min=0), offset)
+    _scatter_(cache.pool_k, target, k_rot, written)
+    _scatter_(cache.pool_v, target, v_rot, written)
+    cache.dropped_tokens += (valid & ~written).sum().to(torch.int32)
+    return cache
+
+
+def _flush(cache: KVarNCache, quantize_blocks: Tensor, free_blocks: Tensor,
+           max_tiles: int | None, impl: codec.Impl) -> KVarNCache:
+    """Quantize the pool slots of blocks marked in `quantize_blocks` [num_blocks] (the
+    first `max_tiles` of them in slot order; all when None), then free the slots of those
+    and of `free_blocks`."""
+    holder = cache.slot_to_block
+    held = holder >= 0
+    safe = holder.clamp(min=0).long()
+    chosen = held & quantize_blocks[safe]
+    if max_tiles is None:
+        n = int(chosen.sum())  # the one host sync: quantize exactly the tiles that are ready
+    else:
+        n = int(max_tiles)
+        if n < 1:
+            raise ValueError(f"max_tiles must be >= 1; got {max_tiles}")
+
+    rank = torch.cumsum(chosen.to(torch.int32), 0, dtype=torch.int32) - 1
+    quantized = chosen & (rank < n)  # chosen slots beyond n stay held for the next call
+    if n:
+        slots = _nth_true(chosen, n)
+        ok = slots < cache.pool_slots
+        take = torch.where(ok, slots, 0)
+        blocks = holder[take].long()
+        hk, g, d = cache.num_kv_heads, cache.tile, cache.head_dim
+
+        def tiles(pool: Tensor) -> Tensor:  # [n, G, Hk, D] -> [n * Hk, G, D]
+            return pool[take].transpose(1, 2).reshape(n * hk, g, d)
+
+        records = codec.quantize(tiles(cache.pool_k), tiles(cache.pool_v), cache.preset,
+                                 cache.iters, impl=impl).reshape(n, hk, -1)
+        _scatter_(cache.pages, (blocks.clamp(min=0),), records, ok)
+
+    release = quantized | (held & free_blocks[safe] & ~chosen)
+    cache.block_to_slot.scatter_reduce_(
+        0, torch.where(release, safe, 0),
+        torch.where(release, -1, INT32_MAX).to(torch.int32), reduce="amin")
+    holder.masked_fill_(release, -1)
+    return cache
+
+
+def commit(cache: KVarNCache, block_tables: Tensor, seq_lens: Tensor, query_lens: Tensor,
+           *, max_tiles: int | None = None, impl: codec.Impl = "auto") -> KVarNCache:
+    """Quantize every full block of each sequence whose tokens were all accepted before
+    this step (`seq_lens - query_lens`), except the sink blocks; free their slots.
+
+    block_tables [B, M] int (physical block of each sequence's j-th block, -1 unused),
+    seq_lens / query_lens [B]. With `max_tiles`, at most that many blocks are quantized
+    per call (the rest wait for the next one) and the call never syncs with the host.
+    """
+    _check_tables(cache, block_tables, seq_lens, query_lens)
+    j = torch.arange(block_tables.shape[1], device=block_tables.device)
+    committed = (seq_lens.long() - query_lens.long())[:, None]
+    full = (j[None, :] + 1) * cache.tile <= committed
+    ready = _mark(cache.num_blocks, block_tables, full & (j[None, :] >= cache.sink_blocks))
+    nothing = torch.zeros_like(ready)
+    return _flush(cache, ready, nothing, max_tiles, impl)
+
+
+def release(cache: KVarNCache, block_tables: Tensor, seq_lens: Tensor,
+            *, max_tiles: int | None = None, impl: codec.Impl = "auto") -> KVarNCache:
+    """Finished sequences: quantize their full blocks (sinks too), drop partial ones."""
+    _check_tables(cache, block_tables, seq_lens)
+    j = torch.arange(block_tables.shape[1], device=block_tables.device)[None, :]
+    lens = seq_lens.long()[:, None]
+    full = (j + 1) * cache.tile <= lens
+    partial = ~full & (j * cache.tile < lens)
+    ready = _mark(cache.num_blocks, block_tables, full)
+    dropped = _mark(cache.num_blocks, block_tables, partial)
+    return _flush(cache, ready, dropped, max_tiles, impl)
+
+
+def gather_kv(cache: KVarNCache, block_tables: Tensor,
+              max_blocks: int | None = None) -> tuple[Tensor, Tensor]:
+    """K, V [B, max_blocks * G, Hk, D] float32 (rotated frame) of each sequence's blocks,
+    read from the pool or dequantized from the pages: the exact view attention sees."""
+    _check_tables(cache, block_tables)
+    bt = block_tables[:, : (max_blocks or block_tables.shape[1])].long()
+    b, m = bt.shape
+    hk, g, d = cache.num_kv_heads, cache.tile, cache.head_dim
+    blk = bt.clamp(min=0)
+    slot = cache.block_to_slot[blk].long()
+    recs = cache.pages[blk].reshape(b * m * hk, -1)
+    k_q, v_q = codec.dequantize(recs, cache.preset, d, impl="reference")  # [B*M*Hk, G, D]
+
+    def arrange(x: Tensor) -> Tensor:  # -> [B, M, G, Hk, D]
+        return x.reshape(b, m, hk, g, d).transpose(2, 3)
+
+    in_pool = (slot >= 0)[:, :, None, None, None]
+    take = slot.clamp(min=0)
+    k = torch.where(in_pool, cache.pool_k[take].float(), arrange(k_q))
+    v = torch.where(in_pool, cache.pool_v[take].float(), arrange(v_q))
+    return k.reshape(b, m * g, hk, d), v.reshape(b, m * g, hk, d)

@@ -1,0 +1,526 @@
+"""Triton kernel: attention over a paged KVarN cache (decode and multi-query rows).
+
+The torch mirror of `kvarn_jax.pallas_attention`; the exact reference it is tested
+against is `kvarn_torch.attention_reference.attention`.
+
+Grid (batch, kv_head, row_block x split). A program owns ROWS query rows of one KV head's
+GQA group (row = query token * group + head in group; all of them for decode, padded to
+a power of two >= 16 for tensor-core dots) and walks its share of the sequence's tiles of
+BLOCK_N tokens (BLOCK_N divides the block size G):
+
+* a tile of a block still in the tail pool is read as stored (rotated, model dtype);
+* a tile of a quantized block is read from its record and dequantized in registers, with
+  the per-channel K scale folded into q and the per-token V scale into p, so the codes
+  go straight into the tensor-core dots:
+
+      s  = ((q * a_K) @ codes_K + q @ z_K) * tau_K
+      pv = ((p * a_V) @ codes_V + p @ z_V) * sigma_V
+
+  A code c enters the dot as the float 1 + c / 2**bits, built by or-ing the bits into
+  the mantissa of 1.0 (no int -> float conversion); the constant 1 comes back out of the
+  per-row bias term, and the 2**bits folds into the scale.
+
+  The code operand of each dot is float16 whatever the model dtype: the other operand
+  is scaled per row into [-1, 1] first, so neither overflows nor loses bf16-level bits.
+
+Codes are read as int32 words (16-byte vector loads), the fp16 scales through an fp16
+view of the same pages. The loop over tiles is software-pipelined by hand: while tile t
+is computed, the record loads of tile t + 1 and the block-table lookups of tile t + 2 are
+in flight (a pool tile is read inside its branch; there are at most a few per sequence).
+
+Online softmax in base 2 (log2(e) folded into the query scale). Without a split the
+program normalizes, rotates the output back and stores it; with splits, each writes its
+partial (acc, max, sum) and a second small kernel merges them by log-sum-exp and rotates
+back. The query is rotated in the kernel's prologue, so a call is one launch, or two with
+split-KV, and never syncs with the host (CUDA-graph friendly).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kvarn.format import layout
+from kvarn_torch.cache import KVarNCache
+from kvarn_torch.triton_common import interpreted, runtime_int
+
+MIN_ROWS = 16  # tensor-core dots need M >= 16
+MAX_ROWS = 32  # query rows per program; more rows (long multi-query chunks) use row blocks
+# Launch defaults, from compiling for sm_90 (ptxas register reports; not yet timed on a GPU):
+# ~210-250 registers a thread and no spills with these, i.e. 8 warps per SM.
+BLOCK_N_MAX = 64  # tokens per tile (32 at head_dim 256)
+NUM_WARPS_SMALL = 4  # ROWS = 16 and head_dim <= 128
+NUM_WARPS_LARGE = 8  # ROWS = 32 or head_dim 256
+NUM_STAGES = 1  # loads are software-pipelined by hand in the kernel, not by Triton
+MERGE_WARPS = 4
+DEFAULT_SMS = 132  # an H100 SXM; the real count is read from the device when on CUDA
+PROGRAMS_PER_SM = 2  # split the context until about this many programs per SM
+MIN_TILES_PER_SPLIT = 4  # never split a sequence finer than this many tiles
+MAX_SPLITS = 32
+LOG2E = 1.4426950408889634
+MASKED = tl.constexpr(-0.7 * float(np.finfo(np.float32).max))  # exp2 turns it into 0, no NaN
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+@triton.jit
+def _hadamard(x, ROWS: tl.constexpr, D: tl.constexpr, LOG_D: tl.constexpr):
+    """Unnormalized Walsh-Hadamard transform of each row of x [ROWS, D] (float32)."""
+    for s in tl.static_range(LOG_D):  # stage s pairs i with i + 2**s
+        y = tl.reshape(x, [ROWS, D >> (s + 1), 2, 1 << s], can_reorder=False)
+        a, b = tl.split(tl.permute(y, (0, 1, 3, 2)))
+        y = tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2))
+        x = tl.reshape(y, [ROWS, D], can_reorder=False)
+    return x
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b. UPCAST (Triton's interpreter only, which multiplies bf16 bit patterns)
+    widens the operands to float32, which holds fp16/bf16 values exactly."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _slab(words, J: tl.constexpr, BITS: tl.constexpr):
+    """Code J of every int32 word (bits J*BITS.. of the little-endian word) as the float16
+    bit pattern of 1 + code / 2**BITS: the code moved to the top of 1.0's mantissa."""
+    SHIFT: tl.constexpr = J * BITS
+    TOP: tl.constexpr = 10 - BITS  # fp16 has 10 mantissa bits
+    FIELD: tl.constexpr = ((1 << BITS) - 1) << TOP
+    if SHIFT >= TOP:
+        x = (words >> (SHIFT - TOP)) & FIELD
+    else:
+        x = (words << (TOP - SHIFT)) & FIELD
+    return (x | 0x3C00).to(tl.int16)  # 1.0 + code / 2**BITS
+
+
+@triton.jit
+def _unpack(words, BITS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """[ROWS, COLS * BITS / 32] int32 words of codes packed LSB-first along the last axis
+    -> [ROWS, COLS] float16, code c as the exact value 1 + c / 2**BITS (no int -> float
+    conversion). The slabs of code j join in bit-reversed order of j, so that the joined
+    axes flatten to word * (32 / BITS) + j."""
+    if BITS == 4:
+        c = tl.join(tl.join(tl.join(_slab(words, 0, 4), _slab(words, 4, 4)),
+                            tl.join(_slab(words, 2, 4), _slab(words, 6, 4))),
+                    tl.join(tl.join(_slab(words, 1, 4), _slab(words, 5, 4)),
+                            tl.join(_slab(words, 3, 4), _slab(words, 7, 4))))
+    else:  # BITS == 2
+        even = tl.join(tl.join(tl.join(_slab(words, 0, 2), _slab(words, 8, 2)),
+                               tl.join(_slab(words, 4, 2), _slab(words, 12, 2))),
+                       tl.join(tl.join(_slab(words, 2, 2), _slab(words, 10, 2)),
+                               tl.join(_slab(words, 6, 2), _slab(words, 14, 2))))
+        odd = tl.join(tl.join(tl.join(_slab(words, 1, 2), _slab(words, 9, 2)),
+                              tl.join(_slab(words, 5, 2), _slab(words, 13, 2))),
+                      tl.join(tl.join(_slab(words, 3, 2), _slab(words, 11, 2)),
+                              tl.join(_slab(words, 7, 2), _slab(words, 15, 2))))
+        c = tl.join(even, odd)
+    c = tl.reshape(c, [ROWS, COLS], can_reorder=False)
+    return c.to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _scaled_code_dot(x, codes, BITS: tl.constexpr, UPCAST: tl.constexpr):
+    """sum_j x[r, j] * c[j, n] for x [R, J] float32 and codes [J, N] = 1 + c / 2**BITS.
+
+    x enters the fp16 tensor-core dot as x / rowmax|x| (in [-1, 1]: no overflow or loss to
+    fp16's range whatever the model dtype), and the constant 1 of the codes comes back out
+    as the row sum of the same rounded operand."""
+    amax = tl.maximum(tl.max(tl.abs(x), 1), 1e-30)
+    xs = (x * (1.0 / amax)[:, None]).to(tl.float16)
+    dot = _dot(xs, codes, tl.zeros([x.shape[0], codes.shape[1]], tl.float32), UPCAST)
+    return (dot - tl.sum(xs.to(tl.float32), 1)[:, None]) * (amax * (1 << BITS))[:, None]
+
+
+@triton.jit
+def _store_rows(out_ptr, acc, l, b, h, rows, n_rows,
+                out_stride_b, out_stride_s, out_stride_h,
+                GROUP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
+                LOG_D: tl.constexpr, INV_SQRT_D: tl.constexpr):
+    """Normalize acc by the softmax sum l (0 where a row saw no token), rotate back to the
+    model's frame and store the valid rows into out [B, Sq, Hq, D]."""
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    out = _hadamard(out, ROWS, D, LOG_D) * INV_SQRT_D
+    token = rows // GROUP
+    head = h * GROUP + rows % GROUP
+    d = tl.arange(0, D)
+    ptrs = (out_ptr + b.to(tl.int64) * out_stride_b + token[:, None] * out_stride_s
+            + head[:, None] * out_stride_h + d[None, :])
+    tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=(rows < n_rows)[:, None])
+
+
+# ---------------------------------------------------------------- one tile
+
+
+@triton.jit
+def _locate(bt_row, block_to_slot_ptr, t, tile_hi, TILES_PER_BLOCK: tl.constexpr):
+    """Physical block and pool slot (-1: quantized) of tile t; reads nothing past tile_hi."""
+    live = t < tile_hi
+    blk = tl.load(bt_row + t // TILES_PER_BLOCK, mask=live, other=0).to(tl.int64)
+    slot = tl.load(block_to_slot_ptr + blk, mask=live, other=0)
+    return blk, slot
+
+
+@triton.jit
+def _load_record(words_ptr, halves_ptr, rec, n0, live, D: tl.constexpr, G: tl.constexpr,
+                 BLOCK_N: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+                 K_CODES: tl.constexpr, A_K: tl.constexpr, Z_K: tl.constexpr,
+                 TAU_K: tl.constexpr, V_CODES: tl.constexpr, SIGMA_V: tl.constexpr,
+                 A_V: tl.constexpr, Z_V: tl.constexpr):
+    """Issue every load of one tile (tokens n0 .. n0 + BLOCK_N) of the record at byte `rec`:
+    K code words [D, BLOCK_N * K_BITS / 32] (a channel's codes run along tokens), V code
+    words [BLOCK_N, D * V_BITS / 32] (a token's codes run along channels) and the fp16
+    scales. Nothing is read where `live` is false."""
+    K_ROW_WORDS: tl.constexpr = G * K_BITS // 32
+    K_TILE_WORDS: tl.constexpr = BLOCK_N * K_BITS // 32
+    V_ROW_WORDS: tl.constexpr = D * V_BITS // 32
+    d = tl.arange(0, D)
+    n = n0 + tl.arange(0, BLOCK_N)
+    w = rec // 4
+    k_cols = n0 * K_BITS // 32 + tl.arange(0, K_TILE_WORDS)
+    k_words = tl.load(words_ptr + w + K_CODES // 4 + d[:, None] * K_ROW_WORDS + k_cols[None, :],
+                      mask=live, other=0)
+    v_cols = tl.arange(0, V_ROW_WORDS)
+    v_words = tl.load(words_ptr + w + V_CODES // 4 + n[:, None] * V_ROW_WORDS + v_cols[None, :],
+                      mask=live, other=0)
+    half = rec // 2
+    a_k = tl.load(halves_ptr + half + A_K // 2 + d, mask=live, other=0.0)
+    z_k = tl.load(halves_ptr + half + Z_K // 2 + d, mask=live, other=0.0)
+    tau = tl.load(halves_ptr + half + TAU_K // 2 + n, mask=live, other=0.0)
+    sigma = tl.load(halves_ptr + half + SIGMA_V // 2 + d, mask=live, other=0.0)
+    a_v = tl.load(halves_ptr + half + A_V // 2 + n, mask=live, other=0.0)
+    z_v = tl.load(halves_ptr + half + Z_V // 2 + n, mask=live, other=0.0)
+    return k_words, v_words, a_k, z_k, tau, sigma, a_v, z_v
+
+
+@triton.jit
+def _softmax_step(s, pos, limit, m_i, l_i):
+    """Online softmax (base 2) of one tile of scores s [ROWS, BLOCK_N] at sequence
+    positions pos: row r sees positions < limit[r]. -> (p, alpha, new max, new sum)."""
+    visible = pos[None, :] < limit[:, None]
+    s = tl.where(visible, s, MASKED)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.where(visible, tl.exp2(s - m_new[:, None]), 0.0)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _pool_tile(q32, acc, m_i, l_i, pool_k_ptr, pool_v_ptr, base, offs_n, pos, limit, kv_end,
+               pool_stride_tok, D: tl.constexpr, UPCAST: tl.constexpr):
+    """Attend to BLOCK_N tokens of a pool block, read as stored (rotated, model dtype)."""
+    d = tl.arange(0, D)
+    ptrs = base + offs_n[:, None] * pool_stride_tok + d[None, :]
+    live = (pos < kv_end)[:, None]  # the rest of the block may hold stale data
+    k = tl.load(pool_k_ptr + ptrs, mask=live, other=0.0)
+    v = tl.load(pool_v_ptr + ptrs, mask=live, other=0.0)
+    s = _dot(q32.to(k.dtype), tl.trans(k), tl.zeros([q32.shape[0], offs_n.shape[0]], tl.float32),
+             UPCAST)
+    p, alpha, m_i, l_i = _softmax_step(s, pos, limit, m_i, l_i)
+    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _record_tile(q32, acc, m_i, l_i, k_words, v_words, a_k, z_k, tau, sigma, a_v, z_v, pos,
+                 limit, D: tl.constexpr, BLOCK_N: tl.constexpr, K_BITS: tl.constexpr,
+                 V_BITS: tl.constexpr, UPCAST: tl.constexpr):
+    """Attend to BLOCK_N tokens of a quantized record (loaded by _load_record):
+    s = ((q * a_K) @ codes_K + q @ z_K) * tau_K, pv = ((p * a_V) @ codes_V + p @ z_V) * sigma_V."""
+    codes_k = _unpack(k_words, K_BITS, D, BLOCK_N)  # [D, BLOCK_N]
+    s = _scaled_code_dot(q32 * a_k.to(tl.float32)[None, :], codes_k, K_BITS, UPCAST)
+    s = (s + tl.sum(q32 * z_k.to(tl.float32)[None, :], 1)[:, None]) * tau.to(tl.float32)[None, :]
+    p, alpha, m_i, l_i = _softmax_step(s, pos, limit, m_i, l_i)
+    codes_v = _unpack(v_words, V_BITS, BLOCK_N, D)  # [BLOCK_N, D]
+    pv = _scaled_code_dot(p * a_v.to(tl.float32)[None, :], codes_v, V_BITS, UPCAST)
+    pv = (pv + tl.sum(p * z_v.to(tl.float32)[None, :], 1)[:, None]) * sigma.to(tl.float32)[None, :]
+    return acc * alpha[:, None] + pv, m_i, l_i
+
+
+# ---------------------------------------------------------------- the kernels
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, out_ptr, part_o_ptr, part_ml_ptr,
+    words_ptr, halves_ptr, pool_k_ptr, pool_v_ptr,
+    block_tables_ptr, seq_lens_ptr, query_lens_ptr, block_to_slot_ptr,
+    num_query_tokens, qk_scale, splits, tiles_per_split, max_tiles,
+    q_stride_b, q_stride_s, q_stride_h,
+    out_stride_b, out_stride_s, out_stride_h,
+    page_stride_block, page_stride_head,
+    pool_stride_slot, pool_stride_tok, pool_stride_head,
+    bt_stride_b,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, LOG_D: tl.constexpr,
+    G: tl.constexpr, BLOCK_N: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+    K_CODES: tl.constexpr, A_K: tl.constexpr, Z_K: tl.constexpr, TAU_K: tl.constexpr,
+    V_CODES: tl.constexpr, SIGMA_V: tl.constexpr, A_V: tl.constexpr, Z_V: tl.constexpr,
+    CAUSAL: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+    INV_SQRT_D: tl.constexpr,
+):
+    TILES_PER_BLOCK: tl.constexpr = G // BLOCK_N
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    row_block = tl.program_id(2) // splits
+    split = tl.program_id(2) % splits
+    n_rows = num_query_tokens * GROUP
+
+    # The query rows of this program, rotated and scaled (softmax scale * log2 e), float32.
+    rows = row_block * ROWS + tl.arange(0, ROWS)
+    token = rows // GROUP
+    head = h * GROUP + rows % GROUP
+    row_ok = rows < n_rows
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + b.to(tl.int64) * q_stride_b + token[:, None] * q_stride_s
+                + head[:, None] * q_stride_h + d[None, :], mask=row_ok[:, None], other=0.0)
+    q32 = _hadamard(q.to(tl.float32), ROWS, D, LOG_D) * qk_scale
+
+    # Row i of the sequence's query sits at position seq_len - query_len + i.
+    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    query_len = tl.load(query_lens_ptr + b).to(tl.int32)
+    if CAUSAL:
+        limit = tl.minimum(seq_len - query_len + token + 1, seq_len)
+    else:
+        limit = tl.zeros([ROWS], tl.int32) + seq_len
+    limit = tl.where(row_ok, limit, 0)
+    kv_end = tl.max(limit, 0)  # this row block sees no position past this one
+    n_tiles = tl.minimum(tl.cdiv(kv_end, BLOCK_N), max_tiles)
+    per_split = tl.cdiv(n_tiles, splits)
+    tile_lo = split * per_split
+    tile_hi = tl.minimum(tile_lo + per_split, n_tiles)
+
+    m_i = tl.zeros([ROWS], tl.float32) + MASKED
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, D], tl.float32)
+    bt_row = block_tables_ptr + b.to(tl.int64) * bt_stride_b
+
+    # Software pipeline by hand: while tile t is computed, the record loads of tile t + 1
+    # are in flight and the block-table lookups of tile t + 2.
+    blk0, slot0 = _locate(bt_row, block_to_slot_ptr, tile_lo, tile_hi, TILES_PER_BLOCK)
+    blk1, slot1 = _locate(bt_row, block_to_slot_ptr, tile_lo + 1, tile_hi, TILES_PER_BLOCK)
+    k_words, v_words, a_k, z_k, tau, sigma, a_v, z_v = _load_record(
+        words_ptr, halves_ptr, blk0 * page_stride_block + h * page_stride_head,
+        (tile_lo % TILES_PER_BLOCK) * BLOCK_N, (tile_lo < tile_hi) & (slot0 < 0),
+        D, G, BLOCK_N, K_BITS, V_BITS, K_CODES, A_K, Z_K, TAU_K, V_CODES, SIGMA_V, A_V, Z_V)
+    for i in range(0, tiles_per_split):
+        t = tile_lo + i
+        if t < tile_hi:
+            blk2, slot2 = _locate(bt_row, block_to_slot_ptr, t + 2, tile_hi, TILES_PER_BLOCK)
+            k_next, v_next, a_k_next, z_k_next, tau_next, sigma_next, a_v_next, z_v_next = \
+                _load_record(words_ptr, halves_ptr,
+                             blk1 * page_stride_block + h * page_stride_head,
+                             ((t + 1) % TILES_PER_BLOCK) * BLOCK_N,
+                             (t + 1 < tile_hi) & (slot1 < 0), D, G, BLOCK_N, K_BITS, V_BITS,
+                             K_CODES, A_K, Z_K, TAU_K, V_CODES, SIGMA_V, A_V, Z_V)
+
+            offs_n = (t % TILES_PER_BLOCK) * BLOCK_N + tl.arange(0, BLOCK_N)  # in the block
+            pos = (t // TILES_PER_BLOCK) * G + offs_n  # in the sequence
+            if slot0 >= 0:
+                base = slot0.to(tl.int64) * pool_stride_slot + h * pool_stride_head
+                acc, m_i, l_i = _pool_tile(q32, acc, m_i, l_i, pool_k_ptr, pool_v_ptr, base,
+                                           offs_n, pos, limit, kv_end, pool_stride_tok, D,
+                                           UPCAST)
+            else:
+                acc, m_i, l_i = _record_tile(q32, acc, m_i, l_i, k_words, v_words, a_k, z_k,
+                                             tau, sigma, a_v, z_v, pos, limit, D, BLOCK_N,
+                                             K_BITS, V_BITS, UPCAST)
+
+            slot0, blk1, slot1 = slot1, blk2, slot2
+            k_words, v_words, a_k, z_k = k_next, v_next, a_k_next, z_k_next
+            tau, sigma, a_v, z_v = tau_next, sigma_next, a_v_next, z_v_next
+
+    if SPLIT:  # partials [B, Hk, row_blocks, splits, ...] for the merge kernel
+        part = ((b.to(tl.int64) * tl.num_programs(1) + h) * tl.num_programs(2)
+                + tl.program_id(2))
+        r = tl.arange(0, ROWS)
+        tl.store(part_o_ptr + part * ROWS * D + r[:, None] * D + d[None, :], acc)
+        tl.store(part_ml_ptr + part * 2 * ROWS + r, m_i)
+        tl.store(part_ml_ptr + part * 2 * ROWS + ROWS + r, l_i)
+    else:
+        _store_rows(out_ptr, acc, l_i, b, h, rows, n_rows, out_stride_b, out_stride_s,
+                    out_stride_h, GROUP, ROWS, D, LOG_D, INV_SQRT_D)
+
+
+@triton.jit
+def _merge_kernel(
+    part_o_ptr, part_ml_ptr, out_ptr, num_query_tokens, splits, loop_splits,
+    out_stride_b, out_stride_s, out_stride_h,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, LOG_D: tl.constexpr,
+    INV_SQRT_D: tl.constexpr,
+):
+    """Merge the splits of one (batch, KV head, row block) by log-sum-exp (a split that saw
+    no token has sum 0 and max MASKED), normalize, rotate back and store."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    row_block = tl.program_id(2)
+    first = ((b.to(tl.int64) * tl.num_programs(1) + h) * tl.num_programs(2) + row_block) * splits
+    r = tl.arange(0, ROWS)
+    d = tl.arange(0, D)
+    m = tl.zeros([ROWS], tl.float32) + MASKED
+    l = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, D], tl.float32)
+    for s in range(0, loop_splits):  # == splits (a loop bound the interpreter accepts)
+        part = first + s
+        m_s = tl.load(part_ml_ptr + part * 2 * ROWS + r)
+        l_s = tl.load(part_ml_ptr + part * 2 * ROWS + ROWS + r)
+        o_s = tl.load(part_o_ptr + part * ROWS * D + r[:, None] * D + d[None, :])
+        m_new = tl.maximum(m, m_s)
+        alpha = tl.exp2(m - m_new)
+        beta = tl.exp2(m_s - m_new)
+        acc = acc * alpha[:, None] + o_s * beta[:, None]
+        l = l * alpha + l_s * beta
+        m = m_new
+    rows = row_block * ROWS + r
+    _store_rows(out_ptr, acc, l, b, h, rows, num_query_tokens * GROUP, out_stride_b,
+                out_stride_s, out_stride_h, GROUP, ROWS, D, LOG_D, INV_SQRT_D)
+
+
+# ---------------------------------------------------------------- host side
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SMS
+
+
+def num_splits(programs: int, max_tiles: int, num_sms: int = DEFAULT_SMS) -> int:
+    """Split the context only when the (batch, KV head, row block) programs leave the GPU's
+    SMs short of work: then aim at PROGRAMS_PER_SM programs per SM, with at least
+    MIN_TILES_PER_SPLIT tiles in each split."""
+    if programs >= num_sms:
+        return 1
+    want = PROGRAMS_PER_SM * num_sms // programs  # rounded down: no partial last wave
+    return max(1, min(want, max_tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
+
+
+def launch_config(head_dim: int, tile: int, rows: int) -> tuple[int, int]:
+    """Default (block_n, num_warps) for a program of `rows` query rows."""
+    block_n = min(tile, BLOCK_N_MAX if head_dim <= 128 else BLOCK_N_MAX // 2)
+    warps = NUM_WARPS_LARGE if head_dim > 128 or rows > MIN_ROWS else NUM_WARPS_SMALL
+    return block_n, warps
+
+
+def _check_int_tensor(name: str, x: Tensor, shape: tuple[int, ...], device) -> None:
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{name} must have shape {list(shape)}; got {list(x.shape)}")
+    if x.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64; got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device}, the cache on {device}")
+
+
+def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tensor,
+              query_lens: Tensor | None = None, causal: bool = True,
+              softmax_scale: float | None = None, splits: int | None = None, *,
+              block_n: int | None = None, num_warps: int | None = None,
+              num_stages: int = NUM_STAGES) -> Tensor:
+    """q [B, Sq, Hq, D] (Sq = 1: decode; Sq > 1: the last query_lens[b] tokens of each
+    sequence, already appended) -> out [B, Sq, Hq, D] in q's dtype (rows past
+    query_lens[b] hold don't-care values).
+
+    block_tables [B, M] int32/int64 physical block ids; seq_lens [B] (tokens in the cache,
+    the query rows included); query_lens [B] (default Sq). `splits` defaults to an
+    automatic split-KV choice (`num_splits`); `block_n` (tokens per tile, a power of two
+    >= 16 dividing the block size), `num_warps` and `num_stages` are tuning knobs with
+    defaults from `launch_config`.
+    """
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, Sq, Hq, D]; got shape {list(q.shape)}")
+    b, sq, hq, d = q.shape
+    hk, g = cache.num_kv_heads, cache.tile
+    if d != cache.head_dim or hq % hk or sq < 1:
+        raise ValueError(f"q must be [B, Sq >= 1, Hq, {cache.head_dim}] with Hq a multiple of "
+                         f"the cache's {hk} KV heads; got {list(q.shape)}")
+    if q.dtype != cache.dtype:
+        raise TypeError(f"q is {q.dtype} but the cache holds {cache.dtype}; cast q first")
+    if q.device != cache.device:
+        raise ValueError(f"q is on {q.device}, the cache on {cache.device}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != b:
+        raise ValueError(f"block_tables must be [B={b}, M]; got {list(block_tables.shape)}")
+    _check_int_tensor("block_tables", block_tables, tuple(block_tables.shape), q.device)
+    _check_int_tensor("seq_lens", seq_lens, (b,), q.device)
+    if query_lens is None:
+        query_lens = torch.full((b,), sq, dtype=torch.int32, device=q.device)
+    _check_int_tensor("query_lens", query_lens, (b,), q.device)
+    if not q.is_cuda and not interpreted(_attention_kernel):
+        raise ValueError("the Triton attention kernel needs CUDA tensors, or TRITON_INTERPRET=1 "
+                         "set before kvarn_torch is imported to run it on the CPU")
+    group = hq // hk
+    n_rows = sq * group
+    rows = min(MAX_ROWS, max(MIN_ROWS, triton.next_power_of_2(n_rows)))
+    default_block_n, default_warps = launch_config(d, g, rows)
+    block_n = block_n or default_block_n
+    num_warps = num_warps or default_warps
+    if block_n < 16 or block_n & (block_n - 1) or g % block_n:
+        raise ValueError(f"block_n must be a power of two >= 16 dividing the block size {g}; "
+                         f"got {block_n}")
+    if cache.pages.stride(2) != 1 or cache.pool_k.stride(3) != 1 or cache.pool_v.stride(3) != 1:
+        raise ValueError("pages and pool tensors must be contiguous along their last axis")
+    if cache.pool_k.stride() != cache.pool_v.stride():
+        raise ValueError("pool_k and pool_v must have the same strides")
+    if q.stride(3) != 1:
+        q = q.contiguous()
+
+    lay = layout(cache.preset, d)
+    p = lay.preset
+    row_blocks = triton.cdiv(n_rows, rows)
+    max_tiles = block_tables.shape[1] * (g // block_n)
+    if splits is None:
+        splits = num_splits(b * hk * row_blocks, max_tiles, _num_sms(q.device))
+    if not isinstance(splits, int) or splits < 1:
+        raise ValueError(f"splits must be a positive int; got {splits!r}")
+    split = splits > 1
+    tiles_per_split = triton.cdiv(max_tiles, splits)
+
+    out = torch.empty_like(q)
+    if split:
+        part_o = torch.empty((b, hk, row_blocks, splits, rows, d), dtype=torch.float32,
+                             device=q.device)
+        part_ml = torch.empty((b, hk, row_blocks, splits, 2, rows), dtype=torch.float32,
+                              device=q.device)
+    else:
+        part_o = part_ml = out  # unused
+    upcast = interpreted(_attention_kernel)
+    scale = softmax_scale if softmax_scale is not None else d ** -0.5
+    pool_strides = cache.pool_k.stride()
+    common = dict(GROUP=group, ROWS=rows, D=d, LOG_D=d.bit_length() - 1,
+                  INV_SQRT_D=float(np.float32(1.0 / math.sqrt(d))))
+    _attention_kernel[(b, hk, row_blocks * splits)](
+        q, out, part_o, part_ml,
+        cache.pages.view(torch.int32), cache.pages.view(torch.float16), cache.pool_k,
+        cache.pool_v,
+        block_tables, seq_lens, query_lens, cache.block_to_slot,
+        sq, float(scale * LOG2E / math.sqrt(d)), splits,
+        runtime_int(_attention_kernel, tiles_per_split), max_tiles,
+        q.stride(0), q.stride(1), q.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        cache.pages.stride(0), cache.pages.stride(1),
+        pool_strides[0], pool_strides[1], pool_strides[2],
+        block_tables.stride(0),
+        G=g, BLOCK_N=block_n, K_BITS=p.k_bits, V_BITS=p.v_bits,
+        K_CODES=lay.k_codes.offset, A_K=lay.a_k.offset, Z_K=lay.z_k.offset,
+        TAU_K=lay.tau_k.offset, V_CODES=lay.v_codes.offset, SIGMA_V=lay.sigma_v.offset,
+        A_V=lay.a_v.offset, Z_V=lay.z_v.offset,
+        CAUSAL=bool(causal), SPLIT=split, UPCAST=upcast,
+        num_warps=num_warps, num_stages=num_stages, **common,
+    )
+    if split:
+        _merge_kernel[(b, hk, row_blocks)](
+            part_o, part_ml, out, sq, splits, runtime_int(_merge_kernel, splits),
+            out.stride(0), out.stride(1), out.stride(2),
+            num_warps=MERGE_WARPS, **common,
+        )
+    return out

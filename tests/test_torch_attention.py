@@ -1,0 +1,425 @@
+"""kvarn_torch's paged KVarN cache and the Triton attention kernel over it.
+
+* the cache rules (commit only accepted full blocks, sinks stay in the pool, release
+  quantizes full blocks and drops partial ones, pool exhaustion is counted) and byte
+  identity with kvarn_jax.cache for the same sequence of operations;
+* the kernel (in Triton's interpreter when no GPU is present) against the exact float32
+  attention of kvarn_torch.attention_reference: decode and multi-query rows, causal and
+  not, pool-only / quantized-only / mixed blocks, ragged batches, split and unsplit,
+  GQA ratios, fp16 and bf16, several presets and head dims;
+* the errors of bad inputs.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # the kernels must be defined under the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import kvarn_jax  # noqa: E402,F401  (before jax: exact CPU arithmetic for the JAX cache)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_dtypes  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import kvarn_torch  # noqa: E402,F401
+from kvarn.format import get_preset, layout  # noqa: E402
+from kvarn_jax import cache as jcache  # noqa: E402
+from kvarn_torch import attention_reference, codec, triton_attention  # noqa: E402
+from kvarn_torch import cache as kc  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Tolerance on max |out - exact| / max |exact| over the valid rows. The reference is float32
+# throughout; the kernel rounds the dot operands to fp16 (the query and p to the model
+# dtype against pool blocks) and the output to the model dtype, which dominates for bf16
+# (and Triton's interpreter rounds float32 -> bf16 by truncation).
+TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def kv_like(gen: torch.Generator, n: int, hk: int, d: int) -> torch.Tensor:
+    """[n, hk, d] float32 K/V-like values: per-channel scales and offsets, one outlier channel."""
+    x = torch.randn(n, hk, d, generator=gen)
+    scale = torch.exp(0.5 * torch.randn(1, hk, d, generator=gen))
+    x = x * scale + 0.3 * torch.randn(1, hk, d, generator=gen)
+    x[:, :, 3] *= 8.0
+    return x
+
+
+def block_table(gen: torch.Generator, lens, g: int, num_blocks: int) -> torch.Tensor:
+    """[B, M] int32: shuffled physical blocks, -1 past each sequence's last block."""
+    need = [-(-n // g) for n in lens]
+    ids = torch.randperm(num_blocks, generator=gen)[: sum(need)].to(torch.int32)
+    bt = torch.full((len(lens), max(need) + 1), -1, dtype=torch.int32)
+    at = 0
+    for i, m in enumerate(need):
+        bt[i, :m] = ids[at : at + m]
+        at += m
+    return bt
+
+
+def slot_mapping(bt: torch.Tensor, seq: int, start: int, stop: int, g: int) -> torch.Tensor:
+    pos = torch.arange(start, stop)
+    return bt[seq, pos // g].long() * g + pos % g
+
+
+def build_cache(*, preset="kvarn_k4v2_g64", d=64, hk=2, dtype=torch.float16, lens=(150, 70),
+                state="mixed", seed=0):
+    """A cache holding `lens` tokens per sequence (shuffled physical blocks), filled by one
+    prefill append and then:
+    state "pool": nothing committed; "mixed": a decode-style commit (full accepted blocks
+    past the sink are quantized); "quantized": sink_blocks=0 and every full block committed.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    g = get_preset(preset).tile
+    num_blocks = sum(-(-n // g) for n in lens) + 3
+    cache = kc.init(num_blocks, hk, d, pool_slots=num_blocks, dtype=dtype, preset=preset,
+                    sink_blocks=0 if state == "quantized" else 1, device=DEVICE)
+    bt = block_table(gen, lens, g, num_blocks)
+    padding = -torch.ones(3, dtype=torch.long)
+    sm = torch.cat([slot_mapping(bt, i, 0, n, g) for i, n in enumerate(lens)] + [padding])
+    t = sm.shape[0]
+    k, v = kv_like(gen, t, hk, d).to(dtype), kv_like(gen, t, hk, d).to(dtype)
+    kc.append(cache, k.to(DEVICE), v.to(DEVICE), sm.to(DEVICE), impl="reference")
+    bt, sl = bt.to(DEVICE), torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    if state == "mixed":
+        kc.commit(cache, bt, sl, torch.ones_like(sl), impl="reference")
+    elif state == "quantized":
+        kc.commit(cache, bt, sl, torch.zeros_like(sl), impl="reference")
+    return cache, bt, sl
+
+
+def check_attention(cache, bt, sl, *, hq, sq=1, query_lens=None, causal=True, splits=None,
+                    block_n=None, seed=1):
+    """Run the kernel and the exact reference on one random query; return the relative error."""
+    gen = torch.Generator().manual_seed(seed)
+    b, d = bt.shape[0], cache.head_dim
+    q = (2.0 * torch.randn(b, sq, hq, d, generator=gen)).to(cache.dtype).to(DEVICE)
+    ql = None if query_lens is None else torch.tensor(query_lens, dtype=torch.int32, device=DEVICE)
+    want = attention_reference.attention(q, cache, bt, sl, ql, causal=causal)
+    got = triton_attention.attention(q, cache, bt, sl, ql, causal=causal, splits=splits,
+                                     block_n=block_n)
+    assert got.shape == q.shape and got.dtype == q.dtype
+    rows = torch.arange(sq, device=DEVICE)[None, :] < (ql[:, None] if ql is not None else sq)
+    rows = rows.expand(b, sq)
+    err = (got.float() - want)[rows].abs().max() / want[rows].abs().max()
+    assert torch.isfinite(got[rows]).all()
+    tol = TOL[cache.dtype]
+    assert err < tol, f"relative error {err:.2e} > {tol}"
+    return got, err
+
+
+def in_pool(cache) -> set[int]:
+    return {int(b) for b in cache.slot_to_block.cpu() if b >= 0}
+
+
+# ---------------------------------------------------------------- attention kernel
+
+ATTENTION_CASES = [
+    # preset, d, dtype, hk, group, lens
+    ("kvarn_k4v2_g64", 64, torch.float16, 2, 4, (150, 70, 1)),
+    ("kvarn_k4v2_g128", 128, torch.bfloat16, 1, 16, (300, 129)),
+    ("kvarn_k4v4_g64", 256, torch.float16, 1, 1, (130,)),
+    ("kvarn_k2v2_g64", 64, torch.bfloat16, 2, 2, (200, 64)),
+    ("kvarn_k4v4_g128", 64, torch.float16, 2, 8, (260, 5)),
+    ("kvarn_k2v2_g128", 128, torch.float16, 1, 4, (257,)),
+]
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES,
+                         ids=lambda c: f"{c[0]}-d{c[1]}-{str(c[2])[6:]}-gqa{c[4]}")
+def test_decode_mixed_blocks(case):
+    preset, d, dtype, hk, group, lens = case
+    cache, bt, sl = build_cache(preset=preset, d=d, hk=hk, dtype=dtype, lens=lens)
+    in_pages = cache.block_to_slot[bt[bt >= 0].long()] < 0
+    assert in_pages.any() and not in_pages.all()  # both kinds of blocks
+    check_attention(cache, bt, sl, hq=hk * group)
+
+
+@pytest.mark.parametrize("state", ["pool", "quantized"])
+def test_decode_pool_only_and_quantized_only(state):
+    cache, bt, sl = build_cache(lens=(128, 192, 64), state=state)
+    used = bt[bt >= 0].long()
+    in_pages = cache.block_to_slot[used] < 0
+    assert in_pages.all() if state == "quantized" else not in_pages.any()
+    check_attention(cache, bt, sl, hq=4)
+
+
+def test_split_and_unsplit_agree():
+    cache, bt, sl = build_cache(lens=(400, 90, 3))
+    one, _ = check_attention(cache, bt, sl, hq=4, splits=1)
+    for splits in (2, 5):
+        many, _ = check_attention(cache, bt, sl, hq=4, splits=splits)
+        assert (many.float() - one.float()).abs().max() < 2e-3
+
+
+def test_sub_block_tiles():
+    cache, bt, sl = build_cache(preset="kvarn_k4v2_g128", d=64, lens=(300, 100))
+    check_attention(cache, bt, sl, hq=4, block_n=32, splits=3)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_multi_query_rows(causal, dtype):
+    # ragged: sequence 1 has 2 real query rows of 4, sequence 2 one (decode in a verify batch)
+    cache, bt, sl = build_cache(lens=(150, 66, 90), dtype=dtype)
+    check_attention(cache, bt, sl, hq=4, sq=4, query_lens=(4, 2, 1), causal=causal)
+    check_attention(cache, bt, sl, hq=4, sq=4, query_lens=(4, 2, 1), causal=causal, splits=3)
+
+
+def test_multi_query_row_blocks():
+    # 20 query tokens x 4 heads = 80 rows: two row blocks of 64
+    cache, bt, sl = build_cache(lens=(170, 40), hk=1)
+    check_attention(cache, bt, sl, hq=4, sq=20, query_lens=(20, 20), splits=2)
+
+
+def test_causal_row_sees_only_its_prefix():
+    """Row i must not see tokens after its position: changing them leaves it unchanged."""
+    cache, bt, sl = build_cache(lens=(100,), hk=1, state="pool")
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 2, 64, generator=gen).half().to(DEVICE)
+    before = triton_attention.attention(q, cache, bt, sl)
+    slot = int(cache.block_to_slot[bt[0, 1]])
+    cache.pool_k[slot, 100 - 64 - 1] += 5.0  # the last token: only the last row sees it
+    cache.pool_v[slot, 100 - 64 - 1] += 5.0
+    after = triton_attention.attention(q, cache, bt, sl)
+    assert torch.equal(before[:, :3], after[:, :3])
+    assert not torch.equal(before[:, 3], after[:, 3])
+
+
+def test_empty_sequence_gives_zeros():
+    cache, bt, sl = build_cache(lens=(70, 64))
+    sl = sl.clone()
+    sl[1] = 0
+    q = torch.randn(2, 1, 4, 64).half().to(DEVICE)
+    for splits in (1, 2):
+        out = triton_attention.attention(q, cache, bt, sl, splits=splits)
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+        assert torch.isfinite(out).all()
+
+
+def test_num_splits_only_when_short_of_programs():
+    assert triton_attention.num_splits(16 * 8, 256, 132) > 1
+    assert triton_attention.num_splits(64 * 8, 256, 132) == 1
+    assert triton_attention.num_splits(1, 3, 132) == 1  # too few tiles to split
+    assert triton_attention.num_splits(2, 10_000, 132) <= triton_attention.MAX_SPLITS
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("preset,d", [("kvarn_k4v2_g128", 128), ("kvarn_k4v4_g64", 256),
+                                      ("kvarn_k2v2_g128", 64)])
+def test_gpu_long_ragged_batch(preset, d, dtype):
+    """Compiled kernel, realistic sizes: 8 KV heads x GQA 4, contexts up to 5000 tokens."""
+    cache, bt, sl = build_cache(preset=preset, d=d, hk=8, dtype=dtype, lens=(5000, 1, 777, 2049))
+    for splits in (None, 1, 7):
+        check_attention(cache, bt, sl, hq=32, splits=splits)
+    check_attention(cache, bt, sl, hq=32, sq=5, query_lens=(5, 1, 3, 5))
+    check_attention(cache, bt, sl, hq=32, sq=5, query_lens=(5, 1, 3, 5), causal=False, splits=3)
+
+
+# ---------------------------------------------------------------- cache rules
+
+
+def _one_sequence(lens, *, pool_slots=8, preset="kvarn_k4v2_g64", sink_blocks=1):
+    cache = kc.init(8, 1, 64, pool_slots=pool_slots, preset=preset, sink_blocks=sink_blocks,
+                    device=DEVICE)
+    bt = torch.tensor([[5, 2, 7, 0, -1]], dtype=torch.int32, device=DEVICE)
+    gen = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(lens, 1, 64, generator=gen).half().to(DEVICE) for _ in range(2))
+    kc.append(cache, k, v, slot_mapping(bt.cpu(), 0, 0, lens, 64).to(DEVICE), impl="reference")
+    return cache, bt
+
+
+def test_append_allocates_slots_in_order_of_first_appearance():
+    cache = kc.init(10, 1, 64, pool_slots=4, preset="kvarn_k4v2_g64", device=DEVICE)
+    cache.slot_to_block[1] = 9  # slot 1 taken
+    cache.block_to_slot[9] = 1
+    sm = torch.tensor([7 * 64 + 3, 7 * 64 + 4, -1, 2 * 64, 9 * 64 + 5, 4 * 64 + 1], device=DEVICE)
+    kv = torch.randn(6, 1, 64).half().to(DEVICE)
+    kc.append(cache, kv, kv, sm, impl="reference")
+    assert cache.slot_to_block.tolist() == [7, 9, 2, 4]
+    assert [cache.block_to_slot[b].item() for b in (7, 9, 2, 4)] == [0, 1, 2, 3]
+    rot = codec.rotate(kv, impl="reference")
+    assert torch.equal(cache.pool_k[0, 3:5, 0], rot[0:2, 0])
+    assert torch.equal(cache.pool_v[1, 5, 0], rot[4, 0])
+    assert int(cache.dropped_tokens) == 0
+
+
+def test_commit_waits_until_every_token_of_a_block_is_accepted():
+    cache, bt = _one_sequence(150)  # blocks 5 (sink), 2 (full), 7 (partial)
+    sl = torch.tensor([150], device=DEVICE)
+    # 30 speculative tokens this step: block 2 (positions 64..127) holds unaccepted ones
+    kc.commit(cache, bt, sl, torch.tensor([30], device=DEVICE), impl="reference")
+    assert in_pool(cache) == {5, 2, 7}
+    kc.commit(cache, bt, sl, torch.tensor([22], device=DEVICE), impl="reference")  # 128 accepted
+    assert in_pool(cache) == {5, 7}  # block 2 quantized, the sink stays
+    assert cache.block_to_slot[2] == -1 and cache.pages[2].any()
+    assert not cache.pages[5].any() and not cache.pages[7].any()
+
+
+def test_sink_block_stays_in_pool():
+    cache, bt = _one_sequence(192, sink_blocks=2)
+    kc.commit(cache, bt, torch.tensor([193], device=DEVICE), torch.tensor([1], device=DEVICE),
+              impl="reference")
+    assert in_pool(cache) == {5, 2}  # sinks 5 and 2; block 7 quantized
+    assert cache.pages[7].any()
+
+
+def test_commit_writes_the_codec_records_of_the_pool_tiles():
+    cache, bt = _one_sequence(150)
+    tile_k = cache.pool_k[int(cache.block_to_slot[2])].transpose(0, 1).clone()  # [1, G, D]
+    tile_v = cache.pool_v[int(cache.block_to_slot[2])].transpose(0, 1).clone()
+    kc.commit(cache, bt, torch.tensor([150], device=DEVICE), torch.tensor([1], device=DEVICE),
+              impl="reference")
+    want = codec.quantize(tile_k, tile_v, cache.preset, impl="reference")
+    assert torch.equal(cache.pages[2], want)
+    k, v = kc.gather_kv(cache, bt, 3)  # the quantized block reads back dequantized
+    deq_k, deq_v = codec.dequantize(want, cache.preset, 64)
+    assert torch.equal(k[0, 64:128, 0], deq_k[0]) and torch.equal(v[0, 64:128, 0], deq_v[0])
+    assert torch.equal(k[0, :64, 0], cache.pool_k[int(cache.block_to_slot[5]), :, 0].float())
+
+
+def test_release_quantizes_full_blocks_and_drops_partial_ones():
+    cache, bt = _one_sequence(150)
+    kc.release(cache, bt, torch.tensor([150], device=DEVICE), impl="reference")
+    assert in_pool(cache) == set() and (cache.block_to_slot < 0).all()
+    assert cache.pages[5].any() and cache.pages[2].any()  # full blocks, the sink too
+    assert not cache.pages[7].any()  # the partial block is dropped, never quantized
+
+
+def test_pool_exhaustion_counts_dropped_tokens():
+    cache, bt = _one_sequence(150, pool_slots=2)  # 3 blocks, 2 slots
+    assert in_pool(cache) == {5, 2}
+    assert int(cache.dropped_tokens) == 150 - 128  # block 7's tokens found no slot
+    kc.append(cache, torch.zeros(1, 1, 64, dtype=torch.float16, device=DEVICE),
+              torch.zeros(1, 1, 64, dtype=torch.float16, device=DEVICE),
+              torch.tensor([7 * 64 + 22], device=DEVICE), impl="reference")
+    assert int(cache.dropped_tokens) == 150 - 128 + 1
+
+
+def test_max_tiles_defers_the_rest_and_matches_an_unbounded_commit():
+    lens = 260
+    a, bt = _one_sequence(lens)
+    b, _ = _one_sequence(lens)
+    sl, ql = torch.tensor([lens], device=DEVICE), torch.tensor([1], device=DEVICE)
+    kc.commit(a, bt, sl, ql, impl="reference")  # blocks 2, 7, 0 at once (one host sync)
+    kc.commit(b, bt, sl, ql, max_tiles=2, impl="reference")  # two now (no host sync) ...
+    assert len(in_pool(b)) == len(in_pool(a)) + 1
+    kc.commit(b, bt, sl, ql, max_tiles=2, impl="reference")  # ... and the last one, padded
+    for name in ("pages", "pool_k", "pool_v", "block_to_slot", "slot_to_block"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+# ---------------------------------------------------------------- byte identity with JAX
+
+
+def _to_jax(x: torch.Tensor):
+    x = x.cpu()
+    if x.dtype == torch.bfloat16:
+        return jnp.asarray(x.view(torch.int16).numpy().view(ml_dtypes.bfloat16))
+    return jnp.asarray(x.numpy())
+
+
+def _assert_same_state(tc, jc, step: str):
+    for name in ("pages", "pool_k", "pool_v", "block_to_slot", "slot_to_block"):
+        t = getattr(tc, name).cpu()
+        t = t.view(torch.int16) if t.dtype in (torch.float16, torch.bfloat16) else t
+        j = np.asarray(getattr(jc, name))
+        j = j.view(np.int16) if j.dtype.itemsize == 2 and name.startswith("pool") else j
+        assert np.array_equal(t.numpy(), j), f"{name} differs after {step}"
+    assert int(tc.dropped_tokens) == int(jc.dropped_tokens), f"dropped_tokens after {step}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cache_bytes_identical_to_jax(dtype):
+    with jax.default_device(jax.devices("cpu")[0]):  # the exact CPU path, also on a GPU host
+        _cache_bytes_identical_to_jax(dtype)
+
+
+def _cache_bytes_identical_to_jax(dtype):
+    preset, hk, d, g = "kvarn_k4v2_g64", 2, 64, 64
+    tc = kc.init(12, hk, d, pool_slots=5, dtype=dtype, preset=preset, device="cpu")
+    jc = jcache.init(12, hk, d, pool_slots=5, dtype=jnp.dtype(str(dtype)[6:]), preset=preset)
+    bt = torch.tensor([[7, 2, 9, 11], [5, 0, 3, -1]], dtype=torch.int32)
+    gen = torch.Generator().manual_seed(7)
+
+    def append(chunks):  # chunks: (seq, start, stop) in batch order, plus 2 padding tokens
+        padding = -torch.ones(2, dtype=torch.long)
+        sm = torch.cat([slot_mapping(bt, i, a, z, g) for i, a, z in chunks] + [padding])
+        k, v = (kv_like(gen, sm.shape[0], hk, d).to(dtype) for _ in range(2))
+        kc.append(tc, k, v, sm, impl="reference")
+        return jcache.append(jc, _to_jax(k), _to_jax(v), jnp.asarray(sm.numpy(), jnp.int32),
+                             impl="reference")
+
+    def commit(jc, lens, qlens, **kw):
+        sl, ql = torch.tensor(lens, dtype=torch.int32), torch.tensor(qlens, dtype=torch.int32)
+        kc.commit(tc, bt, sl, ql, impl="reference", **kw)
+        return jcache.commit(jc, _to_jax(bt), _to_jax(sl), _to_jax(ql), impl="reference", **kw)
+
+    jc = append([(0, 0, 100), (1, 0, 70)])  # prefill both
+    _assert_same_state(tc, jc, "prefill")
+    jc = commit(jc, [100, 70], [100, 70])
+    _assert_same_state(tc, jc, "commit after prefill")
+    jc = append([(0, 100, 140), (1, 70, 130)])  # chunks: 6 blocks want 5 slots, one drops
+    jc = commit(jc, [140, 130], [40, 60])  # nothing fully accepted past the sinks yet
+    _assert_same_state(tc, jc, "chunk")
+    jc = append([(0, 140, 141), (1, 130, 131)])
+    jc = commit(jc, [141, 131], [1, 1], max_tiles=1)  # one of two ready blocks
+    _assert_same_state(tc, jc, "commit max_tiles=1")
+    jc = commit(jc, [141, 131], [1, 1])
+    _assert_same_state(tc, jc, "commit")
+    kc.release(tc, bt[:1], torch.tensor([141], dtype=torch.int32), impl="reference")
+    jc = jcache.release(jc, _to_jax(bt[:1]), jnp.asarray([141], jnp.int32), impl="reference")
+    _assert_same_state(tc, jc, "release")
+    assert int(tc.dropped_tokens) > 0  # the scenario did exhaust the pool
+    k_t, v_t = kc.gather_kv(tc, bt[1:], 3)
+    k_j, v_j = jcache.gather_kv(jc, _to_jax(bt[1:]), 3)
+    assert np.array_equal(k_t.numpy(), np.asarray(k_j))
+    assert np.array_equal(v_t.numpy(), np.asarray(v_j))
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_errors_name_the_fix():
+    cache, bt, sl = build_cache(lens=(70,), hk=2)
+    q = torch.zeros(1, 1, 4, 64, dtype=torch.float16, device=DEVICE)
+    attention = triton_attention.attention
+    with pytest.raises(ValueError, match="multiple of"):
+        attention(torch.zeros(1, 1, 3, 64, dtype=torch.float16, device=DEVICE), cache, bt, sl)
+    with pytest.raises(ValueError, match=r"\[B, Sq >= 1, Hq, 64\]"):
+        attention(torch.zeros(1, 1, 4, 128, dtype=torch.float16, device=DEVICE), cache, bt, sl)
+    with pytest.raises(ValueError, match=r"\[B, Sq, Hq, D\]"):
+        attention(q[0], cache, bt, sl)
+    with pytest.raises(TypeError, match="cast q"):
+        attention(q.bfloat16(), cache, bt, sl)
+    with pytest.raises(ValueError, match="block_tables"):
+        attention(q, cache, bt[0], sl)
+    with pytest.raises(ValueError, match="seq_lens"):
+        attention(q, cache, bt, sl[:0])
+    with pytest.raises(TypeError, match="int32 or int64"):
+        attention(q, cache, bt, sl.float())
+    with pytest.raises(ValueError, match="block_n"):
+        attention(q, cache, bt, sl, block_n=48)
+    with pytest.raises(ValueError, match="splits"):
+        attention(q, cache, bt, sl, splits=0)
+    with pytest.raises(ValueError, match=r"k and v must be \[T, 2, 64\]"):
+        kc.append(cache, q[0], q[0], torch.zeros(1, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="slot_mapping"):
+        kv = torch.zeros(2, 2, 64, dtype=torch.float16, device=DEVICE)
+        kc.append(cache, kv, kv, torch.zeros(3, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="seq_lens / query_lens"):
+        kc.commit(cache, bt, sl, sl[:0])
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        kc.init(4, 1, 64, pool_slots=2, dtype=torch.float32)
+    with pytest.raises(ValueError, match="head_dim"):
+        kc.init(4, 1, 96, pool_slots=2)
+    with pytest.raises(ValueError, match="unknown KVarN preset"):
+        kc.init(4, 1, 64, pool_slots=2, preset="kvarn_k3v3_g128")
+    assert layout(cache.preset, 64).record_bytes == cache.pages.shape[2]
