@@ -1,6 +1,7 @@
 # Two entry points, each doing the whole set-up on a fresh machine (Python 3.12 venv,
 # pinned jax/torch/triton), CPU only, no network beyond the package index:
-#   make demo   the main job: `kvarn check` (every implementation vs the oracle) + `kvarn info`
+#   make demo   the main job: `kvarn demo` (SmolLM2 on an fp16 and a KVarN cache),
+#               `kvarn info`, and `kvarn check` on the default preset
 #   make test   the test suite
 PYTHON ?= python3.12
 export PYENV_VERSION ?= 3.12.1
@@ -20,8 +21,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/kvarn check
+	$(VENV)/bin/kvarn demo
 	$(VENV)/bin/kvarn info
+	$(VENV)/bin/kvarn check --presets kvarn_k4v2_g128 --head-dims 128
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -n 2 --dist loadgroup -q tests

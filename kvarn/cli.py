@@ -1,4 +1,5 @@
-"""The `kvarn` command: `kvarn info` (presets and capacity) and `kvarn check` (bit-exactness)."""
+"""The `kvarn` command: `kvarn demo` (a real model on the KVarN cache), `kvarn info` (presets
+and capacity) and `kvarn check` (bit-exactness of every implementation)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if (total_bad or failed or not impls) else 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kvarn_jax import demo
+
+    return demo.run(args.prompt, args.new_tokens, args.preset, args.score_tokens,
+                    args.context_tokens, args.attention)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvarn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +73,19 @@ def main(argv: list[str] | None = None) -> int:
     info = sub.add_parser("info", help="presets with bytes per token and capacity vs fp16")
     info.add_argument("--head-dim", type=int, default=128, choices=HEAD_DIMS)
     info.set_defaults(fn=cmd_info)
+
+    demo = sub.add_parser("demo", help="SmolLM2 generating with an fp16 and a KVarN cache, "
+                          "capacity, token agreement and perplexity gap (CPU, no network)")
+    demo.add_argument("--prompt", default="Explain in two sentences why a language model "
+                      "keeps a KV cache.")
+    demo.add_argument("--new-tokens", type=int, default=40)
+    demo.add_argument("--preset", default="kvarn_k4v2_g64", choices=list(PRESETS),
+                      help="SmolLM2's head_dim is 64")
+    demo.add_argument("--score-tokens", type=int, default=96)
+    demo.add_argument("--context-tokens", type=int, default=160)
+    demo.add_argument("--attention", default="reference", choices=["reference", "pallas"],
+                      help="attention over the KVarN cache (pallas runs interpreted on a CPU)")
+    demo.set_defaults(fn=cmd_demo)
 
     chk = sub.add_parser("check", help="compare every implementation with the NumPy oracle")
     chk.add_argument("--tiles", type=int, default=8,
