@@ -25,3 +25,10 @@ def test_import_kvarn_loads_no_framework():
     code = "import sys, kvarn, kvarn.check, kvarn.oracle, kvarn.cli; " \
            "assert 'jax' not in sys.modules and 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bundled_prose_matches_its_hash():
+    from kvarn_jax import demo
+
+    text = demo.bundled_prose()
+    assert len(text) > 90_000 and text.startswith('The "assert" statement')
