@@ -5,7 +5,8 @@ GPU and in the Triton interpreter (TRITON_INTERPRET=1, numpy):
 
 * bfloat16 is never converted with `.to()`: the interpreter truncates fp32 -> bf16, so
   bf16 values travel as int16 bits and are widened / rounded with integer ops;
-* sums are the oracle's adjacent-pair tree, built from reshape + split (never tl.sum);
+* sums are the oracle's adjacent-pair tree (never tl.sum): `pair_sum_last` builds it
+  from reshape + split; triton_quantize also has a scratch-memory form for the GPU;
 * division and square root use tl.div_rn / tl.sqrt_rn (plain `/` and tl.sqrt are
   approximate on the GPU), and launches pass enable_fp_fusion=False.
 """
