@@ -161,7 +161,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="32/8 heads, D=128, batch 1 and 16")
     ap.add_argument("--commit", help="commit measured")
     ap.add_argument("--impls", nargs="+",
-                    default=["kvarn-triton", "kvarn-pallas", "fa3-fp16", "fa3-fp8", "commit"])
+                    default=["kvarn-triton", "kvarn-pallas", "fa3-fp16", "fa3-fp8", "commit",
+                             "commit-triton"])
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     records = []
@@ -230,6 +231,21 @@ def main() -> None:
             return start.elapsed_time(end) * 1e3 / REPS, b * hk * (2 * G * d * 2 + lay.record_bytes)
 
         record("commit", commit)
+
+        def commit_triton():
+            from kvarn_torch import triton_quantize
+
+            tiles = torch.randn(b * hk, G, d, device="cuda", dtype=torch.float16)
+            pages = torch.from_dlpack(cache.pages).view(-1, hk, lay.record_bytes)
+            dst = torch.from_dlpack(table[:, 1]).long()
+
+            def step():
+                recs = triton_quantize.quantize(tiles, tiles, PRESET).view(b, hk, -1)
+                pages.index_copy_(0, dst, recs)
+
+            return time_graph(step), b * hk * (2 * G * d * 2 + lay.record_bytes)
+
+        record("commit-triton", commit_triton)
         del cache
 
     if args.json:

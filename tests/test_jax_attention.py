@@ -31,7 +31,7 @@ class Sequences:
         self.v = [np.zeros((0, hk, D), dtype) for _ in tables]
         self.hk, self.dtype = hk, dtype
 
-    def step(self, counts, commit=True, impl="reference"):
+    def step(self, counts, commit=True, impl="auto"):
         """Append counts[b] tokens to each sequence, then commit as a scheduler would."""
         ks, vs, maps = [], [], []
         for b, n in enumerate(counts):
@@ -96,7 +96,7 @@ def test_release_quantizes_full_blocks_drops_partial_ones_and_frees_slots():
     s.step([150, 70])
     s.step([1, 1])
     s.cache = cache.release(s.cache, jnp.asarray(s.tables[1:]), jnp.asarray(s.lens[1:]),
-                            impl="reference")
+                            impl="auto")
     assert s.slot(1, 0) == -1 and s.slot(1, 1) == -1
     assert int(jnp.sum(s.cache.slot_to_block >= 0)) == 2  # sequence 0: sink + tail
     k = np.swapaxes(s.k[1][:G], 0, 1)
@@ -109,7 +109,7 @@ def test_recycled_block_gets_a_fresh_slot_and_record():
     s = Sequences([[3, 5, -1, -1]])
     s.step([130])
     s.step([1])
-    s.cache = cache.release(s.cache, jnp.asarray(s.tables), jnp.asarray(s.lens), impl="reference")
+    s.cache = cache.release(s.cache, jnp.asarray(s.tables), jnp.asarray(s.lens), impl="auto")
     assert int(jnp.sum(s.cache.slot_to_block >= 0)) == 0
     s2 = Sequences([[5, 3, -1, -1]], seed=7)  # the same physical blocks, another sequence
     s2.cache = s.cache
@@ -125,9 +125,9 @@ def test_max_tiles_defers_the_rest_to_the_next_commit():
     s = Sequences([[3, 5, 7, 9]], pool_slots=6)
     s.step([256], commit=False)
     args = (jnp.asarray(s.tables), jnp.asarray(s.lens), jnp.zeros((1,), jnp.int32))
-    s.cache = cache.commit(s.cache, *args, max_tiles=1, impl="reference")
+    s.cache = cache.commit(s.cache, *args, max_tiles=1, impl="auto")
     assert [s.slot(0, j) >= 0 for j in range(4)] == [True, False, True, True]
-    s.cache = cache.commit(s.cache, *args, max_tiles=1, impl="reference")
+    s.cache = cache.commit(s.cache, *args, max_tiles=1, impl="auto")
     assert [s.slot(0, j) >= 0 for j in range(4)] == [True, False, False, True]
 
 
@@ -222,7 +222,7 @@ def test_attention_shape_errors():
 
 def test_cache_ops_jit_with_donation():
     s = Sequences([[3, 5, -1, -1]])
-    step = jax.jit(lambda c, k, v, m: cache.append(c, k, v, m, impl="reference"),
+    step = jax.jit(lambda c, k, v, m: cache.append(c, k, v, m, impl="auto"),
                    donate_argnums=0)
     k = jnp.zeros((4, 2, D), jnp.float16)
     c = step(s.cache, k, k, jnp.arange(3 * G, 3 * G + 4, dtype=jnp.int32))
