@@ -17,7 +17,10 @@ lowest-numbered free slot, blocks served in order of first appearance); `commit`
 quantizes every full block whose tokens were all accepted before this step
 (`seq_len - query_len`), except the first `sink_blocks` blocks of each sequence, and frees
 its slot; `release` does the same for finished sequences, sinks included, and drops
-partial blocks.
+partial blocks. `commit` and `release` also take the caches of several layers that share
+one pair of slot tables (vLLM's layers share block ids): the slot bookkeeping runs once
+and one codec call quantizes the tiles of every layer; `allocate` (slot tables only) and
+`write` (one layer's pool) are the two halves of `append` for the same reason.
 
 Every function works with vectorized index math and no Python loop over tokens or
 blocks. `append` and `gather_kv` never synchronize with the host; `commit` and `release`
@@ -29,6 +32,7 @@ version does, which suits CUDA graphs when the caller bounds the tiles per step.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -164,14 +168,7 @@ def _check_tables(cache: KVarNCache, block_tables: Tensor, *lens: Tensor) -> Non
 # ---------------------------------------------------------------- cache operations
 
 
-def append(cache: KVarNCache, k: Tensor, v: Tensor, slot_mapping: Tensor,
-           *, impl: codec.Impl = "auto") -> KVarNCache:
-    """Write new tokens: k, v [T, num_kv_heads, D] (post-RoPE, model dtype) at cache
-    positions `slot_mapping` [T] = block * G + offset (-1 = padding, skipped).
-
-    Tokens of one block must be contiguous in the batch (as a scheduler lays them out).
-    Updates the cache in place (and returns it).
-    """
+def _check_tokens(cache: KVarNCache, k: Tensor, v: Tensor, slot_mapping: Tensor) -> int:
     t = k.shape[0] if k.dim() else 0
     if k.shape != v.shape or tuple(k.shape[1:]) != (cache.num_kv_heads, cache.head_dim):
         raise ValueError(f"k and v must be [T, {cache.num_kv_heads}, {cache.head_dim}]; "
@@ -180,16 +177,21 @@ def append(cache: KVarNCache, k: Tensor, v: Tensor, slot_mapping: Tensor,
         raise ValueError(f"slot_mapping must be [T={t}]; got {tuple(slot_mapping.shape)}")
     if k.device != cache.device or slot_mapping.device != cache.device:
         raise ValueError(f"k, v and slot_mapping must be on the cache's device {cache.device}")
-    if t == 0:
+    return t
+
+
+def allocate(cache: KVarNCache, slot_mapping: Tensor) -> KVarNCache:
+    """Give every block that `slot_mapping` [T] writes a pool slot if it has none: a
+    block's first write takes the lowest-numbered free slot, blocks served in order of
+    first appearance. Touches only the slot tables, so layers that share them (one vLLM
+    KV-cache group) allocate once per step."""
+    if slot_mapping.numel() == 0:
         return cache
     g, s = cache.tile, cache.pool_slots
     b2s, s2b = cache.block_to_slot, cache.slot_to_block
     sm = slot_mapping.long()
     valid = sm >= 0
     block = torch.where(valid, sm // g, 0)
-    offset = torch.remainder(sm, g)
-
-    # A block's first write this step takes the next free slot (lowest number first).
     first = valid.clone()
     first[1:] &= block[1:] != block[:-1]
     needs = first & (b2s[block] < 0)
@@ -203,24 +205,70 @@ def append(cache: KVarNCache, k: Tensor, v: Tensor, slot_mapping: Tensor,
                         reduce="amax")
     s2b.scatter_reduce_(0, torch.where(granted, new_slot, 0),
                         torch.where(granted, block.to(torch.int32), minus_one), reduce="amax")
+    return cache
 
-    slot = torch.where(valid, b2s[block].long(), -1)
+
+def write(cache: KVarNCache, k: Tensor, v: Tensor, slot_mapping: Tensor,
+          *, impl: codec.Impl = "auto") -> KVarNCache:
+    """Rotate k, v [T, num_kv_heads, D] into the pool slots `allocate` gave their blocks;
+    tokens whose block has no slot are counted in `dropped_tokens`. No host sync."""
+    t = _check_tokens(cache, k, v, slot_mapping)
+    if t == 0:
+        return cache
+    g = cache.tile
+    sm = slot_mapping.long()
+    valid = sm >= 0
+    block = torch.where(valid, sm // g, 0)
+    slot = torch.where(valid, cache.block_to_slot[block].long(), -1)
     written = slot >= 0
-    k_rot = codec.rotate(k, impl=impl).to(cache.pool_k.dtype)
-    v_rot = codec.rotate(v, impl=impl).to(cache.pool_v.dtype)
-    target = (slot.clamp(min=0), offset)
-    _scatter_(cache.pool_k, target, k_rot, written)
-    _scatter_(cache.pool_v, target, v_rot, written)
+    target = (slot.clamp(min=0), torch.remainder(sm, g))
+    _scatter_(cache.pool_k, target, codec.rotate(k, impl=impl).to(cache.pool_k.dtype), written)
+    _scatter_(cache.pool_v, target, codec.rotate(v, impl=impl).to(cache.pool_v.dtype), written)
     cache.dropped_tokens += (valid & ~written).sum().to(torch.int32)
     return cache
 
 
-def _flush(cache: KVarNCache, quantize_blocks: Tensor, free_blocks: Tensor,
-           max_tiles: int | None, impl: codec.Impl) -> KVarNCache:
+def append(cache: KVarNCache, k: Tensor, v: Tensor, slot_mapping: Tensor,
+           *, impl: codec.Impl = "auto") -> KVarNCache:
+    """Write new tokens: k, v [T, num_kv_heads, D] (post-RoPE, model dtype) at cache
+    positions `slot_mapping` [T] = block * G + offset (-1 = padding, skipped):
+    `allocate` then `write`.
+
+    Tokens of one block must be contiguous in the batch (as a scheduler lays them out).
+    Updates the cache in place (and returns it).
+    """
+    _check_tokens(cache, k, v, slot_mapping)
+    return write(allocate(cache, slot_mapping), k, v, slot_mapping, impl=impl)
+
+
+Layers = KVarNCache | Sequence[KVarNCache]
+
+
+def _as_layers(caches: Layers) -> list[KVarNCache]:
+    """One cache, or the caches of several layers sharing one pair of slot tables (the
+    same tensors), as vLLM's layers share block ids."""
+    layers = [caches] if isinstance(caches, KVarNCache) else list(caches)
+    if not layers:
+        raise ValueError("need at least one cache")
+    head = layers[0]
+    for c in layers[1:]:
+        if c.block_to_slot is not head.block_to_slot or c.slot_to_block is not head.slot_to_block:
+            raise ValueError("caches flushed together must share block_to_slot and "
+                             "slot_to_block (the same tensors)")
+        if (c.tile, c.preset, c.iters) != (head.tile, head.preset, head.iters):
+            raise ValueError("caches flushed together must have the same preset, tile and "
+                             "iters")
+    return layers
+
+
+def _flush(caches: Layers, quantize_blocks: Tensor, free_blocks: Tensor,
+           max_tiles: int | None, impl: codec.Impl) -> Layers:
     """Quantize the pool slots of blocks marked in `quantize_blocks` [num_blocks] (the
-    first `max_tiles` of them in slot order; all when None), then free the slots of those
-    and of `free_blocks`."""
-    holder = cache.slot_to_block
+    first `max_tiles` of them in slot order; all when None) in every layer, then free the
+    slots of those and of `free_blocks`."""
+    layers = _as_layers(caches)
+    head = layers[0]
+    holder = head.slot_to_block
     held = holder >= 0
     safe = holder.clamp(min=0).long()
     chosen = held & quantize_blocks[safe]
@@ -235,28 +283,35 @@ def _flush(cache: KVarNCache, quantize_blocks: Tensor, free_blocks: Tensor,
     quantized = chosen & (rank < n)  # chosen slots beyond n stay held for the next call
     if n:
         slots = _nth_true(chosen, n)
-        ok = slots < cache.pool_slots
+        ok = slots < head.pool_slots
         take = torch.where(ok, slots, 0)
         blocks = holder[take].long()
-        hk, g, d = cache.num_kv_heads, cache.tile, cache.head_dim
 
         def tiles(pool: Tensor) -> Tensor:  # [n, G, Hk, D] -> [n * Hk, G, D]
+            _, g, hk, d = pool.shape
             return pool[take].transpose(1, 2).reshape(n * hk, g, d)
 
-        records = codec.quantize(tiles(cache.pool_k), tiles(cache.pool_v), cache.preset,
-                                 cache.iters, impl=impl).reshape(n, hk, -1)
-        _scatter_(cache.pages, (blocks.clamp(min=0),), records, ok)
+        # one codec call for all layers: [L * n * Hk] tiles when the layers agree in shape
+        same = all(c.pool_k.shape == head.pool_k.shape for c in layers)
+        groups = [layers] if same else [[c] for c in layers]
+        for group in groups:
+            k = torch.cat([tiles(c.pool_k) for c in group])
+            v = torch.cat([tiles(c.pool_v) for c in group])
+            records = codec.quantize(k, v, head.preset, head.iters, impl=impl)
+            for c, rec in zip(group, records.chunk(len(group))):
+                _scatter_(c.pages, (blocks.clamp(min=0),), rec.reshape(n, c.num_kv_heads, -1),
+                          ok)
 
     release = quantized | (held & free_blocks[safe] & ~chosen)
-    cache.block_to_slot.scatter_reduce_(
+    head.block_to_slot.scatter_reduce_(
         0, torch.where(release, safe, 0),
         torch.where(release, -1, INT32_MAX).to(torch.int32), reduce="amin")
     holder.masked_fill_(release, -1)
-    return cache
+    return caches
 
 
-def commit(cache: KVarNCache, block_tables: Tensor, seq_lens: Tensor, query_lens: Tensor,
-           *, max_tiles: int | None = None, impl: codec.Impl = "auto") -> KVarNCache:
+def commit(cache: Layers, block_tables: Tensor, seq_lens: Tensor, query_lens: Tensor,
+           *, max_tiles: int | None = None, impl: codec.Impl = "auto") -> Layers:
     """Quantize every full block of each sequence whose tokens were all accepted before
     this step (`seq_lens - query_lens`), except the sink blocks; free their slots.
 
@@ -264,25 +319,27 @@ def commit(cache: KVarNCache, block_tables: Tensor, seq_lens: Tensor, query_lens
     seq_lens / query_lens [B]. With `max_tiles`, at most that many blocks are quantized
     per call (the rest wait for the next one) and the call never syncs with the host.
     """
-    _check_tables(cache, block_tables, seq_lens, query_lens)
+    head = _as_layers(cache)[0]
+    _check_tables(head, block_tables, seq_lens, query_lens)
     j = torch.arange(block_tables.shape[1], device=block_tables.device)
     committed = (seq_lens.long() - query_lens.long())[:, None]
-    full = (j[None, :] + 1) * cache.tile <= committed
-    ready = _mark(cache.num_blocks, block_tables, full & (j[None, :] >= cache.sink_blocks))
+    full = (j[None, :] + 1) * head.tile <= committed
+    ready = _mark(head.num_blocks, block_tables, full & (j[None, :] >= head.sink_blocks))
     nothing = torch.zeros_like(ready)
     return _flush(cache, ready, nothing, max_tiles, impl)
 
 
-def release(cache: KVarNCache, block_tables: Tensor, seq_lens: Tensor,
-            *, max_tiles: int | None = None, impl: codec.Impl = "auto") -> KVarNCache:
+def release(cache: Layers, block_tables: Tensor, seq_lens: Tensor,
+            *, max_tiles: int | None = None, impl: codec.Impl = "auto") -> Layers:
     """Finished sequences: quantize their full blocks (sinks too), drop partial ones."""
-    _check_tables(cache, block_tables, seq_lens)
+    head = _as_layers(cache)[0]
+    _check_tables(head, block_tables, seq_lens)
     j = torch.arange(block_tables.shape[1], device=block_tables.device)[None, :]
     lens = seq_lens.long()[:, None]
-    full = (j + 1) * cache.tile <= lens
-    partial = ~full & (j * cache.tile < lens)
-    ready = _mark(cache.num_blocks, block_tables, full)
-    dropped = _mark(cache.num_blocks, block_tables, partial)
+    full = (j + 1) * head.tile <= lens
+    partial = ~full & (j * head.tile < lens)
+    ready = _mark(head.num_blocks, block_tables, full)
+    dropped = _mark(head.num_blocks, block_tables, partial)
     return _flush(cache, ready, dropped, max_tiles, impl)
 
 
