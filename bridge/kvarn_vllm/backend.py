@@ -1,0 +1,359 @@
+"""The kvarn attention backend for vLLM: metadata builder and impl side by side.
+
+Decoder self-attention over a paged KVarN cache (DESIGN §4-§5):
+* `do_kv_cache_update` rotates the step's K/V into the layer's tail pool (slots were
+  given out by the builder), graph-safe;
+* `forward` runs the fused Triton kernel of `kvarn_torch.triton_attention` over the
+  quantized records and pool blocks: decode rows, speculative-verify rows and chunked-
+  prefill continuations alike (multi-query rows, causal). A fresh prompt (no cached
+  context) attends over its own raw K/V with vLLM's FlashAttention when it is there;
+* the builder, once per step and outside CUDA graphs, runs `lifecycle.PoolGroup.step`:
+  release finished requests, commit accepted full blocks, give slots to new blocks.
+
+The KV-cache tensor of a layer is its pages, uint8 [num_blocks, num_kv_heads,
+record_bytes]; the tail pool lives beside it, allocated with the weights so vLLM counts
+it before sizing the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import ClassVar
+
+import torch
+
+from kvarn_torch import cache as kvcache
+from kvarn_torch import triton_attention
+from kvarn_torch.cache import KVarNCache
+from kvarn_vllm import lifecycle, settings
+from vllm.config import get_current_vllm_config
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadata,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+)
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+
+log = logging.getLogger("kvarn_vllm")
+
+
+def _current_kvarn_dtype(cache_dtype_str: str | None = None) -> str:
+    if settings.is_kvarn(cache_dtype_str):
+        return cache_dtype_str
+    name = get_current_vllm_config().cache_config.cache_dtype
+    if not settings.is_kvarn(name):
+        raise RuntimeError(f"the kvarn backend runs only with a kvarn kv-cache dtype; the "
+                           f"current configuration has {name!r}")
+    return name
+
+
+class KVarNAttentionBackend(AttentionBackend):
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = list(settings.DTYPES)
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"  # the registry slot vLLM keeps for out-of-tree backends
+
+    @staticmethod
+    def get_impl_cls() -> type[KVarNAttentionImpl]:
+        return KVarNAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[KVarNMetadataBuilder]:
+        return KVarNMetadataBuilder
+
+    @staticmethod
+    def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int,
+                           head_size: int, cache_dtype_str: str = "auto") -> tuple[int, ...]:
+        dtype = _current_kvarn_dtype(cache_dtype_str)
+        return (num_blocks, num_kv_heads, settings.record_bytes(dtype, head_size))
+
+    @staticmethod
+    def get_supported_kernel_block_sizes() -> list[int]:
+        return sorted({settings.tile(d) for d in settings.DTYPES})
+
+    @classmethod
+    def get_preferred_block_size(cls, default_block_size: int) -> int:
+        return settings.tile(_current_kvarn_dtype())
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return list(settings.HEAD_DIMS)
+
+    @classmethod
+    def supports_kv_cache_dtype(cls, kv_cache_dtype) -> bool:
+        return kv_cache_dtype in settings.DTYPES
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def validate_configuration(cls, head_size, dtype, kv_cache_dtype, block_size, use_mla,
+                               has_sink, use_sparse, use_mm_prefix, use_per_head_quant_scales,
+                               device_capability, attn_type, has_sliding_window=False,
+                               **kwargs) -> list[str]:
+        """vLLM's generic reasons, replaced by ours where we can name the fix."""
+        ours = settings.layer_problems(
+            kv_cache_dtype, head_size, block_size,
+            model_dtype_ok=dtype in cls.supported_dtypes, use_mla=use_mla,
+            sliding_window=has_sliding_window,
+            attn_type="decoder" if attn_type == AttentionType.DECODER else str(attn_type))
+        generic = super().validate_configuration(
+            head_size, dtype, kv_cache_dtype, block_size, use_mla, has_sink, use_sparse,
+            use_mm_prefix, use_per_head_quant_scales, device_capability, attn_type,
+            has_sliding_window, **kwargs)
+        covered = ("head_size", "dtype", "kv_cache_dtype", "block_size", "MLA", "sliding",
+                   "attention type")
+        return ours + [r for r in generic if not any(c in r for c in covered)]
+
+
+@dataclasses.dataclass
+class KVarNMetadata(AttentionMetadata):
+    # Views of vLLM's persistent buffers only: a captured CUDA graph reads them at replay.
+    seq_lens: torch.Tensor  # [B] tokens in the cache, this step's included
+    query_start_loc: torch.Tensor  # [B + 1]
+    block_table: torch.Tensor  # [B, max_blocks]
+    num_actual_tokens: int
+    num_reqs: int
+    max_query_len: int
+    uniform_query_len: int  # > 0: every request has this many query tokens
+    num_decodes: int  # decode requests come first (reorder_batch_threshold = 1)
+    num_decode_tokens: int
+    query_start_loc_cpu: torch.Tensor
+    fresh: list[bool]  # per request: a prompt with no cached context
+
+    def query_lens(self) -> torch.Tensor:
+        return self.query_start_loc[1:] - self.query_start_loc[:-1]
+
+
+class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
+    # Uniform batches (decode, speculative verify) replay as full CUDA graphs: their
+    # forward and cache update read only persistent buffers and never sync.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_BATCH
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._init_reorder_batch_threshold(1, supports_spec_as_decode=True)
+        self.vllm_config = vllm_config
+        self.group: lifecycle.PoolGroup | None = None
+
+    def _pool_group(self) -> lifecycle.PoolGroup | None:
+        if self.group is None:
+            ctx = self.vllm_config.compilation_config.static_forward_context
+            caches = [ctx[name].impl.bind(ctx[name].kv_cache) for name in self.layer_names]
+            if any(c is None for c in caches):
+                return None  # the KV cache is not allocated yet (profiling run)
+            head = caches[0]
+            self.group = lifecycle.PoolGroup(caches, lifecycle.SlotTables(
+                head.block_to_slot, head.slot_to_block, head.dropped_tokens))
+        return self.group
+
+    def _metadata(self, cam: CommonAttentionMetadata) -> KVarNMetadata:
+        b = cam.num_reqs
+        qsl_cpu = cam.query_start_loc_cpu[: b + 1]
+        q_lens_cpu = qsl_cpu[1:] - qsl_cpu[:-1]
+        num_decodes, _, num_decode_tokens, _ = split_decodes_and_prefills(
+            cam, decode_threshold=self.reorder_batch_threshold)
+        uniform = int(q_lens_cpu[0]) if b and bool((q_lens_cpu == q_lens_cpu[0]).all()) else 0
+        seq_cpu = cam.seq_lens_cpu_upper_bound
+        fresh = ([bool(seq_cpu[i] == q_lens_cpu[i]) for i in range(b)]
+                 if seq_cpu is not None else [False] * b)
+        qsl = cam.query_start_loc[: b + 1]
+        return KVarNMetadata(
+            seq_lens=cam.seq_lens[:b], query_start_loc=qsl,
+            block_table=cam.block_table_tensor[:b], num_actual_tokens=cam.num_actual_tokens,
+            num_reqs=b, max_query_len=cam.max_query_len, uniform_query_len=uniform,
+            num_decodes=num_decodes, num_decode_tokens=num_decode_tokens,
+            query_start_loc_cpu=qsl_cpu, fresh=fresh)
+
+    def build_for_cudagraph_capture(self, cam: CommonAttentionMetadata) -> KVarNMetadata:
+        return self._metadata(cam)  # dummy batch: no cache bookkeeping
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> KVarNMetadata:
+        md = self._metadata(common_attn_metadata)
+        group = self._pool_group()
+        if group is not None and lifecycle.REQUESTS.in_step:  # real steps only
+            group.step(md.block_table, md.seq_lens, md.query_lens(),
+                       common_attn_metadata.slot_mapping[: md.num_actual_tokens],
+                       lifecycle.REQUESTS.take_finished())
+        return md
+
+
+class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
+    def __init__(self, num_heads: int, head_size: int, scale: float,
+                 num_kv_heads: int | None = None, alibi_slopes=None, sliding_window=None,
+                 kv_cache_dtype: str = settings.DTYPES[0], logits_soft_cap=None,
+                 attn_type: str = AttentionType.DECODER, kv_sharing_target_layer_name=None,
+                 **kwargs) -> None:
+        problems = settings.layer_problems(
+            kv_cache_dtype, head_size, None, sliding_window=sliding_window is not None,
+            attn_type="decoder" if attn_type == AttentionType.DECODER else str(attn_type))
+        if alibi_slopes is not None:
+            problems.append("kvarn does not implement ALiBi: use --kv-cache-dtype auto")
+        if logits_soft_cap:
+            problems.append("kvarn does not implement logit soft-capping: use "
+                            "--kv-cache-dtype auto")
+        if kv_sharing_target_layer_name is not None:
+            problems.append("kvarn does not support cross-layer KV sharing: use "
+                            "--kv-cache-dtype auto")
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.preset = settings.preset(kv_cache_dtype)
+        self.tile = settings.tile(kv_cache_dtype)
+        self.pool_k: torch.Tensor | None = None
+        self.pool_v: torch.Tensor | None = None
+        self.cache: KVarNCache | None = None
+        cfg = get_current_vllm_config()
+        spec = cfg.speculative_config
+        self.pool_slots, self.pool_needed = settings.pool_slots(
+            cfg.scheduler_config.max_num_seqs, cfg.scheduler_config.max_num_batched_tokens,
+            self.tile, spec.num_speculative_tokens if spec is not None else 0)
+        self._fa = _flash_attention(head_size)
+
+    def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
+        """Allocate the tail pool now, before vLLM measures memory for the KV cache."""
+        if act_dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"kvarn needs a float16 or bfloat16 model; got {act_dtype}: use "
+                             "--dtype float16")
+        if self.pool_k is not None:
+            return
+        device = torch.device("cuda", torch.cuda.current_device())
+        shape = (self.pool_slots, self.tile, self.num_kv_heads, self.head_size)
+        self.pool_k = torch.zeros(shape, dtype=act_dtype, device=device)
+        self.pool_v = torch.zeros(shape, dtype=act_dtype, device=device)
+        _log_pool_once(self, act_dtype)
+
+    def bind(self, kv_cache: torch.Tensor) -> KVarNCache | None:
+        """This layer's KVarNCache over vLLM's KV-cache tensor (its pages)."""
+        if kv_cache is None or kv_cache.dim() != 3:
+            return None  # not allocated yet
+        if self.cache is None or self.cache.pages.data_ptr() != kv_cache.data_ptr():
+            if self.pool_k is None:
+                raise RuntimeError("kvarn: the tail pool was not allocated at model load")
+            tables = lifecycle.shared_tables(kv_cache.device, kv_cache.shape[0],
+                                             self.pool_slots)
+            self.cache = KVarNCache(
+                pages=kv_cache, pool_k=self.pool_k, pool_v=self.pool_v,
+                block_to_slot=tables.block_to_slot, slot_to_block=tables.slot_to_block,
+                dropped_tokens=tables.dropped_tokens, preset=self.preset,
+                sink_blocks=settings.sink_blocks())
+        return self.cache
+
+    def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor,
+                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        cache = self.bind(kv_cache)
+        n = slot_mapping.shape[0]
+        if cache is None or n == 0:
+            return
+        k = key[:n].view(n, self.num_kv_heads, self.head_size)
+        v = value[:n].view(n, self.num_kv_heads, self.head_size)
+        kvcache.write(cache, k, v, slot_mapping)
+
+    def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: KVarNMetadata | None,
+                output: torch.Tensor | None = None, output_scale=None,
+                output_block_scale=None) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("kvarn does not fuse output quantization")
+        out = output.view(output.shape[0], self.num_heads, self.head_size)
+        md = attn_metadata
+        cache = self.bind(kv_cache)
+        if md is None or cache is None:
+            return output.fill_(0)  # memory-profiling run
+        if md.uniform_query_len:  # decode / verify: one launch, graph-safe
+            b, sq = md.num_reqs, md.uniform_query_len
+            t = b * sq  # (a padded graph batch has padded requests too)
+            q = query[:t].view(b, sq, self.num_heads, self.head_size)
+            o = triton_attention.attention(q, cache, md.block_table, md.seq_lens,
+                                           md.query_lens(), softmax_scale=self.scale)
+            out[:t] = o.view(t, self.num_heads, self.head_size)
+            return output
+        n = md.num_actual_tokens
+        q = query[:n].view(n, self.num_heads, self.head_size)
+        self._mixed(q, key[:n], value[:n], cache, md, out)
+        return output
+
+    def _mixed(self, q, k, v, cache, md: KVarNMetadata, out) -> None:
+        """Mixed batches (eager): decodes in one launch, then each prefill request, fresh
+        prompts through FlashAttention on their raw K/V when available."""
+        d, hq, hk = self.head_size, self.num_heads, self.num_kv_heads
+        nd = md.num_decodes
+        if nd:
+            o = triton_attention.attention(q[:nd].view(nd, 1, hq, d), cache, md.block_table[:nd],
+                                           md.seq_lens[:nd], softmax_scale=self.scale)
+            out[:nd] = o.view(nd, hq, d)
+        starts = md.query_start_loc_cpu.tolist()
+        for r in range(nd, md.num_reqs):
+            s, e = starts[r], starts[r + 1]
+            if e == s:
+                continue
+            if md.fresh[r] and self._fa is not None:
+                out[s:e] = self._fa(q[s:e], k[s:e].view(-1, hk, d), v[s:e].view(-1, hk, d),
+                                    self.scale)
+                continue
+            o = triton_attention.attention(q[s:e].view(1, e - s, hq, d), cache,
+                                           md.block_table[r: r + 1], md.seq_lens[r: r + 1],
+                                           softmax_scale=self.scale)
+            out[s:e] = o.view(e - s, hq, d)
+
+
+def _flash_attention(head_size: int):
+    """vLLM's FlashAttention for fresh prompts (causal over their own raw K/V), or None."""
+    try:
+        from vllm.v1.attention.backends.fa_utils import (
+            get_flash_attn_version,
+            is_flash_attn_varlen_func_available,
+        )
+        if not is_flash_attn_varlen_func_available():
+            return None
+        from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
+        version = get_flash_attn_version(head_size=head_size)
+    except Exception:  # no CUDA build of FlashAttention here: the Triton kernel serves all
+        return None
+
+    def run(q, k, v, scale):
+        t = q.shape[0]
+        cu = torch.tensor([0, t], dtype=torch.int32, device=q.device)
+        extra = {} if version is None else {"fa_version": version}
+        return flash_attn_varlen_func(q=q, k=k, v=v, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                      max_seqlen_q=t, max_seqlen_k=t, softmax_scale=scale,
+                                      causal=True, **extra)
+    return run
+
+
+_LOGGED: set = set()
+
+
+def _log_pool_once(impl: KVarNAttentionImpl, act_dtype: torch.dtype) -> None:
+    key = (impl.pool_slots, impl.num_kv_heads, impl.head_size)
+    if key in _LOGGED:
+        return
+    _LOGGED.add(key)
+    per_layer = settings.pool_bytes_per_slot(impl.num_kv_heads, impl.head_size, impl.tile,
+                                             torch.finfo(act_dtype).bits // 8)
+    cfg = get_current_vllm_config()
+    msg = (f"kvarn {impl.kv_cache_dtype}: tail pool of {impl.pool_slots} slots "
+           f"({impl.pool_slots * per_layer / 2**20:.1f} MiB per layer, "
+           f"{impl.tile} tokens x {impl.num_kv_heads} KV heads in {act_dtype} per slot), "
+           f"sized for max_num_seqs={cfg.scheduler_config.max_num_seqs} and "
+           f"max_num_batched_tokens={cfg.scheduler_config.max_num_batched_tokens}")
+    log.warning(msg)
+    if impl.pool_slots < impl.pool_needed:
+        log.warning(f"kvarn: KVARN_POOL_SLOTS={impl.pool_slots} is below the "
+                    f"{impl.pool_needed} slots this configuration can need at full "
+                    "concurrency; if the pool runs out the engine stops with "
+                    "PoolExhausted rather than lose tokens")

@@ -1,0 +1,281 @@
+"""The vLLM bridge on the CPU against a real vLLM 0.26.0 install: registration and its
+idempotency, the config / engine-args / CLI accepting kvarn dtypes, backend selection and
+validation messages, page-size math, the request follower and the per-step pool rules."""
+
+from __future__ import annotations
+
+import types
+import typing
+
+import numpy as np
+import pytest
+import torch
+
+from kvarn.format import HEAD_DIMS, PRESETS, layout
+from kvarn_vllm import settings
+
+vllm = pytest.importorskip("vllm", reason="the bridge tests need vLLM 0.26.0 (make test installs it)")
+
+
+@pytest.fixture(scope="module")
+def registered():
+    from kvarn_vllm import plugin
+    from vllm.platforms import current_platform
+
+    # vLLM cannot infer a device type on a machine without a GPU (its CUDA wheel);
+    # argparse and EngineArgs need one.
+    if not current_platform.device_type:
+        type(current_platform).device_type = "cpu"
+    plugin.register()
+    plugin.register()  # idempotent
+    return plugin
+
+
+# ---------------------------------------------------------------- settings (no vLLM needed)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("d", HEAD_DIMS)
+def test_page_math(name, d):
+    g = settings.tile(name)
+    assert settings.slot_bytes(name, d) * g == layout(name, d).record_bytes
+
+
+def test_pool_size_and_env(monkeypatch):
+    assert settings.required_pool_slots(64, 8192, 128) == 2 * 64 + 64 + settings.POOL_SLACK
+    assert settings.required_pool_slots(64, 8192, 128, speculative_tokens=3) == 3 * 64 + 72
+    monkeypatch.setenv(settings.ENV_POOL_SLOTS, "100")
+    assert settings.pool_slots(64, 8192, 128) == (100, 200)
+    monkeypatch.setenv(settings.ENV_POOL_SLOTS, "lots")
+    with pytest.raises(ValueError, match="KVARN_POOL_SLOTS must be a positive integer"):
+        settings.pool_slots(64, 8192, 128)
+    monkeypatch.setenv(settings.ENV_SINK_BLOCKS, "-1")
+    with pytest.raises(ValueError, match="KVARN_SINK_BLOCKS"):
+        settings.sink_blocks()
+
+
+def test_layer_problems_name_the_fix():
+    assert settings.layer_problems("kvarn_k4v2_g128", 128, 128) == []
+    assert settings.layer_problems("kvarn_k4v2_g64", 64, None) == []
+    [msg] = settings.layer_problems("kvarn_k4v2_g128", 80, None)
+    assert "head_size 64, 128, 256" in msg and "--kv-cache-dtype auto" in msg
+    [msg] = settings.layer_problems("kvarn_k4v2_g128", 128, 16)
+    assert "--block-size 128" in msg
+    assert "MLA" in settings.layer_problems("kvarn_k4v2_g128", 128, 128, use_mla=True)[0]
+    assert "sliding-window" in settings.layer_problems("kvarn_k4v2_g128", 128, 128,
+                                                       sliding_window=True)[0]
+    assert "decoder self-attention" in settings.layer_problems(
+        "kvarn_k4v2_g128", 128, 128, attn_type="encoder_decoder")[0]
+    assert "one of" in settings.layer_problems("kvarn_k9v9_g128", 128, 128)[0]
+
+
+# ---------------------------------------------------------------- registration
+
+
+def test_dtypes_registered_once(registered):
+    import vllm.config.cache as cache_cfg
+    import vllm.v1.attention.selector as selector
+    from vllm.utils.torch_utils import STR_DTYPE_TO_TORCH_DTYPE
+
+    names = typing.get_args(cache_cfg.CacheDType)
+    for name in settings.DTYPES:
+        assert names.count(name) == 1
+        assert STR_DTYPE_TO_TORCH_DTYPE[name] is torch.uint8
+    assert typing.get_args(selector.CacheDType) == names
+    assert "fp8" in names and "auto" in names  # vLLM's own dtypes kept
+
+
+def test_cache_config_engine_args_and_cli_accept_kvarn(registered):
+    from pydantic import ValidationError
+    from vllm.config import CacheConfig
+    from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    assert CacheConfig(cache_dtype="kvarn_k4v2_g128", block_size=128).cache_dtype == \
+        "kvarn_k4v2_g128"
+    with pytest.raises(ValidationError):
+        CacheConfig(cache_dtype="kvarn_nope", block_size=128)
+    assert EngineArgs(model="m", kv_cache_dtype="kvarn_k2v2_g64").kv_cache_dtype == \
+        "kvarn_k2v2_g64"
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    for name in settings.DTYPES:
+        assert parser.parse_args(["--kv-cache-dtype", name]).kv_cache_dtype == name
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kv-cache-dtype", "kvarn_nope"])
+
+
+def test_backend_registered_as_custom(registered):
+    from kvarn_vllm.backend import KVarNAttentionBackend
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    cls = AttentionBackendEnum.CUSTOM.get_class()
+    assert cls is KVarNAttentionBackend and cls.get_name() == "CUSTOM"
+    assert cls.forward_includes_kv_cache_update is False
+    assert sorted(cls.get_supported_kernel_block_sizes()) == [64, 128]
+
+
+def _validate(head_size=128, dtype=torch.float16, kv="kvarn_k4v2_g128", block=None, mla=False,
+              sliding=False, attn_type="decoder"):
+    from kvarn_vllm.backend import KVarNAttentionBackend
+    from vllm.platforms.interface import DeviceCapability
+
+    return KVarNAttentionBackend.validate_configuration(
+        head_size, dtype, kv, block, mla, False, False, False, False, DeviceCapability(9, 0),
+        attn_type, sliding)
+
+
+def test_validation_messages(registered):
+    assert _validate() == [] and _validate(block=128) == []
+    assert _validate(64, torch.bfloat16, "kvarn_k4v4_g64", 64) == []
+    reasons = _validate(head_size=96, dtype=torch.float32, block=64, mla=True, sliding=True)
+    text = " | ".join(reasons)
+    for fix in ("--kv-cache-dtype auto or fp8", "--block-size 128", "--dtype float16",
+                "MLA", "sliding-window"):
+        assert fix in text
+    assert len(reasons) == 5  # vLLM's generic duplicates are dropped
+    assert "decoder self-attention" in " ".join(_validate(attn_type="encoder"))
+
+
+def test_auto_selection_wraps_the_platform(registered):
+    from kvarn_vllm import vllm_0_26
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    seen = []
+
+    class Platform:  # the shape of CudaPlatformBase.get_attn_backend_cls
+        @classmethod
+        def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
+            seen.append(selected_backend)
+            return "path"
+
+    vllm_0_26.select_backend_for_kvarn(Platform)
+    vllm_0_26.select_backend_for_kvarn(Platform)  # idempotent: wrapped once
+    cfg = lambda kv: types.SimpleNamespace(kv_cache_dtype=kv)  # noqa: E731
+    Platform.get_attn_backend_cls(None, cfg("kvarn_k4v2_g128"))
+    Platform.get_attn_backend_cls(None, cfg("auto"))
+    Platform.get_attn_backend_cls(AttentionBackendEnum.FLASH_ATTN, cfg("kvarn_k4v2_g128"))
+    assert seen == [AttentionBackendEnum.CUSTOM, None, AttentionBackendEnum.FLASH_ATTN]
+
+
+@pytest.mark.parametrize("kv,d,hk", [("kvarn_k4v2_g128", 128, 8), ("kvarn_k2v2_g64", 64, 3)])
+def test_pages_sized_as_one_record_per_block_and_head(registered, kv, d, hk):
+    from kvarn_vllm.backend import KVarNAttentionBackend
+    from vllm.model_executor.layers.attention.attention import Attention
+    from vllm.v1.kv_cache_interface import TQFullAttentionSpec
+
+    g = settings.tile(kv)
+    vcfg = types.SimpleNamespace(cache_config=types.SimpleNamespace(block_size=g))
+    layer = types.SimpleNamespace(kv_cache_dtype=kv, head_size=d, num_kv_heads=hk,
+                                  sliding_window=None)
+    spec = Attention.get_kv_cache_spec(layer, vcfg)
+    assert isinstance(spec, TQFullAttentionSpec)
+    record = layout(kv, d).record_bytes
+    assert spec.page_size_bytes == hk * record
+    shape = KVarNAttentionBackend.get_kv_cache_shape(10, g, hk, d, cache_dtype_str=kv)
+    assert shape == (10, hk, record) and np.prod(shape) == 10 * spec.page_size_bytes
+    bad = types.SimpleNamespace(cache_config=types.SimpleNamespace(block_size=16))
+    with pytest.raises(ValueError, match=f"--block-size {g}"):
+        Attention.get_kv_cache_spec(layer, bad)
+
+
+# ---------------------------------------------------------------- request follower
+
+
+def _output(new=(), cached=(), finished=(), preempted=(), scheduled=None, copies=None):
+    cached = list(cached)
+    return types.SimpleNamespace(
+        scheduled_new_reqs=[types.SimpleNamespace(req_id=r, block_ids=(b,),
+                                                  num_computed_tokens=c) for r, b, c in new],
+        scheduled_cached_reqs=types.SimpleNamespace(
+            req_ids=[r for r, *_ in cached], resumed_req_ids={r for r, _, _, res in cached if res},
+            new_block_ids=[(b,) if b is not None else None for _, b, _, _ in cached],
+            num_computed_tokens=[c for _, _, c, _ in cached]),
+        num_scheduled_tokens=scheduled or {}, finished_req_ids=set(finished),
+        preempted_req_ids=set(preempted), kv_cache_block_copies=copies)
+
+
+def test_request_blocks_follow_the_scheduler():
+    from kvarn_vllm.lifecycle import RequestBlocks
+
+    rb = RequestBlocks()
+    rb.observe(_output(new=[("a", [3, 4], 0), ("b", [7], 0)], scheduled={"a": 200, "b": 5}))
+    rb.observe(_output(cached=[("a", [9], 200, False), ("b", None, 5, False)],
+                       scheduled={"a": 60, "b": 1}))
+    assert rb.blocks == {"a": [3, 4, 9], "b": [7]} and rb.tokens == {"a": 260, "b": 6}
+    rb.observe(_output(cached=[("b", [2, 5], 0, True)], finished={"a"}, scheduled={"b": 130}))
+    assert rb.take_finished() == [([3, 4, 9], 260)]
+    assert rb.take_finished() == []
+    assert rb.blocks == {"b": [2, 5]}  # resumed after preemption: the new list replaces
+    rb.observe(_output(preempted={"b"}))
+    assert rb.take_finished() == [([2, 5], 130)] and not rb.blocks
+    with pytest.raises(NotImplementedError, match="--enable-prefix-caching"):
+        rb.observe(_output(copies=[object()]))
+
+
+# ---------------------------------------------------------------- per-step pool rules
+
+
+def _layers(n_layers=2, num_blocks=12, slots=8, g=64, hk=2, d=64):
+    from kvarn_torch import cache as kvcache
+    from kvarn_vllm import lifecycle
+
+    tables = lifecycle.SlotTables(torch.full((num_blocks,), -1, dtype=torch.int32),
+                                  torch.full((slots,), -1, dtype=torch.int32),
+                                  torch.zeros((), dtype=torch.int32))
+    caches = []
+    for _ in range(n_layers):
+        c = kvcache.init(num_blocks, hk, d, pool_slots=slots, preset="kvarn_k4v2_g64")
+        c.block_to_slot, c.slot_to_block, c.dropped_tokens = (
+            tables.block_to_slot, tables.slot_to_block, tables.dropped_tokens)
+        caches.append(c)
+    return caches, lifecycle.PoolGroup(caches, tables)
+
+
+def test_pool_group_step_commits_releases_and_matches_one_layer_at_a_time():
+    from kvarn_torch import cache as kvcache
+
+    caches, group = _layers()
+    g, hk, d = 64, 2, 64
+    rng = torch.Generator().manual_seed(0)
+    table = torch.tensor([[2, 5, 7]], dtype=torch.int32)
+    # step 1: a 150-token prompt (blocks 2, 5 full, 7 partial)
+    sm = torch.cat([b * g + torch.arange(g) for b in (2, 5)] + [7 * g + torch.arange(22)])
+    group.step(table, torch.tensor([150]), torch.tensor([150]), sm, [])
+    kv = [(torch.randn(150, hk, d, generator=rng).half(), torch.randn(150, hk, d,
+                                                                        generator=rng).half())
+          for _ in caches]
+    for c, (k, v) in zip(caches, kv):
+        kvcache.write(c, k, v, sm)
+    assert sorted(caches[0].slot_to_block.tolist())[-3:] == [2, 5, 7]
+    # step 2: one decode token; block 5 (accepted, not the sink) is committed in every layer
+    sm2 = torch.tensor([7 * g + 22])
+    group.step(table, torch.tensor([151]), torch.tensor([1]), sm2, [])
+    assert int(caches[0].block_to_slot[5]) == -1 and int(caches[0].block_to_slot[2]) >= 0
+    for c, (k, v) in zip(caches, kv):
+        single = kvcache.init(12, hk, d, pool_slots=8, preset="kvarn_k4v2_g64")
+        kvcache.append(single, k, v, sm)
+        kvcache.commit(single, table, torch.tensor([151]), torch.tensor([1]))
+        assert torch.equal(c.pages[5], single.pages[5])  # the same bytes as layer by layer
+    # the request finishes with 151 tokens: the sink is quantized, the partial block dropped
+    group.step(table[:0], torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.int32),
+               torch.zeros(0, dtype=torch.int64), [([2, 5, 7], 151)])
+    assert (caches[0].slot_to_block == -1).all()
+    assert all(c.pages[2].any() for c in caches)
+
+
+def test_pool_exhaustion_is_loud():
+    from kvarn_torch import cache as kvcache
+    from kvarn_vllm.lifecycle import PoolExhausted
+
+    caches, group = _layers(slots=2)
+    g = 64
+    table = torch.tensor([[1, 2, 3]], dtype=torch.int32)
+    sm = torch.arange(3 * g) + g  # three blocks, two slots
+    group.step(table, torch.tensor([3 * g]), torch.tensor([3 * g]), sm, [])
+    for c in caches:
+        k = torch.zeros(3 * g, 2, 64, dtype=torch.float16)
+        kvcache.write(c, k, k, sm)
+    group.step(table, torch.tensor([3 * g + 1]), torch.tensor([1]), torch.tensor([4 * g]), [])
+    with pytest.raises(PoolExhausted, match="KVARN_POOL_SLOTS"):
+        group.step(table, torch.tensor([3 * g + 2]), torch.tensor([1]),
+                   torch.tensor([4 * g + 1]), [])
