@@ -91,6 +91,10 @@ def append(cache: KVarNCache, k: jax.Array, v: jax.Array, slot_mapping: jax.Arra
     positions `slot_mapping` [T] = block * G + offset (-1 = padding, skipped).
 
     Tokens of one block must be contiguous in the batch (as a scheduler lays them out).
+    A block gets a slot only when its writes start at offset 0: a write into the middle of
+    a block without a slot is a recomputed token of a block already quantized (a prefix
+    hit that covers the whole prompt makes the scheduler recompute its last token), and
+    the record keeps it.
     """
     t = k.shape[0]
     if k.shape != v.shape or k.shape[1:] != (cache.num_kv_heads, cache.head_dim):
@@ -105,7 +109,9 @@ def append(cache: KVarNCache, k: jax.Array, v: jax.Array, slot_mapping: jax.Arra
 
     # A block's first write this step takes the next free slot.
     first = valid & jnp.concatenate([jnp.ones((1,), bool), block[1:] != block[:-1]])
-    needs = first & (cache.block_to_slot[block] < 0)
+    needs = first & (cache.block_to_slot[block] < 0) & (offset == 0)
+    run_start = jax.lax.cummax(jnp.where(first, jnp.arange(t), 0))
+    opens = offset[run_start] == 0  # this run of the block starts the block
     rank = jnp.cumsum(needs) - 1
     free = jnp.nonzero(cache.slot_to_block < 0, size=t, fill_value=-1)[0]
     new_slot = jnp.where(needs, free[jnp.clip(rank, 0, t - 1)], -1)
@@ -124,7 +130,8 @@ def append(cache: KVarNCache, k: jax.Array, v: jax.Array, slot_mapping: jax.Arra
         pool_k=cache.pool_k.at[target, offset].set(k_rot.astype(cache.pool_k.dtype), mode="drop"),
         pool_v=cache.pool_v.at[target, offset].set(v_rot.astype(cache.pool_v.dtype), mode="drop"),
         block_to_slot=block_to_slot, slot_to_block=slot_to_block,
-        dropped_tokens=cache.dropped_tokens + jnp.sum(valid & (slot < 0)).astype(jnp.int32),
+        dropped_tokens=cache.dropped_tokens
+        + jnp.sum(valid & (slot < 0) & opens).astype(jnp.int32),
     )
 
 

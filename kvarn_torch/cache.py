@@ -184,7 +184,12 @@ def allocate(cache: KVarNCache, slot_mapping: Tensor) -> KVarNCache:
     """Give every block that `slot_mapping` [T] writes a pool slot if it has none: a
     block's first write takes the lowest-numbered free slot, blocks served in order of
     first appearance. Touches only the slot tables, so layers that share them (one vLLM
-    KV-cache group) allocate once per step."""
+    KV-cache group) allocate once per step.
+
+    A block gets a slot only when its writes start at offset 0: a write into the middle of
+    a block without a slot is a recomputed token of a block already quantized (a prefix
+    hit covering a whole prompt makes vLLM recompute its last token); the record keeps it.
+    """
     if slot_mapping.numel() == 0:
         return cache
     g, s = cache.tile, cache.pool_slots
@@ -194,7 +199,7 @@ def allocate(cache: KVarNCache, slot_mapping: Tensor) -> KVarNCache:
     block = torch.where(valid, sm // g, 0)
     first = valid.clone()
     first[1:] &= block[1:] != block[:-1]
-    needs = first & (b2s[block] < 0)
+    needs = first & (b2s[block] < 0) & (torch.remainder(sm, g) == 0)
     rank = torch.cumsum(needs.to(torch.int32), 0, dtype=torch.int32) - 1
     free_cum = torch.cumsum((s2b < 0).to(torch.int32), 0, dtype=torch.int32)
     new_slot = torch.searchsorted(free_cum, rank + 1)  # the (rank+1)-th free slot, or S
@@ -221,10 +226,16 @@ def write(cache: KVarNCache, k: Tensor, v: Tensor, slot_mapping: Tensor,
     block = torch.where(valid, sm // g, 0)
     slot = torch.where(valid, cache.block_to_slot[block].long(), -1)
     written = slot >= 0
-    target = (slot.clamp(min=0), torch.remainder(sm, g))
+    offset = torch.remainder(sm, g)
+    first = valid.clone()
+    first[1:] &= block[1:] != block[:-1]
+    idx = torch.arange(t, device=sm.device)
+    run_start = torch.cummax(torch.where(first, idx, 0), 0).values
+    opens = offset[run_start] == 0  # lost only if this run starts the block (see allocate)
+    target = (slot.clamp(min=0), offset)
     _scatter_(cache.pool_k, target, codec.rotate(k, impl=impl).to(cache.pool_k.dtype), written)
     _scatter_(cache.pool_v, target, codec.rotate(v, impl=impl).to(cache.pool_v.dtype), written)
-    cache.dropped_tokens += (valid & ~written).sum().to(torch.int32)
+    cache.dropped_tokens += (valid & ~written & opens).sum().to(torch.int32)
     return cache
 
 

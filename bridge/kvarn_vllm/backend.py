@@ -37,7 +37,6 @@ from vllm.v1.attention.backend import (
     AttentionType,
     CommonAttentionMetadata,
 )
-from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 log = logging.getLogger("kvarn_vllm")
 
@@ -125,8 +124,7 @@ class KVarNMetadata(AttentionMetadata):
     num_reqs: int
     max_query_len: int
     uniform_query_len: int  # > 0: every request has this many query tokens
-    num_decodes: int  # decode requests come first (reorder_batch_threshold = 1)
-    num_decode_tokens: int
+    num_decodes: int  # leading requests with one query token (vLLM orders them first)
     query_start_loc_cpu: torch.Tensor
     fresh: list[bool]  # per request: a prompt with no cached context
 
@@ -160,8 +158,8 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
         b = cam.num_reqs
         qsl_cpu = cam.query_start_loc_cpu[: b + 1]
         q_lens_cpu = qsl_cpu[1:] - qsl_cpu[:-1]
-        num_decodes, _, num_decode_tokens, _ = split_decodes_and_prefills(
-            cam, decode_threshold=self.reorder_batch_threshold)
+        single = (q_lens_cpu == 1).int()
+        num_decodes = int(single.cumprod(0).sum()) if b else 0
         uniform = int(q_lens_cpu[0]) if b and bool((q_lens_cpu == q_lens_cpu[0]).all()) else 0
         seq_cpu = cam.seq_lens_cpu_upper_bound
         fresh = ([bool(seq_cpu[i] == q_lens_cpu[i]) for i in range(b)]
@@ -171,7 +169,7 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
             seq_lens=cam.seq_lens[:b], query_start_loc=qsl,
             block_table=cam.block_table_tensor[:b], num_actual_tokens=cam.num_actual_tokens,
             num_reqs=b, max_query_len=cam.max_query_len, uniform_query_len=uniform,
-            num_decodes=num_decodes, num_decode_tokens=num_decode_tokens,
+            num_decodes=num_decodes,
             query_start_loc_cpu=qsl_cpu, fresh=fresh)
 
     def build_for_cudagraph_capture(self, cam: CommonAttentionMetadata) -> KVarNMetadata:
@@ -288,8 +286,9 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
         return output
 
     def _mixed(self, q, k, v, cache, md: KVarNMetadata, out) -> None:
-        """Mixed batches (eager): decodes in one launch, then each prefill request, fresh
-        prompts through FlashAttention on their raw K/V when available."""
+        """Mixed batches (eager): single-token decodes in one launch, then each other
+        request (verify rows, prefill chunks), fresh prompts through FlashAttention on their
+        raw K/V when available."""
         d, hq, hk = self.head_size, self.num_heads, self.num_kv_heads
         nd = md.num_decodes
         if nd:
