@@ -1,0 +1,111 @@
+"""KV-cache capacity and generation throughput in stock vLLM 0.26: fp16 vs fp8 vs
+kvarn_k4v2_g128 on a Qwen3-8B-shaped model (random weights, `load_format="dummy"`,
+token-id prompts), all in one process and run, one engine after another.
+
+Reported per cache dtype: the GPU KV-cache tokens vLLM allocates, and output tokens/s for
+(i) a burst of long prompts that does not fit the fp16 cache at once (capacity-bound) and
+(ii) a burst of short prompts that does (not capacity-bound).
+
+    PYTHONPATH=/tmp/vsite:$PWD python benchmarks/vllm_throughput.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+QWEN3_8B = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936,
+                hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                tie_word_embeddings=False, hidden_act="silu", torch_dtype="float16",
+                bos_token_id=151643, eos_token_id=151645)
+
+
+def burst(llm, n: int, prompt_len: int, out_len: int, seed: int) -> dict:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    rng = np.random.default_rng(seed)
+    prompts = [TokensPrompt(prompt_token_ids=rng.integers(1000, 100000, prompt_len).tolist())
+               for _ in range(n)]
+    sp = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
+    t0 = time.time()
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    wall = time.time() - t0
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return dict(requests=n, prompt_len=prompt_len, out_len=out_len, seconds=wall,
+                output_tokens=tokens, output_tok_s=tokens / wall)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--json")
+    ap.add_argument("--commit", default="")
+    ap.add_argument("--dtypes", nargs="+", default=["auto", "fp8", "kvarn_k4v2_g128"])
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--long", type=int, nargs=3, default=[48, 8192, 256],
+                    metavar=("N", "PROMPT", "OUT"), help="capacity-bound burst")
+    ap.add_argument("--short", type=int, nargs=3, default=[64, 1024, 256],
+                    metavar=("N", "PROMPT", "OUT"), help="burst that fits every cache")
+    ap.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    args = ap.parse_args()
+    from vllm import LLM
+
+    model = Path("/tmp/kvarn-qwen3-8b-shape")
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text(json.dumps(QWEN3_8B))
+    results = []
+    for dtype in args.dtypes:
+        row = dict(kv_cache_dtype=dtype)
+        try:
+            t0 = time.time()
+            llm = LLM(model=str(model), load_format="dummy", skip_tokenizer_init=True,
+                      dtype="float16", kv_cache_dtype=dtype, max_model_len=16384,
+                      gpu_memory_utilization=0.9, max_num_seqs=args.max_num_seqs,
+                      enable_prefix_caching=False, enforce_eager=args.eager, seed=0,
+                      compilation_config=dict(mode=0, cudagraph_mode="FULL_DECODE_ONLY"))
+            cfg = llm.llm_engine.vllm_config.cache_config
+            row.update(startup_s=time.time() - t0, block_size=cfg.block_size,
+                       kv_tokens=cfg.num_gpu_blocks * cfg.block_size)
+            print(f"{dtype}: KV tokens {row['kv_tokens']}", flush=True)
+            burst(llm, 4, 512, 16, seed=9)  # warm-up
+            row["capacity_bound"] = burst(llm, *args.long, seed=1)
+            row["not_capacity_bound"] = burst(llm, *args.short, seed=2)
+            print(f"{dtype}: {row['capacity_bound']['output_tok_s']:.0f} tok/s (long), "
+                  f"{row['not_capacity_bound']['output_tok_s']:.0f} tok/s (short)", flush=True)
+            del llm
+        except Exception as e:  # record and go on with the other dtypes
+            import traceback
+            traceback.print_exc()
+            row["error"] = f"{type(e).__name__}: {e}"
+        results.append(row)
+        gc.collect()
+        torch.cuda.empty_cache()
+    base = next((r for r in results if r["kv_cache_dtype"] == "auto" and "error" not in r), None)
+    if base:
+        for r in results:
+            if "error" in r:
+                continue
+            r["capacity_vs_fp16"] = r["kv_tokens"] / base["kv_tokens"]
+            for k in ("capacity_bound", "not_capacity_bound"):
+                r[k]["vs_fp16"] = r[k]["output_tok_s"] / base[k]["output_tok_s"]
+            print(f"{r['kv_cache_dtype']:>16}: capacity x{r['capacity_vs_fp16']:.2f}, "
+                  f"throughput x{r['capacity_bound']['vs_fp16']:.2f} (long) "
+                  f"x{r['not_capacity_bound']['vs_fp16']:.2f} (short)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(
+            benchmark="vllm_throughput", model="Qwen3-8B shape, dummy weights, fp16",
+            device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+            commit=args.commit, args=vars(args), results=results), indent=1))
+
+
+if __name__ == "__main__":
+    main()
