@@ -80,9 +80,11 @@ def run(model: str, token_prompts, new_tokens: int, passes: int = 1, **kw) -> di
     start = time.time() - t0
     sp = SamplingParams(temperature=0.0, max_tokens=new_tokens, logprobs=0, ignore_eos=True)
     res = {}
-    for p in range(passes):
+    for p in range(passes):  # later passes find the earlier ones' blocks in the prefix cache
         outs = llm.generate([TokensPrompt(prompt_token_ids=t) for t in token_prompts], sp)
-        res = dict(
+        if p:
+            res[f"pass{p}"] = dict(tokens=res["tokens"], logprobs=res["logprobs"])
+        res.update(
             tokens=[list(o.outputs[0].token_ids) for o in outs],
             logprobs=[[lp[t].logprob for lp, t in zip(o.outputs[0].logprobs,
                                                        o.outputs[0].token_ids)]
@@ -158,6 +160,9 @@ def main() -> None:
         for name, r in results.items():
             if name.startswith("kvarn+"):
                 summary[f"{name} vs kvarn"] = compare(results["kvarn"], r)
+                if "pass1" in r:  # the first pass, before any prefix hit from a finished one
+                    summary[f"{name} (first pass) vs kvarn"] = compare(results["kvarn"],
+                                                                       r["pass1"])
     for k, v in summary.items():
         print(f"{k:>32}: agreement {v['token_agreement']:.3f}, identical prompts "
               f"{v['identical_prompts']}/{len(tp)}, first divergence {v['first_divergence']}, "

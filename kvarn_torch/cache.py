@@ -131,12 +131,14 @@ def _scatter_(dst: Tensor, index: tuple[Tensor, ...], values: Tensor, keep: Tens
     """
     if keep.numel() == 0:
         return
-    first = torch.argmax(keep.to(torch.int32))  # first kept entry (0 if none)
+    # (0-dim tensor indices would sync with the host, so gather through index_select;
+    # the function runs inside CUDA graphs)
+    first = torch.argmax(keep.to(torch.int32)).reshape(1)  # first kept entry (0 if none)
     anything = keep.any()
     shape = (-1,) + (1,) * (values.dim() - 1)
-    zero = tuple(torch.zeros((), dtype=torch.int64, device=dst.device) for _ in index)
-    fallback_index = [torch.where(anything, i[first], z) for i, z in zip(index, zero)]
-    fallback_value = torch.where(anything, values[first], dst[zero])
+    fallback_index = [torch.where(anything, i.index_select(0, first)[0], 0) for i in index]
+    fallback_value = torch.where(anything, values.index_select(0, first)[0],
+                                 dst[(0,) * len(index)])
     index = tuple(torch.where(keep, i, f) for i, f in zip(index, fallback_index))
     values = torch.where(keep.reshape(shape), values, fallback_value)
     dst.index_put_(index, values)
