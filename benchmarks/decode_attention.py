@@ -155,6 +155,19 @@ def kvarn_bytes(b, ctx, hk, d, hq, lay):
     return b * hk * ((nb - 2) * lay.record_bytes + 2 * G * d * 2 * 2) + 2 * b * hq * d * 2
 
 
+def save(args, records) -> None:
+    """Write the JSON so far: a run cut short by a time limit keeps what it measured."""
+    if not args.json:
+        return
+    commit_id = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                              capture_output=True, text=True).stdout.strip()
+    with open(args.json, "w") as f:
+        json.dump({"benchmark": "decode_attention", "preset": PRESET,
+                   "device": torch.cuda.get_device_name(),
+                   "date": datetime.date.today().isoformat(), "commit": commit_id,
+                   "reps": REPS, "results": records}, f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--json")
@@ -184,6 +197,7 @@ def main() -> None:
             except Exception as e:  # record and go on: one failing impl must not hide the rest
                 traceback.print_exc()
                 records.append(row | dict(impl=impl, error=f"{type(e).__name__}: {e}"))
+            save(args, records)
 
         record("kvarn-pallas", lambda: (time_jax(
             lambda qq: pallas_attention.attention(qq, cache, table, lens), q), kb))
@@ -248,15 +262,7 @@ def main() -> None:
         record("commit-triton", commit_triton)
         del cache
 
-    if args.json:
-        commit_id = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                                  capture_output=True, text=True).stdout.strip()
-        with open(args.json, "w") as f:
-            json.dump({"benchmark": "decode_attention", "preset": PRESET,
-                       "device": torch.cuda.get_device_name(),
-                       "date": datetime.date.today().isoformat(), "commit": commit_id,
-                       "reps": REPS, "results": records}, f, indent=1)
-
+    save(args, records)
 
 if __name__ == "__main__":
     main()
