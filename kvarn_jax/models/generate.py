@@ -211,6 +211,9 @@ class Session:
         self.pool_slots = batch_size * max(2, cache.sink_blocks + 1, prompt_blocks)
         self.caches = make_caches(model, cache, num_blocks=self.allocator.num_blocks,
                                   pool_slots=self.pool_slots)
+        if opts.mesh is not None:  # each device holds its KV heads of every layer
+            from kvarn_jax.models import sharding
+            self.caches = [sharding.shard_cache(c, opts.mesh) for c in self.caches]
         self.max_len = max_len
         self.seq_lens = np.zeros(batch_size, np.int32)
 

@@ -100,11 +100,14 @@ class AttentionOptions:
     codec_impl: the rotate/quantize implementation for cache writes ("auto": Pallas on
       GPU, jnp reference elsewhere; both give the same bytes).
     pallas_splits: split-KV count of the Pallas kernel (None: its automatic choice).
+    mesh: a `jax.sharding.Mesh` with axis "kv" (`sharding.kv_mesh()`): caches and
+      attention split by KV head across its devices; None: one device.
     """
 
     kvarn_attention: str = "reference"
     codec_impl: str = "auto"
     pallas_splits: int | None = None
+    mesh: jax.sharding.Mesh | None = None
 
     def __post_init__(self):
         if self.kvarn_attention not in ("reference", "pallas"):
@@ -247,6 +250,16 @@ def cached_attention(q: jax.Array, cache: LayerCache, batch: Batch, *, scale: fl
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: LayerCache, batch: Batch, *,
            fresh: bool, scale: float, opts: AttentionOptions) -> tuple[jax.Array, LayerCache]:
     """Attention for one layer and step; returns (out [B, S, Hq, D] f32, new cache)."""
+    if opts.mesh is not None:
+        from kvarn_jax.models import sharding
+        return sharding.attend_sharded(_attend_local, q, k, v, cache, batch, fresh=fresh,
+                                       scale=scale, opts=opts)
+    return _attend_local(q, k, v, cache, batch, fresh=fresh, scale=scale, opts=opts)
+
+
+def _attend_local(q: jax.Array, k: jax.Array, v: jax.Array, cache: LayerCache, batch: Batch,
+                  *, fresh: bool, scale: float, opts: AttentionOptions
+                  ) -> tuple[jax.Array, LayerCache]:
     if fresh:
         # A fresh prompt has no context in the cache: its raw K/V are the whole sequence.
         out = dense_attention(q, k, v, batch.seq_lens, batch.query_lens, scale=scale)
