@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -43,6 +44,7 @@ QUICK_ITERS = (0, 8)
 ABLATION_PRESET = "kvarn_k4v2_g128"
 PREFILL_PRESETS = ("kvarn_k4v2_g128", "kvarn_k2v2_g128")
 BUCKET_EDGES = (0, 128, 512, 1024, 2048, 4096, 8192)
+EXACT_ROUNDING_FLAG = "--xla_allow_excess_precision=false"
 
 
 def buckets(length: int) -> list[tuple[int, int]]:
@@ -164,6 +166,10 @@ def main() -> int:
     out = Path(args.out) if args.out else RESULTS / f"accuracy{'_quick' if args.quick else ''}.json"
 
     start = time.perf_counter()
+    # XLA on the GPU drops f32 -> f16/f8 -> f32 round trips unless told not to, which
+    # would make the fp16 cache and the emulated baselines (fp8 exactly) lossless there.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
+                               + EXACT_ROUNDING_FLAG).strip()
     import kvarn_jax  # noqa: F401  (exact CPU arithmetic: before jax)
     import jax
 

@@ -274,11 +274,17 @@ def _as_layers(caches: Layers) -> list[KVarNCache]:
     return layers
 
 
-def _flush(caches: Layers, quantize_blocks: Tensor, free_blocks: Tensor,
-           max_tiles: int | None, impl: codec.Impl) -> Layers:
-    """Quantize the pool slots of blocks marked in `quantize_blocks` [num_blocks] (the
-    first `max_tiles` of them in slot order; all when None) in every layer, then free the
-    slots of those and of `free_blocks`."""
+def flush(caches: Layers, quantize_blocks: Tensor, free_blocks: Tensor,
+          max_tiles: int | None = None, *, backlog: Tensor | None = None,
+          impl: codec.Impl = "auto") -> Layers:
+    """Quantize the pool slots of the blocks marked in `quantize_blocks` [num_blocks] bool
+    in every layer, write their records, free their slots and those of `free_blocks`.
+
+    With `max_tiles` only the first that many marked slots (in slot order) are quantized
+    and the call never syncs with the host (0: only free); the marked slots left over
+    stay held and, when `backlog` (int32 [] device counter) is given, are added to it.
+    Without it, the one host sync reads how many slots are marked.
+    """
     layers = _as_layers(caches)
     head = layers[0]
     holder = head.slot_to_block
@@ -289,11 +295,13 @@ def _flush(caches: Layers, quantize_blocks: Tensor, free_blocks: Tensor,
         n = int(chosen.sum())  # the one host sync: quantize exactly the tiles that are ready
     else:
         n = int(max_tiles)
-        if n < 1:
-            raise ValueError(f"max_tiles must be >= 1; got {max_tiles}")
+        if n < 0:
+            raise ValueError(f"max_tiles must be >= 0; got {max_tiles}")
 
     rank = torch.cumsum(chosen.to(torch.int32), 0, dtype=torch.int32) - 1
-    quantized = chosen & (rank < n)  # chosen slots beyond n stay held for the next call
+    quantized = chosen & (rank < n)
+    if backlog is not None:
+        backlog += (chosen & ~quantized).sum().to(torch.int32)
     if n:
         slots = _nth_true(chosen, n)
         ok = slots < head.pool_slots
@@ -323,6 +331,30 @@ def _flush(caches: Layers, quantize_blocks: Tensor, free_blocks: Tensor,
     return caches
 
 
+def commit_marks(cache: KVarNCache, block_tables: Tensor, seq_lens: Tensor,
+                 query_lens: Tensor) -> Tensor:
+    """[num_blocks] bool: the full blocks of each sequence whose tokens were all accepted
+    before this step (`seq_lens - query_lens`), sink blocks excluded."""
+    _check_tables(cache, block_tables, seq_lens, query_lens)
+    j = torch.arange(block_tables.shape[1], device=block_tables.device)
+    committed = (seq_lens.long() - query_lens.long())[:, None]
+    full = (j[None, :] + 1) * cache.tile <= committed
+    return _mark(cache.num_blocks, block_tables, full & (j[None, :] >= cache.sink_blocks))
+
+
+def release_marks(cache: KVarNCache, block_tables: Tensor,
+                  seq_lens: Tensor) -> tuple[Tensor, Tensor]:
+    """([num_blocks] bool full blocks, sinks included; [num_blocks] bool partial blocks) of
+    finished sequences."""
+    _check_tables(cache, block_tables, seq_lens)
+    j = torch.arange(block_tables.shape[1], device=block_tables.device)[None, :]
+    lens = seq_lens.long()[:, None]
+    full = (j + 1) * cache.tile <= lens
+    partial = ~full & (j * cache.tile < lens)
+    return (_mark(cache.num_blocks, block_tables, full),
+            _mark(cache.num_blocks, block_tables, partial))
+
+
 def commit(cache: Layers, block_tables: Tensor, seq_lens: Tensor, query_lens: Tensor,
            *, max_tiles: int | None = None, impl: codec.Impl = "auto") -> Layers:
     """Quantize every full block of each sequence whose tokens were all accepted before
@@ -332,28 +364,15 @@ def commit(cache: Layers, block_tables: Tensor, seq_lens: Tensor, query_lens: Te
     seq_lens / query_lens [B]. With `max_tiles`, at most that many blocks are quantized
     per call (the rest wait for the next one) and the call never syncs with the host.
     """
-    head = _as_layers(cache)[0]
-    _check_tables(head, block_tables, seq_lens, query_lens)
-    j = torch.arange(block_tables.shape[1], device=block_tables.device)
-    committed = (seq_lens.long() - query_lens.long())[:, None]
-    full = (j[None, :] + 1) * head.tile <= committed
-    ready = _mark(head.num_blocks, block_tables, full & (j[None, :] >= head.sink_blocks))
-    nothing = torch.zeros_like(ready)
-    return _flush(cache, ready, nothing, max_tiles, impl)
+    ready = commit_marks(_as_layers(cache)[0], block_tables, seq_lens, query_lens)
+    return flush(cache, ready, torch.zeros_like(ready), max_tiles, impl=impl)
 
 
 def release(cache: Layers, block_tables: Tensor, seq_lens: Tensor,
             *, max_tiles: int | None = None, impl: codec.Impl = "auto") -> Layers:
     """Finished sequences: quantize their full blocks (sinks too), drop partial ones."""
-    head = _as_layers(cache)[0]
-    _check_tables(head, block_tables, seq_lens)
-    j = torch.arange(block_tables.shape[1], device=block_tables.device)[None, :]
-    lens = seq_lens.long()[:, None]
-    full = (j + 1) * head.tile <= lens
-    partial = ~full & (j * head.tile < lens)
-    ready = _mark(head.num_blocks, block_tables, full)
-    dropped = _mark(head.num_blocks, block_tables, partial)
-    return _flush(cache, ready, dropped, max_tiles, impl)
+    ready, dropped = release_marks(_as_layers(cache)[0], block_tables, seq_lens)
+    return flush(cache, ready, dropped, max_tiles, impl=impl)
 
 
 def gather_kv(cache: KVarNCache, block_tables: Tensor,

@@ -195,27 +195,30 @@ def _output(new=(), cached=(), finished=(), preempted=(), scheduled=None, copies
 
 
 def test_request_blocks_follow_the_scheduler():
-    from kvarn_vllm.lifecycle import RequestBlocks
+    from kvarn_vllm.lifecycle import Finished, RequestBlocks, Scheduled
 
     rb = RequestBlocks()
     rb.observe(_output(new=[("a", [3, 4], 0), ("b", [7], 0)], scheduled={"a": 200, "b": 5}))
+    assert rb.plan.scheduled == [Scheduled("a", [3, 4], 0, 200), Scheduled("b", [7], 0, 5)]
     rb.observe(_output(cached=[("a", [9], 200, False), ("b", None, 5, False)],
                        scheduled={"a": 60, "b": 1}))
     assert rb.blocks == {"a": [3, 4, 9], "b": [7]} and rb.tokens == {"a": 260, "b": 6}
     rb.observe(_output(cached=[("b", [2, 5], 0, True)], finished={"a"}, scheduled={"b": 130}))
-    assert rb.take_finished() == [([3, 4, 9], 260)]
-    assert rb.take_finished() == []
+    assert rb.plan.finished == [Finished("a", [3, 4, 9], 260)]
     assert rb.blocks == {"b": [2, 5]}  # resumed after preemption: the new list replaces
     rb.observe(_output(preempted={"b"}))
-    assert rb.take_finished() == [([2, 5], 130)] and not rb.blocks
+    assert rb.plan.finished == [Finished("b", [2, 5], 130)] and not rb.blocks
+    assert rb.plan.scheduled == []
     with pytest.raises(NotImplementedError, match="--enable-prefix-caching"):
         rb.observe(_output(copies=[object()]))
 
 
 # ---------------------------------------------------------------- per-step pool rules
 
+G, HK, D = 64, 2, 64
 
-def _layers(n_layers=2, num_blocks=12, slots=8, g=64, hk=2, d=64):
+
+def _layers(n_layers=2, num_blocks=24, slots=8):
     from kvarn_torch import cache as kvcache
     from kvarn_vllm import lifecycle
 
@@ -224,58 +227,147 @@ def _layers(n_layers=2, num_blocks=12, slots=8, g=64, hk=2, d=64):
                                   torch.zeros((), dtype=torch.int32))
     caches = []
     for _ in range(n_layers):
-        c = kvcache.init(num_blocks, hk, d, pool_slots=slots, preset="kvarn_k4v2_g64")
+        c = kvcache.init(num_blocks, HK, D, pool_slots=slots, preset="kvarn_k4v2_g64")
         c.block_to_slot, c.slot_to_block, c.dropped_tokens = (
             tables.block_to_slot, tables.slot_to_block, tables.dropped_tokens)
         caches.append(c)
     return caches, lifecycle.PoolGroup(caches, tables)
 
 
-def test_pool_group_step_commits_releases_and_matches_one_layer_at_a_time():
+def _run_step(caches, group, plan, rng, sync=False):
+    """What the builder and the layers do in one step for `plan`: the attention metadata
+    built from it, PoolGroup.step, then every layer's cache write."""
     from kvarn_torch import cache as kvcache
 
-    caches, group = _layers()
-    g, hk, d = 64, 2, 64
+    rows = [s for s in plan.scheduled if s.new_tokens]
+    width = max([len(s.blocks) for s in rows] + [1])
+    table = torch.full((len(rows), width), -1, dtype=torch.int32)
+    slots = []
+    for i, s in enumerate(rows):
+        table[i, : len(s.blocks)] = torch.tensor(s.blocks, dtype=torch.int32)
+        pos = torch.arange(s.computed, s.computed + s.new_tokens)
+        slots.append(table[i, pos // G].long() * G + pos % G)
+    sm = torch.cat(slots) if slots else torch.zeros(0, dtype=torch.int64)
+    q = torch.tensor([s.new_tokens for s in rows], dtype=torch.int32)
+    seq = torch.tensor([s.computed + s.new_tokens for s in rows], dtype=torch.int32)
+    group.step(table, seq, q, sm, plan, sync=sync)
+    for c in caches:
+        k, v = (torch.randn(sm.numel(), HK, D, generator=rng).half() for _ in range(2))
+        kvcache.write(c, k, v, sm)
+
+
+def _schedule():
+    """Scheduler outputs: two prompts, decodes, a prefix hit on the first prompt's
+    blocks, a chunk that fills a block exactly, a finish and a preemption."""
+    return [
+        _output(new=[("a", [1, 2, 3], 0), ("b", [4, 5], 0)], scheduled={"a": 150, "b": 100}),
+        _output(cached=[("a", None, 150, False), ("b", None, 100, False)],
+                scheduled={"a": 1, "b": 1}),
+        _output(new=[("c", [1, 2, 6], 128)], cached=[("a", None, 151, False)],
+                finished={"b"}, scheduled={"a": 1, "c": 30}),
+        _output(cached=[("a", None, 152, False), ("c", None, 158, False)],
+                scheduled={"a": 40, "c": 1}),
+        _output(cached=[("a", [7], 192, False)], preempted={"c"}, scheduled={"a": 1}),
+        _output(cached=[("a", None, 193, False)], scheduled={"a": 1}),
+        _output(finished={"a"}),
+    ]
+
+
+def test_pool_group_mirror_counts_every_step_like_the_gpu():
+    """The host mirror's tile counts give the same records and slot tables as counting on
+    the GPU, step by step, and the GPU finds nothing the mirror missed."""
+    from kvarn_vllm.lifecycle import RequestBlocks
+
+    runs = []
+    for sync in (True, False):
+        caches, group = _layers()
+        rb, rng, states = RequestBlocks(), torch.Generator().manual_seed(0), []
+        for out in _schedule():
+            rb.observe(out)
+            _run_step(caches, group, rb.plan, rng, sync=sync)
+            held = {int(b) for b in caches[0].slot_to_block if b >= 0}
+            if not sync:
+                assert held == group.mirror.held
+            states.append((held, [c.pages.clone() for c in caches]))
+        assert int(group.backlog) == 0 and int(caches[0].dropped_tokens) == 0
+        assert not held  # everything finished: every slot is free again
+        runs.append(states)
+    for (held_a, pages_a), (held_b, pages_b) in zip(*runs):
+        assert held_a == held_b
+        assert all(torch.equal(x, y) for x, y in zip(pages_a, pages_b))
+
+
+def test_pool_group_step_matches_one_layer_at_a_time():
+    from kvarn_torch import cache as kvcache
+    from kvarn_vllm.lifecycle import Finished, Scheduled, StepPlan
+
+    caches, group = _layers(num_blocks=12)
     rng = torch.Generator().manual_seed(0)
     table = torch.tensor([[2, 5, 7]], dtype=torch.int32)
-    # step 1: a 150-token prompt (blocks 2, 5 full, 7 partial)
-    sm = torch.cat([b * g + torch.arange(g) for b in (2, 5)] + [7 * g + torch.arange(22)])
-    group.step(table, torch.tensor([150]), torch.tensor([150]), sm, [])
-    kv = [(torch.randn(150, hk, d, generator=rng).half(), torch.randn(150, hk, d,
-                                                                        generator=rng).half())
-          for _ in caches]
+    sm = torch.cat([b * G + torch.arange(G) for b in (2, 5)] + [7 * G + torch.arange(22)])
+    group.step(table, torch.tensor([150]), torch.tensor([150]), sm,
+               StepPlan([Scheduled("a", [2, 5, 7], 0, 150)]))
+    kv = [tuple(torch.randn(150, HK, D, generator=rng).half() for _ in range(2)) for _ in caches]
     for c, (k, v) in zip(caches, kv):
         kvcache.write(c, k, v, sm)
-    assert sorted(caches[0].slot_to_block.tolist())[-3:] == [2, 5, 7]
-    # step 2: one decode token; block 5 (accepted, not the sink) is committed in every layer
-    sm2 = torch.tensor([7 * g + 22])
-    group.step(table, torch.tensor([151]), torch.tensor([1]), sm2, [])
+    # one decode token: block 5 (accepted, not the sink) is committed in every layer
+    group.step(table, torch.tensor([151]), torch.tensor([1]), torch.tensor([7 * G + 22]),
+               StepPlan([Scheduled("a", [2, 5, 7], 150, 1)]))
     assert int(caches[0].block_to_slot[5]) == -1 and int(caches[0].block_to_slot[2]) >= 0
     for c, (k, v) in zip(caches, kv):
-        single = kvcache.init(12, hk, d, pool_slots=8, preset="kvarn_k4v2_g64")
+        single = kvcache.init(12, HK, D, pool_slots=8, preset="kvarn_k4v2_g64")
         kvcache.append(single, k, v, sm)
         kvcache.commit(single, table, torch.tensor([151]), torch.tensor([1]))
         assert torch.equal(c.pages[5], single.pages[5])  # the same bytes as layer by layer
     # the request finishes with 151 tokens: the sink is quantized, the partial block dropped
     group.step(table[:0], torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.int32),
-               torch.zeros(0, dtype=torch.int64), [([2, 5, 7], 151)])
+               torch.zeros(0, dtype=torch.int64), StepPlan([], [Finished("a", [2, 5, 7], 151)]))
     assert (caches[0].slot_to_block == -1).all()
     assert all(c.pages[2].any() for c in caches)
 
 
-def test_pool_exhaustion_is_loud():
-    from kvarn_torch import cache as kvcache
-    from kvarn_vllm.lifecycle import PoolExhausted
+def test_a_mirror_that_misses_tiles_stops_the_engine():
+    from kvarn_vllm.lifecycle import RequestBlocks
+
+    caches, group = _layers()
+    rb, rng = RequestBlocks(), torch.Generator().manual_seed(0)
+    outs = _schedule()
+    rb.observe(outs[0])
+    _run_step(caches, group, rb.plan, rng)
+    group.mirror.held.clear()  # the mirror forgets the prompt's blocks: it counts 0 tiles
+    rb.observe(outs[1])
+    _run_step(caches, group, rb.plan, rng)
+    rb.observe(outs[2])
+    with pytest.raises(RuntimeError, match="not counted by the host-side pool mirror"):
+        _run_step(caches, group, rb.plan, rng)
+
+
+def test_pool_exhaustion_is_loud_before_tokens_are_lost():
+    from kvarn_vllm.lifecycle import PoolExhausted, Scheduled, StepPlan
 
     caches, group = _layers(slots=2)
-    g = 64
     table = torch.tensor([[1, 2, 3]], dtype=torch.int32)
-    sm = torch.arange(3 * g) + g  # three blocks, two slots
-    group.step(table, torch.tensor([3 * g]), torch.tensor([3 * g]), sm, [])
-    for c in caches:
-        k = torch.zeros(3 * g, 2, 64, dtype=torch.float16)
-        kvcache.write(c, k, k, sm)
-    group.step(table, torch.tensor([3 * g + 1]), torch.tensor([1]), torch.tensor([4 * g]), [])
+    sm = torch.arange(3 * G) + G  # three blocks, two slots
     with pytest.raises(PoolExhausted, match="KVARN_POOL_SLOTS"):
-        group.step(table, torch.tensor([3 * g + 2]), torch.tensor([1]),
-                   torch.tensor([4 * g + 1]), [])
+        group.step(table, torch.tensor([3 * G]), torch.tensor([3 * G]), sm,
+                   StepPlan([Scheduled("a", [1, 2, 3], 0, 3 * G)]))
+
+
+def test_tokens_lost_on_the_gpu_are_reported_a_step_later():
+    from kvarn_torch import cache as kvcache
+    from kvarn_vllm.lifecycle import PoolExhausted, Scheduled, StepPlan
+
+    caches, group = _layers(slots=2)
+    table = torch.tensor([[1, 2, 3]], dtype=torch.int32)
+    sm = torch.arange(3 * G) + G
+    plan = StepPlan([Scheduled("a", [1, 2, 3], 0, 3 * G)])
+    group.step(table, torch.tensor([3 * G]), torch.tensor([3 * G]), sm, plan, sync=True)
+    for c in caches:
+        k = torch.zeros(3 * G, HK, D, dtype=torch.float16)
+        kvcache.write(c, k, k, sm)
+    plan = StepPlan([Scheduled("a", [1, 2, 3, 4], 3 * G, 1)])
+    group.step(table, torch.tensor([3 * G + 1]), torch.tensor([1]), torch.tensor([4 * G]), plan,
+               sync=True)
+    with pytest.raises(PoolExhausted, match="KVARN_POOL_SLOTS"):
+        group.step(table, torch.tensor([3 * G + 2]), torch.tensor([1]),
+                   torch.tensor([4 * G + 1]), plan, sync=True)

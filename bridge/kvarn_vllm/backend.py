@@ -142,6 +142,8 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
         self._init_reorder_batch_threshold(1, supports_spec_as_decode=True)
         self.vllm_config = vllm_config
         self.group: lifecycle.PoolGroup | None = None
+        spec = vllm_config.speculative_config
+        self.sync_commit = settings.sync_commit(spec.num_speculative_tokens if spec else 0)
 
     def _pool_group(self) -> lifecycle.PoolGroup | None:
         if self.group is None:
@@ -162,8 +164,7 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
         num_decodes = int(single.cumprod(0).sum()) if b else 0
         uniform = int(q_lens_cpu[0]) if b and bool((q_lens_cpu == q_lens_cpu[0]).all()) else 0
         seq_cpu = cam.seq_lens_cpu_upper_bound
-        fresh = ([bool(seq_cpu[i] == q_lens_cpu[i]) for i in range(b)]
-                 if seq_cpu is not None else [False] * b)
+        fresh = ((seq_cpu[:b] == q_lens_cpu).tolist() if seq_cpu is not None else [False] * b)
         qsl = cam.query_start_loc[: b + 1]
         return KVarNMetadata(
             seq_lens=cam.seq_lens[:b], query_start_loc=qsl,
@@ -182,7 +183,7 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
         if group is not None and lifecycle.REQUESTS.in_step:  # real steps only
             group.step(md.block_table, md.seq_lens, md.query_lens(),
                        common_attn_metadata.slot_mapping[: md.num_actual_tokens],
-                       lifecycle.REQUESTS.take_finished())
+                       lifecycle.REQUESTS.plan, sync=self.sync_commit)
         return md
 
 

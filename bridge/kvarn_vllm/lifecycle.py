@@ -3,14 +3,19 @@ worker, on top of `kvarn_torch.cache`.
 
 vLLM's layers share block ids, so they share one pair of slot tables (`SlotTables`); each
 layer has its own pages (vLLM's KV-cache tensor) and pool. Once per step, in the metadata
-builder and outside any CUDA graph, `PoolGroup.step` releases the blocks of finished and
-preempted requests, commits every full block whose tokens were all accepted before this
-step, and gives a pool slot to every block this step writes. The layers' `do_kv_cache_update`
-then only rotate and scatter their tokens (graph-safe, no allocation).
+builder and outside any CUDA graph, `PoolGroup.step` quantizes the blocks of finished and
+preempted requests and every full block whose tokens were all accepted before this step
+(one codec call for all layers), frees their slots, and gives a pool slot to every block
+this step writes. The layers' `do_kv_cache_update` then only rotate and scatter their
+tokens (graph-safe, no allocation).
 
-Which requests finished is not part of the attention metadata: `RequestBlocks` follows the
-scheduler outputs the worker receives (block ids and token counts per request) and hands
-out the blocks of finished and preempted requests once.
+Neither which requests finished nor how many tiles a step quantizes is part of the
+attention metadata: `RequestBlocks` follows the scheduler outputs the worker receives
+(block ids and token counts per request), and `PoolGroup` keeps a host mirror of which
+blocks hold a pool slot, driven by the same rules, so it knows each step's tile count
+without reading it back from the GPU (a host sync per step would stall vLLM's overlap of
+CPU and GPU work). The GPU counts what the mirror missed; a mismatch stops the engine
+loudly, one step late, like an exhausted pool.
 """
 
 from __future__ import annotations
@@ -22,6 +27,30 @@ from torch import Tensor
 
 from kvarn_torch import cache as kvcache
 from kvarn_torch.cache import KVarNCache
+
+
+@dataclasses.dataclass
+class Scheduled:
+    """One request of a step: its blocks (group 0), the tokens computed before the step
+    and the tokens the step writes."""
+    req_id: str
+    blocks: list[int]
+    computed: int
+    new_tokens: int
+
+
+@dataclasses.dataclass
+class Finished:
+    """A finished or preempted request: its blocks and (an upper bound of) its tokens."""
+    req_id: str
+    blocks: list[int]
+    tokens: int
+
+
+@dataclasses.dataclass
+class StepPlan:
+    scheduled: list[Scheduled] = dataclasses.field(default_factory=list)
+    finished: list[Finished] = dataclasses.field(default_factory=list)
 
 
 class PoolExhausted(RuntimeError):
@@ -37,7 +66,8 @@ class RequestBlocks:
     def __init__(self) -> None:
         self.blocks: dict[str, list[int]] = {}
         self.tokens: dict[str, int] = {}
-        self.finished: list[tuple[list[int], int]] = []
+        self.plan = StepPlan()  # of the step being executed
+        self.finished: list[Finished] = []  # not yet handed to a PoolGroup
         self.in_step = False  # True while the worker executes a real scheduler step
         self.steps = 0
 
@@ -46,16 +76,17 @@ class RequestBlocks:
         gone = set(out.finished_req_ids) | set(out.preempted_req_ids or ())
         for rid in gone:
             if rid in self.blocks:
-                self.finished.append((self.blocks.pop(rid), self.tokens.pop(rid)))
+                self.finished.append(Finished(rid, self.blocks.pop(rid), self.tokens.pop(rid)))
         if getattr(out, "kv_cache_block_copies", None):
             raise NotImplementedError(
                 "vLLM asked to copy KV blocks (partial-block prefix hits, copy-on-write); the "
                 "kvarn cache cannot copy tail-pool blocks yet: run without "
                 "--enable-prefix-caching or with --kv-cache-dtype auto")
         n = out.num_scheduled_tokens
+        scheduled = []
         for req in out.scheduled_new_reqs:
             self.blocks[req.req_id] = list(req.block_ids[0]) if req.block_ids else []
-            self.tokens[req.req_id] = req.num_computed_tokens + n.get(req.req_id, 0)
+            scheduled.append((req.req_id, req.num_computed_tokens))
         cached = out.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
             new = cached.new_block_ids[i]
@@ -63,10 +94,15 @@ class RequestBlocks:
                 self.blocks[rid] = list(new[0]) if new else []
             elif new:
                 self.blocks[rid].extend(new[0])
-            self.tokens[rid] = cached.num_computed_tokens[i] + n.get(rid, 0)
+            scheduled.append((rid, cached.num_computed_tokens[i]))
+        self.plan = StepPlan(
+            [Scheduled(rid, self.blocks[rid], c, n.get(rid, 0)) for rid, c in scheduled],
+            self.take_finished())
+        for s in self.plan.scheduled:
+            self.tokens[s.req_id] = s.computed + s.new_tokens
         self.steps += 1
 
-    def take_finished(self) -> list[tuple[list[int], int]]:
+    def take_finished(self) -> list[Finished]:
         out, self.finished = self.finished, []
         return out
 
@@ -96,49 +132,136 @@ def shared_tables(device: torch.device, num_blocks: int, pool_slots: int) -> Slo
     return _TABLES[key]
 
 
+class PoolMirror:
+    """Which blocks hold a pool slot, on the host, following the rules of
+    `kvarn_torch.cache` (allocate / commit / release) from the scheduler's numbers."""
+
+    def __init__(self, tile: int, sink_blocks: int, pool_slots: int) -> None:
+        self.tile, self.sink, self.pool_slots = tile, sink_blocks, pool_slots
+        self.held: set[int] = set()
+        self.checked: dict[str, int] = {}  # per request: blocks below this are settled
+
+    def flush(self, plan: StepPlan) -> int:
+        """Apply release and commit; -> how many held blocks get quantized."""
+        g, sink = self.tile, self.sink
+        quantize: set[int] = set()
+        free: set[int] = set()
+        for f in plan.finished:
+            self.checked.pop(f.req_id, None)
+            full = min(f.tokens // g, len(f.blocks))
+            quantize.update(b for b in f.blocks[:full] if b in self.held)
+            free.update(b for b in f.blocks[full: -(-f.tokens // g)] if b in self.held)
+        for s in plan.scheduled:
+            full = min(s.computed // g, len(s.blocks))
+            if s.req_id not in self.checked:  # first sight: a prefix hit's blocks are settled
+                self.checked[s.req_id] = max(sink, full)
+                continue
+            lo = max(sink, self.checked[s.req_id])
+            quantize.update(b for b in s.blocks[lo:full] if b in self.held)
+            self.checked[s.req_id] = max(lo, full)
+        free -= quantize
+        self.held -= quantize | free
+        return len(quantize)
+
+    def allocate(self, plan: StepPlan) -> int:
+        """Give slots to the blocks this step starts; -> slots still missing (0 if the pool
+        holds them all)."""
+        g, missing = self.tile, 0
+        for s in plan.scheduled:
+            if s.new_tokens <= 0:
+                continue
+            first = -(-s.computed // g)  # blocks from here on are written from offset 0
+            last = (s.computed + s.new_tokens - 1) // g
+            for b in s.blocks[first: last + 1]:
+                if b not in self.held:
+                    if len(self.held) < self.pool_slots:
+                        self.held.add(b)
+                    else:
+                        missing += 1
+        return missing
+
+
 class PoolGroup:
     """The caches of the layers of one KV-cache group and their per-step bookkeeping."""
 
     def __init__(self, caches: list[KVarNCache], tables: SlotTables) -> None:
         self.caches = caches
         self.tables = tables
+        head = caches[0]
+        self.mirror = PoolMirror(head.tile, head.sink_blocks, head.pool_slots)
         self.started = False
-        self._dropped_host = torch.zeros((), dtype=torch.int32,
-                                         pin_memory=tables.dropped_tokens.is_cuda)
+        # GPU-side counters read one step late through pinned copies (no step waits):
+        # tokens that found no slot, and ready tiles the mirror did not count.
+        self.backlog = torch.zeros((), dtype=torch.int32, device=head.device)
+        pin = head.device.type == "cuda"
+        self._seen = torch.zeros(2, dtype=torch.int32, pin_memory=pin)
 
     def _start(self) -> None:
         """Forget what warm-up and graph capture wrote: they ran on dummy batches."""
         self.tables.block_to_slot.fill_(-1)
         self.tables.slot_to_block.fill_(-1)
         self.tables.dropped_tokens.zero_()
-        self._dropped_host.zero_()
+        self.backlog.zero_()
+        self._seen.zero_()
         self.started = True
 
-    def _check_dropped(self) -> None:
-        """Raise if the previous step wrote tokens that found no pool slot (read one step
-        late through a pinned copy, so no step waits for the GPU)."""
-        if int(self._dropped_host):
-            pool = self.tables.slot_to_block.numel()
+    def _check_counters(self) -> None:
+        """Raise if an earlier step lost tokens (no free slot) or left ready tiles
+        unquantized (the host mirror went wrong)."""
+        dropped, backlog = (int(x) for x in self._seen)
+        pool = self.mirror.pool_slots
+        if dropped:
             raise PoolExhausted(
-                f"kvarn tail pool exhausted: {int(self._dropped_host)} token writes found "
-                f"none of the {pool} slots free, so their K/V were lost. Raise "
-                f"KVARN_POOL_SLOTS above {pool}, or lower --max-num-seqs / "
-                "--max-num-batched-tokens")
-        self._dropped_host.copy_(self.tables.dropped_tokens, non_blocking=True)
+                f"kvarn tail pool exhausted: {dropped} token writes found none of the "
+                f"{pool} slots free, so their K/V were lost. Raise KVARN_POOL_SLOTS above "
+                f"{pool}, or lower --max-num-seqs / --max-num-batched-tokens")
+        if backlog:
+            raise RuntimeError(
+                f"kvarn internal error: {backlog} tiles were ready to quantize but not "
+                "counted by the host-side pool mirror; please report it with the vLLM "
+                "arguments used (KVARN_SYNC_COMMIT=1 counts on the GPU instead)")
 
     def step(self, block_table: Tensor, seq_lens: Tensor, query_lens: Tensor,
-             slot_mapping: Tensor, finished: list[tuple[list[int], int]]) -> None:
+             slot_mapping: Tensor, plan: StepPlan, *, sync: bool = False) -> None:
+        """One step: quantize and free as the plan's finished requests and accepted blocks
+        require, then allocate for the step's writes. `sync` counts the tiles on the GPU
+        (one host sync) instead of trusting the mirror."""
         if not self.started:
             self._start()
-        self._check_dropped()
+        self._check_counters()
         head = self.caches[0]
-        if finished:
-            width = max(1, max(len(b) for b, _ in finished))
-            table = torch.full((len(finished), width), -1, dtype=torch.int32)
-            for i, (blocks, _) in enumerate(finished):
-                table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-            lens = torch.tensor([t for _, t in finished], dtype=torch.int32)
-            kvcache.release(self.caches, table.to(head.device), lens.to(head.device))
+        n = self.mirror.flush(plan)
+        missing = self.mirror.allocate(plan)
+        if missing and not sync:
+            pool = self.mirror.pool_slots
+            raise PoolExhausted(
+                f"kvarn tail pool exhausted: this step starts {missing} more blocks than the "
+                f"{pool} slots hold. Raise KVARN_POOL_SLOTS above {pool}, or lower "
+                "--max-num-seqs / --max-num-batched-tokens")
+        quantize = free = None
+        if plan.finished:
+            width = max(1, max(len(f.blocks) for f in plan.finished))
+            table = torch.full((len(plan.finished), width), -1, dtype=torch.int32)
+            for i, f in enumerate(plan.finished):
+                table[i, : len(f.blocks)] = torch.tensor(f.blocks, dtype=torch.int32)
+            lens = torch.tensor([f.tokens for f in plan.finished], dtype=torch.int32)
+            quantize, free = kvcache.release_marks(head, _to_device(table, head.device),
+                                                   _to_device(lens, head.device))
         if block_table.shape[0]:
-            kvcache.commit(self.caches, block_table, seq_lens, query_lens)
+            ready = kvcache.commit_marks(head, block_table, seq_lens, query_lens)
+            quantize = ready if quantize is None else quantize | ready
+        if quantize is not None:
+            kvcache.flush(self.caches, quantize, free if free is not None else
+                          torch.zeros_like(quantize), None if sync else n,
+                          backlog=None if sync else self.backlog)
         kvcache.allocate(head, slot_mapping)
+        # read by the next step; the layers' writes of this step count in the one after
+        self._seen[0].copy_(self.tables.dropped_tokens, non_blocking=True)
+        self._seen[1].copy_(self.backlog, non_blocking=True)
+
+
+def _to_device(x: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on `device` without waiting for the GPU (pinned, asynchronous copy)."""
+    if device.type != "cuda":
+        return x
+    return x.pin_memory().to(device, non_blocking=True)

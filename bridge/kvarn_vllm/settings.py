@@ -16,6 +16,7 @@ PREFIX = "kvarn_"
 DTYPES = tuple(PRESETS)  # every preset is a kv-cache dtype of the same name
 ENV_POOL_SLOTS = "KVARN_POOL_SLOTS"
 ENV_SINK_BLOCKS = "KVARN_SINK_BLOCKS"
+ENV_SYNC_COMMIT = "KVARN_SYNC_COMMIT"
 POOL_SLACK = 8  # slots beyond the bound below: cheap insurance against off-by-ones
 
 
@@ -46,6 +47,16 @@ def slot_bytes(kv_cache_dtype: str, head_size: int) -> int:
     n = record_bytes(kv_cache_dtype, head_size)
     assert n % g == 0, (kv_cache_dtype, head_size)  # true for every preset and head size
     return n // g
+
+
+def sync_commit(speculative_tokens: int) -> bool:
+    """Count each step's tiles on the GPU (one host sync a step) rather than from the host
+    mirror of the pool: with speculative decoding (the scheduler's token counts are then
+    optimistic) or when KVARN_SYNC_COMMIT=1."""
+    value = os.environ.get(ENV_SYNC_COMMIT, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{ENV_SYNC_COMMIT} must be 0 or 1; got {value!r}")
+    return value == "1" or speculative_tokens > 0
 
 
 def sink_blocks() -> int:
