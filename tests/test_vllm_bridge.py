@@ -257,16 +257,20 @@ def _run_step(caches, group, plan, rng, sync=False):
 
 
 def _schedule():
-    """Scheduler outputs: two prompts, decodes, a prefix hit on the first prompt's
-    blocks, a chunk that fills a block exactly, a finish and a preemption."""
+    """Scheduler outputs: two prompts, decodes, prefix hits on the first prompt's blocks
+    (one while that prompt waits and its second block is still in the pool), a chunk that
+    fills a block exactly, a finish and a preemption."""
     return [
         _output(new=[("a", [1, 2, 3], 0), ("b", [4, 5], 0)], scheduled={"a": 150, "b": 100}),
-        _output(cached=[("a", None, 150, False), ("b", None, 100, False)],
+        _output(new=[("d", [1, 2, 8], 128)], cached=[("b", None, 100, False)],
+                scheduled={"b": 1, "d": 10}),
+        _output(cached=[("a", None, 150, False)], finished={"d"}, scheduled={"a": 1}),
+        _output(cached=[("a", None, 151, False), ("b", None, 101, False)],
                 scheduled={"a": 1, "b": 1}),
-        _output(new=[("c", [1, 2, 6], 128)], cached=[("a", None, 151, False)],
+        _output(new=[("c", [1, 2, 6], 128)], cached=[("a", None, 152, False)],
                 finished={"b"}, scheduled={"a": 1, "c": 30}),
-        _output(cached=[("a", None, 152, False), ("c", None, 158, False)],
-                scheduled={"a": 40, "c": 1}),
+        _output(cached=[("a", None, 153, False), ("c", None, 158, False)],
+                scheduled={"a": 39, "c": 1}),
         _output(cached=[("a", [7], 192, False)], preempted={"c"}, scheduled={"a": 1}),
         _output(cached=[("a", None, 193, False)], scheduled={"a": 1}),
         _output(finished={"a"}),

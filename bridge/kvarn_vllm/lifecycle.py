@@ -152,11 +152,10 @@ class PoolMirror:
             quantize.update(b for b in f.blocks[:full] if b in self.held)
             free.update(b for b in f.blocks[full: -(-f.tokens // g)] if b in self.held)
         for s in plan.scheduled:
+            # blocks below `checked` were committed when they filled; a prefix hit's blocks
+            # are checked on first sight (another request may still hold one in the pool)
             full = min(s.computed // g, len(s.blocks))
-            if s.req_id not in self.checked:  # first sight: a prefix hit's blocks are settled
-                self.checked[s.req_id] = max(sink, full)
-                continue
-            lo = max(sink, self.checked[s.req_id])
+            lo = max(sink, self.checked.get(s.req_id, 0))
             quantize.update(b for b in s.blocks[lo:full] if b in self.held)
             self.checked[s.req_id] = max(lo, full)
         free -= quantize
