@@ -4,6 +4,12 @@ and the time to commit the tiles one decode step completes (B blocks x Hk heads)
 
     PYTHONPATH=/tmp/vsite:$PWD python benchmarks/decode_attention.py --json out.json
 
+`--sweep` instead times the Triton kernel's launch knobs (block_n x num_warps x splits) side
+by side on 16 x 32K and 1 x 4K (32/8 heads, D=128), each variant first checked against the
+exact float32 reference (1 x 4K) or the default variant (16 x 32K):
+
+    python benchmarks/decode_attention.py --sweep --json $OUT/sweep.json
+
 Steady-state cache: every sequence holds its sink block and its partial last block in the
 tail pool, every other block quantized (k4v2_g128 records). Torch calls are timed as CUDA
 graph replays; JAX calls as one jitted program that runs the kernel REPS times in a loop
@@ -155,6 +161,58 @@ def kvarn_bytes(b, ctx, hk, d, hq, lay):
     return b * hk * ((nb - 2) * lay.record_bytes + 2 * G * d * 2 * 2) + 2 * b * hq * d * 2
 
 
+def sweep(args) -> None:
+    """Time Triton launch variants on the two headline shapes (see the module doc)."""
+    from kvarn_torch import attention_reference
+    from kvarn_torch import cache as tcache
+    from kvarn_torch import triton_attention as ta
+
+    rng = np.random.default_rng(0)
+    records = []
+    for (b, ctx) in ((16, 32768), (1, 4096)):
+        hq, hk, d = 32, 8, 128
+        cache, table, lens, lay = build_jax_cache(b, ctx, hk, d, jnp.float16, rng)
+        t = lambda x: torch.from_dlpack(x)  # noqa: E731
+        tc = tcache.KVarNCache(
+            pages=t(cache.pages), pool_k=t(cache.pool_k), pool_v=t(cache.pool_v),
+            block_to_slot=t(cache.block_to_slot), slot_to_block=t(cache.slot_to_block),
+            dropped_tokens=torch.zeros((), dtype=torch.int32, device="cuda"),
+            preset=PRESET, sink_blocks=1, iters=8)
+        tq = t(jax.random.normal(jax.random.key(1), (b, 1, hq, d), jnp.float16))
+        tt, tl_ = t(table), t(lens)
+        kb = kvarn_bytes(b, ctx, hk, d, hq, lay)
+        programs = b * hk
+        auto = ta.num_splits(programs, table.shape[1] * 2, ta._num_sms(tq.device))
+        if b == 1:
+            want = attention_reference.attention(tq, tc, tt, tl_)
+        else:
+            want = ta.attention(tq, tc, tt, tl_).float()  # the default launch
+        scale = want.abs().max().item()
+        split_choices = sorted({1, max(1, auto // 2), auto, 2 * auto} if b == 1
+                               else {1, auto, 2 * auto, 4 * auto})
+        for block_n in (64, 128):
+            for warps in (4, 8):
+                for splits in split_choices:
+                    row = dict(batch=b, context=ctx, q_heads=hq, kv_heads=hk, head_dim=d,
+                               impl="kvarn-triton", block_n=block_n, num_warps=warps,
+                               splits=splits, auto_splits=auto)
+                    try:
+                        fn = lambda: ta.attention(tq, tc, tt, tl_, splits=splits,  # noqa: E731
+                                                  block_n=block_n, num_warps=warps)
+                        err = ((fn().float() - want).abs().max() / scale).item()
+                        us = time_graph(fn)
+                        row |= dict(us=us, bytes=kb, tb_s=kb / us / 1e6, rel_err=err)
+                        print(f"B={b:<3} ctx={ctx:<6} block_n={block_n:<4} warps={warps} "
+                              f"splits={splits:<3} {us:8.1f} us {kb / us / 1e6:5.2f} TB/s "
+                              f"err {err:.1e}", flush=True)
+                    except Exception as e:  # one failing variant must not hide the rest
+                        traceback.print_exc()
+                        row |= dict(error=f"{type(e).__name__}: {e}")
+                    records.append(row)
+                    save(args, records)
+        del cache
+
+
 def save(args, records) -> None:
     """Write the JSON so far: a run cut short by a time limit keeps what it measured."""
     if not args.json:
@@ -176,7 +234,12 @@ def main() -> None:
     ap.add_argument("--impls", nargs="+",
                     default=["kvarn-triton", "kvarn-pallas", "fa3-fp16", "fa3-fp8", "commit",
                              "commit-triton"])
+    ap.add_argument("--sweep", action="store_true",
+                    help="time the Triton kernel's launch knobs instead (see the module doc)")
     args = ap.parse_args()
+    if args.sweep:
+        sweep(args)
+        return
     rng = np.random.default_rng(0)
     records = []
     for (b, ctx, hq, hk, d) in shapes(args):
