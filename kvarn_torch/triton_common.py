@@ -5,8 +5,8 @@ GPU and in the Triton interpreter (TRITON_INTERPRET=1, numpy):
 
 * bfloat16 is never converted with `.to()`: the interpreter truncates fp32 -> bf16, so
   bf16 values travel as int16 bits and are widened / rounded with integer ops;
-* sums are the oracle's adjacent-pair tree (never tl.sum): `pair_sum_last` builds it
-  from reshape + split; triton_quantize also has a scratch-memory form for the GPU;
+* sums are the oracle's adjacent-pair tree, never tl.sum over more than two terms
+  (its order differs between the GPU and the interpreter): see triton_quantize;
 * division and square root use tl.div_rn / tl.sqrt_rn (plain `/` and tl.sqrt are
   approximate on the GPU), and launches pass enable_fp_fusion=False.
 """
@@ -84,19 +84,6 @@ def to_bf16_bits(x):
     u = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
     u = tl.where((u & 0x7FFF) == 0, tl.zeros_like(u), u)
     return u.to(tl.uint16).to(tl.int16, bitcast=True)
-
-
-@triton.jit
-def pair_sum_last(x, ROWS: tl.constexpr, COLS: tl.constexpr, LOG_COLS: tl.constexpr):
-    """[ROWS, COLS] -> [ROWS, 1]: sum of each row by the tree ((x0 + x1) + (x2 + x3)) + ...
-
-    Each level pairs adjacent elements: an order-keeping reshape to [.., n/2, 2], then split.
-    """
-    for i in tl.static_range(LOG_COLS):
-        pairs = tl.reshape(x, [ROWS, COLS >> (i + 1), 2], can_reorder=False)
-        a, b = tl.split(pairs)
-        x = a + b
-    return x
 
 
 @triton.jit

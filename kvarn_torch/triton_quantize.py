@@ -7,14 +7,32 @@ tile as stored, [G tokens, D channels]. Steps as in the oracle: canonicalize, va
 normalization (oracle.normalize), rescale, round-to-nearest-even codes (oracle.rtn),
 absorption of the row scale into the fp16 step and zero, packing, byte stores.
 
-Sums follow the oracle's canonical pair tree in one of two exact forms (SUMS):
-* "scratch", for the GPU: each level stores its values to a per-program float32 scratch
-  tile in global memory (L1/L2 resident) and reloads them at stride 2. Every tensor
-  keeps a plain blocked layout.
-* "registers", for the interpreter: reshape + split per level (tl.trans for columns).
-  Ten times fewer interpreted ops, but on the GPU the compiler's layout choices for it
-  blow up (whole tiles in every thread; compiles that never finish).
-Both give the same bits; tests run both under the interpreter.
+The bit view. The tile is held as a tensor with one axis of length 2 per bit of its row
+and column indices (R * C = 2^14 elements -> 14 axes). Every level of the oracle's pair
+tree ((x0 + x1) + (x2 + x3)) + ... adds the two halves of one such axis: level k of a
+row sum is tl.sum over the axis of column bit k. A sum of two terms is one IEEE addition
+on every backend, so these sums are exact (tl.sum over a longer axis is not: its order
+differs between the GPU and the interpreter). Row and column vectors (means, stds,
+scales) are the same tensor with length 1 on the other index's axes; they broadcast
+against the tile without reshapes, so the whole kernel keeps the one register layout of
+the tile load: no layout conversions, and a reduction over a bit held in a thread's
+registers is an add, over a bit held by lanes a shuffle, by warps a shared-memory step.
+
+Which bit lands where follows from how the tile is loaded: as a 4-D view
+[C_HI, R_HI, S, 8] of its high column bits, high row bits, the low bits of the strided
+index (S = elements per thread / 8) and the low 3 bits of the contiguous index (16-byte
+vectors). Triton's coalesced layout puts the vectors in registers, fills lanes and then
+warps from the first axis on (axes of equal contiguity go in index order) and leaves the
+S strided rows or columns to registers. With NUM_WARPS = 8 per 128 x 128 tile each
+thread holds an 8 x 8 block: every tree starts with 3 levels of in-thread adds, row sums
+(4 per iteration) stay within a warp, column sums (2) end with 3 shared-memory steps.
+The view only moves work: the trees are written in memory bit order.
+
+Why not reshape + split per level (the Pallas kernel's form): split needs its pair in one
+thread's registers, so Triton 3.6 moves whole rows into every thread, and reduction
+results in slice-of-linear layouts broadcast back against the tile give layouts with
+whole tiles per thread (1024 registers; compiles that never finish). The bit view needs
+neither a split nor a layout conversion of the tile.
 """
 
 from __future__ import annotations
@@ -25,25 +43,22 @@ import triton.language as tl
 from torch import Tensor
 
 from kvarn.checks import check_iters, check_tiles
+from kvarn.format import layout
 from kvarn_torch.triton_common import (
     F32_MIN_NORMAL,
     KIND_BF16,
     KIND_FP16,
     canonicalize,
     f32,
-    interpreted,
-    pair_sum_last,
     runtime_int,
     store_fp16_bytes,
     to_fp16,
     widen_f32,
 )
 
-NUM_WARPS = 8  # 16 for 256-channel tiles: 64 floats per thread per tile-sized tensor.
-# (ptxas for sm_90, per half: 128x128 at 8 warps -> 255 registers, 2.3 KB stack; 256x128
-# at 8 warps -> 32 registers, 9 KB stack; at 16 warps -> 64 registers, 4 KB stack.)
+NUM_WARPS = 8  # per 128 x 128 tile, scaled with the tile: an 8 x 8 block per thread
 DEFAULT_ITERS = 8
-SCRATCH_BYTES = 64 << 20  # per launch; larger batches go in several launches
+LOAD_VECTOR = 8  # fp16 / bf16 elements per 16-byte load (Triton's coalesced layout)
 STD_MIN, STD_MAX = tl.constexpr(f32(1e-3)), tl.constexpr(f32(1e3))
 SCALE_MIN = tl.constexpr(f32(0.7408182206817179))  # float32(exp(-0.3))
 SCALE_MAX = tl.constexpr(f32(22026.465794806718))  # float32(exp(10))
@@ -52,89 +67,55 @@ DELTA_MIN = tl.constexpr(f32(1e-10))
 
 
 @triton.jit
-def _load_tile(ptr, R: tl.constexpr, C: tl.constexpr, ROW_STRIDE: tl.constexpr,
-               COL_STRIDE: tl.constexpr, KIND: tl.constexpr):
-    """The canonical float32 [R, C] view of a stored tile: (i, j) at i*ROW_STRIDE + j*COL_STRIDE."""
-    offs = tl.arange(0, R)[:, None] * ROW_STRIDE + tl.arange(0, C)[None, :] * COL_STRIDE
-    return canonicalize(widen_f32(tl.load(ptr + offs), KIND))
+def _load_x(ptrs, TILE_BITS: tl.constexpr, KIND: tl.constexpr, VOLATILE: tl.constexpr):
+    """The canonical float32 tile X at ptrs (4-D view) in the bit view. VOLATILE: a
+    re-read that the compiler may not replace by an earlier load (from L1/L2; frees the
+    registers of X in between)."""
+    x = widen_f32(tl.load(ptrs, volatile=VOLATILE), KIND)
+    return tl.reshape(canonicalize(x), TILE_BITS, can_reorder=False)
 
 
 @triton.jit
-def _pair_sum(scr, x, R: tl.constexpr, C: tl.constexpr, LOG_N: tl.constexpr, AXIS: tl.constexpr,
-              IN_REGISTERS: tl.constexpr):
-    """Sum x [R, C] along AXIS (0: columns -> [1, C], 1: rows -> [R, 1]) by the canonical
-    tree ((x0 + x1) + (x2 + x3)) + ..., in registers or through the scratch tile `scr`."""
-    if IN_REGISTERS:
-        if AXIS == 0:
-            s = tl.reshape(pair_sum_last(tl.trans(x), C, R, LOG_N), [1, C], can_reorder=False)
+def _held_or_reloaded(x, ptrs, TILE_BITS: tl.constexpr, KIND: tl.constexpr,
+                      RELOAD: tl.constexpr):
+    """X as held, or re-read (then the held X is dead after its first use)."""
+    if RELOAD:
+        x = _load_x(ptrs, TILE_BITS, KIND, True)
+    return x
+
+
+@triton.jit
+def _pair_sum(x, LOG: tl.constexpr, LO: tl.constexpr, HI_AT: tl.constexpr, LO_AT: tl.constexpr):
+    """Sum the bit view x over one tile index of LOG bits by the canonical tree: level k
+    adds the halves of memory bit k. Its bits below LO are the axes from LO_AT, the others
+    the axes from HI_AT (high bits first). Axes are kept (length 1)."""
+    for k in tl.static_range(LOG):
+        x = tl.sum(x, axis=LO_AT + LO - 1 - k if k < LO else HI_AT + LOG - 1 - k,
+                   keep_dims=True)
+    return x
+
+
+@triton.jit
+def _bits_max(x, LOG: tl.constexpr, LO: tl.constexpr, HI_AT: tl.constexpr,
+              LO_AT: tl.constexpr, IS_MAX: tl.constexpr):
+    """max (or min) of the bit view over one tile index (exact in any order)."""
+    for k in tl.static_range(LOG):
+        if IS_MAX:
+            x = tl.max(x, axis=LO_AT + LO - 1 - k if k < LO else HI_AT + LOG - 1 - k,
+                       keep_dims=True)
         else:
-            s = pair_sum_last(x, R, C, LOG_N)
-    else:
-        s = _pair_sum_scratch(scr, x, R, C, LOG_N, AXIS)
-    return s
+            x = tl.min(x, axis=LO_AT + LO - 1 - k if k < LO else HI_AT + LOG - 1 - k,
+                       keep_dims=True)
+    return x
 
 
 @triton.jit
-def _pair_sum_scratch(scr, x, R: tl.constexpr, C: tl.constexpr, LOG_N: tl.constexpr,
-                      AXIS: tl.constexpr):
-    """_pair_sum level by level through the scratch tile: element k of a level is
-    element 2k + element 2k + 1 of the level before, stored and reloaded at stride 2."""
-    rows = tl.arange(0, R)[:, None]
-    cols = tl.arange(0, C)[None, :]
-    tl.debug_barrier()  # whoever used the scratch tile before is done with it
-    tl.store(scr + rows * C + cols, x)
-    for level in tl.static_range(LOG_N):
-        if AXIS == 0:
-            k = tl.arange(0, R >> (level + 1))[:, None]
-            even = scr + 2 * k * C + cols
-            step = C
-            out = scr + k * C + cols
-        else:
-            k = tl.arange(0, C >> (level + 1))[None, :]
-            even = scr + rows * C + 2 * k
-            step = 1
-            out = scr + rows * C + k
-        tl.debug_barrier()  # the level's inputs are written
-        # .cg: read through L2, where the other threads' stores are
-        s = tl.load(even, cache_modifier=".cg") + tl.load(even + step, cache_modifier=".cg")
-        if level + 1 < LOG_N:
-            tl.debug_barrier()  # every input is read before it is overwritten
-            tl.store(out, s)
-    return s
-
-
-@triton.jit
-def _pack_store(ptr, q, scr, R: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr,
-                IN_REGISTERS: tl.constexpr):
-    """Pack codes q [R, C] LSB first along the row and store the [R, C // (8 // BITS)]
-    bytes at ptr: byte j of a row holds code (8 // BITS) * j + i at bit i * BITS."""
-    PER_BYTE: tl.constexpr = 8 // BITS
-    rows = tl.arange(0, R)[:, None]
-    byte = tl.arange(0, C // PER_BYTE)[None, :]
-    if IN_REGISTERS:  # merge adjacent pairs, doubling the field width each time
-        for i in tl.static_range(3):
-            if (BITS << i) < 8:
-                a, b = tl.split(tl.reshape(q, [R, C >> (i + 1), 2], can_reorder=False))
-                q = a | (b << (BITS << i))
-        packed = q
-    else:  # read the codes back from the scratch tile at stride PER_BYTE
-        tl.debug_barrier()
-        tl.store(scr + rows * C + tl.arange(0, C)[None, :], q.to(tl.float32))
-        tl.debug_barrier()
-        packed = tl.zeros([R, C // PER_BYTE], tl.int32)
-        for i in tl.static_range(PER_BYTE):
-            code = tl.load(scr + rows * C + byte * PER_BYTE + i, cache_modifier=".cg")
-            packed = packed | (code.to(tl.int32) << (i * BITS))
-    tl.store(ptr + rows * (C // PER_BYTE) + byte, packed.to(tl.uint8))
-
-
-@triton.jit
-def _std(scr, x, R: tl.constexpr, C: tl.constexpr, LOG_N: tl.constexpr, AXIS: tl.constexpr,
-         INV_N: tl.constexpr, INV_NM1: tl.constexpr, IN_REGISTERS: tl.constexpr):
-    """Two-pass Bessel-corrected std of x [R, C] along AXIS, axis kept."""
-    mean = _pair_sum(scr, x, R, C, LOG_N, AXIS, IN_REGISTERS) * INV_N
+def _std(x, LOG: tl.constexpr, LO: tl.constexpr, HI_AT: tl.constexpr, LO_AT: tl.constexpr,
+         INV_N: tl.constexpr, INV_NM1: tl.constexpr):
+    """Two-pass Bessel-corrected std of x over one tile index (as _pair_sum), axes kept."""
+    mean = _pair_sum(x, LOG, LO, HI_AT, LO_AT) * INV_N
     d = x - mean
-    return tl.sqrt_rn(_pair_sum(scr, d * d, R, C, LOG_N, AXIS, IN_REGISTERS) * INV_NM1)
+    return tl.sqrt_rn(_pair_sum(d * d, LOG, LO, HI_AT, LO_AT) * INV_NM1)
 
 
 @triton.jit
@@ -146,19 +127,17 @@ def _rescale(x, c, r):
 
 
 @triton.jit
-def _scaled(tile_ptr, c, r, R: tl.constexpr, C: tl.constexpr, ROW_STRIDE: tl.constexpr,
-            COL_STRIDE: tl.constexpr, KIND: tl.constexpr):
-    """rescale(X, c, r) with X reloaded (from L1/L2): holding X in registers across the
-    normalization loop as well costs spills on the GPU."""
-    return _rescale(_load_tile(tile_ptr, R, C, ROW_STRIDE, COL_STRIDE, KIND), c, r)
+def _ratio(hi, lo):
+    return tl.div_rn(tl.maximum(hi, IMB_FLOOR), tl.maximum(lo, IMB_FLOOR))
 
 
 @triton.jit
-def _imbalance(s_col, s_row):
-    """max/min ratio of the column stds plus that of the row stds (floored at 1e-8)."""
-    col = tl.div_rn(tl.maximum(tl.max(s_col), IMB_FLOOR), tl.maximum(tl.min(s_col), IMB_FLOOR))
-    row = tl.div_rn(tl.maximum(tl.max(s_row), IMB_FLOOR), tl.maximum(tl.min(s_row), IMB_FLOOR))
-    return col + row
+def _imbalance(s_col, s_row, LOG_C: tl.constexpr, LO_C: tl.constexpr, C_LO_AT: tl.constexpr):
+    """max/min ratio of the column stds plus that of the row stds (floored at 1e-8).
+    The column stds are reduced bit by bit: those axes are within a warp (no barrier)."""
+    col = _ratio(_bits_max(s_col, LOG_C, LO_C, 0, C_LO_AT, True),
+                 _bits_max(s_col, LOG_C, LO_C, 0, C_LO_AT, False))
+    return col + _ratio(tl.max(s_row), tl.min(s_row))
 
 
 @triton.jit
@@ -168,48 +147,83 @@ def _clamp(x, lo, hi):
 
 @triton.jit
 def _quantize_kernel(
-    tiles_ptr, out_ptr, scratch_ptr, iters, KIND: tl.constexpr, RECORD_BYTES: tl.constexpr,
-    R: tl.constexpr, C: tl.constexpr, LOG_R: tl.constexpr, LOG_C: tl.constexpr,
-    ROW_STRIDE: tl.constexpr, COL_STRIDE: tl.constexpr,
+    tiles_ptr, out_ptr, iters, KIND: tl.constexpr, RECORD_BYTES: tl.constexpr,
+    LOG_R: tl.constexpr, LOG_C: tl.constexpr, LO_R: tl.constexpr, LO_C: tl.constexpr,
+    ROW_STRIDE: tl.constexpr,
+    COL_STRIDE: tl.constexpr, TILE_BITS: tl.constexpr, ROW_BITS: tl.constexpr,
+    COL_BITS: tl.constexpr,
     INV_R: tl.constexpr, INV_RM1: tl.constexpr, INV_C: tl.constexpr, INV_CM1: tl.constexpr,
     BITS: tl.constexpr, INV_QMAX: tl.constexpr,
     CODES: tl.constexpr, ROW_SCALE: tl.constexpr, ROW_ZERO: tl.constexpr, COL_SCALE: tl.constexpr,
-    IN_REGISTERS: tl.constexpr,
+    RELOAD: tl.constexpr,
 ):
     """Quantize each row of one tile viewed as X [R, C] (element (i, j) at
-    i * ROW_STRIDE + j * COL_STRIDE) and write its fields into the tile's record: codes
-    [R, C] packed at CODES, fp16 row scale / zero [R] and column scale [C]."""
+    i * ROW_STRIDE + j * COL_STRIDE, one of the strides 1) and write its fields into the
+    tile's record: codes [R, C] packed at CODES, fp16 row scale / zero [R] and column
+    scale [C]. TILE_BITS, ROW_BITS, COL_BITS: the bit-view shapes of the tile, of a row
+    vector (length 1 on the column bits) and of a column vector. RELOAD: re-read X at each
+    rescale instead of holding it in registers (for tiles with few registers per element)."""
+    R: tl.constexpr = 1 << LOG_R
+    C: tl.constexpr = 1 << LOG_C
+    ROWS_CONTIGUOUS: tl.constexpr = ROW_STRIDE == 1
+    # Bit-view axes: column bits from LO_C up, row bits from LO_R up (high bits first), the
+    # strided index's low bits, the contiguous index's low bits (see module doc).
+    R_HI_AT: tl.constexpr = LOG_C - LO_C
+    STRIDED_LO_AT: tl.constexpr = R_HI_AT + LOG_R - LO_R
+    R_LO_AT: tl.constexpr = STRIDED_LO_AT + LO_C if ROWS_CONTIGUOUS else STRIDED_LO_AT
+    C_LO_AT: tl.constexpr = STRIDED_LO_AT if ROWS_CONTIGUOUS else STRIDED_LO_AT + LO_R
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    PER_BYTE: tl.constexpr = 8 // BITS
+    LOG_PER_BYTE: tl.constexpr = 3 - (BITS >> 1)  # BITS is 2 or 4
     tile = tl.program_id(0).to(tl.int64)
     tile_ptr = tiles_ptr + tile * R * C
     rec_ptr = out_ptr + tile * RECORD_BYTES
-    scr = scratch_ptr + tile * R * C
-    QMAX: tl.constexpr = (1 << BITS) - 1
+
+    # The 4-D load view [column high, row high, strided low, contiguous low] -> bit view.
+    LO_S: tl.constexpr = LO_C if ROWS_CONTIGUOUS else LO_R
+    LO_X: tl.constexpr = LO_R if ROWS_CONTIGUOUS else LO_C
+    col_hi = tl.arange(0, C >> LO_C)[:, None, None, None] << LO_C
+    row_hi = tl.arange(0, R >> LO_R)[None, :, None, None] << LO_R
+    strided_lo = tl.arange(0, 1 << LO_S)[None, None, :, None]
+    contig_lo = tl.arange(0, 1 << LO_X)[None, None, None, :]
+    if ROWS_CONTIGUOUS:
+        rows = row_hi + contig_lo
+        cols = col_hi + strided_lo
+    else:
+        rows = row_hi + strided_lo
+        cols = col_hi + contig_lo
+    x_ptrs = tile_ptr + rows * ROW_STRIDE + cols * COL_STRIDE
+    x = _load_x(x_ptrs, TILE_BITS, KIND, False)
+    rows = tl.reshape(rows, ROW_BITS, can_reorder=False)  # memory row index, row vector
+    cols = tl.reshape(cols, COL_BITS, can_reorder=False)
 
     # Variance normalization: keep the most balanced iterate, ties to the later one.
-    c = tl.full([1, C], 1.0, tl.float32)
-    r = tl.full([R, 1], 1.0, tl.float32)
-    y = _scaled(tile_ptr, c, r, R, C, ROW_STRIDE, COL_STRIDE, KIND)
-    s_col = _std(scr, y, R, C, LOG_R, 0, INV_R, INV_RM1, IN_REGISTERS)
-    best = _imbalance(s_col, _std(scr, y, R, C, LOG_C, 1, INV_C, INV_CM1, IN_REGISTERS))
+    c = tl.full(COL_BITS, 1.0, tl.float32)
+    r = tl.full(ROW_BITS, 1.0, tl.float32)
+    y = _rescale(x, c, r)
+    s_col = _std(y, LOG_R, LO_R, R_HI_AT, R_LO_AT, INV_R, INV_RM1)
+    s_row = _std(y, LOG_C, LO_C, 0, C_LO_AT, INV_C, INV_CM1)
+    best = _imbalance(s_col, s_row, LOG_C, LO_C, C_LO_AT)
     best_c = c
     best_r = r
     for _ in range(iters):
         c = _clamp(c * _clamp(s_col, STD_MIN, STD_MAX), SCALE_MIN, SCALE_MAX)
-        y = _scaled(tile_ptr, c, r, R, C, ROW_STRIDE, COL_STRIDE, KIND)
-        s_row = _std(scr, y, R, C, LOG_C, 1, INV_C, INV_CM1, IN_REGISTERS)
+        y = _rescale(_held_or_reloaded(x, x_ptrs, TILE_BITS, KIND, RELOAD), c, r)
+        s_row = _std(y, LOG_C, LO_C, 0, C_LO_AT, INV_C, INV_CM1)
         r = _clamp(r * _clamp(s_row, STD_MIN, STD_MAX), SCALE_MIN, SCALE_MAX)
-        y = _scaled(tile_ptr, c, r, R, C, ROW_STRIDE, COL_STRIDE, KIND)
-        s_col = _std(scr, y, R, C, LOG_R, 0, INV_R, INV_RM1, IN_REGISTERS)
-        imb = _imbalance(s_col, _std(scr, y, R, C, LOG_C, 1, INV_C, INV_CM1, IN_REGISTERS))
+        y = _rescale(_held_or_reloaded(x, x_ptrs, TILE_BITS, KIND, RELOAD), c, r)
+        s_col = _std(y, LOG_R, LO_R, R_HI_AT, R_LO_AT, INV_R, INV_RM1)
+        s_row = _std(y, LOG_C, LO_C, 0, C_LO_AT, INV_C, INV_CM1)
+        imb = _imbalance(s_col, s_row, LOG_C, LO_C, C_LO_AT)
         keep = imb <= best
         best = tl.where(keep, imb, best)
         best_c = tl.where(keep, c, best_c)
         best_r = tl.where(keep, r, best_r)
 
     # Asymmetric RTN per row; round-half-even from floor (no rint in Triton's core ops).
-    b = _scaled(tile_ptr, best_c, best_r, R, C, ROW_STRIDE, COL_STRIDE, KIND)
-    lo = tl.min(b, axis=1, keep_dims=True)
-    hi = tl.max(b, axis=1, keep_dims=True)
+    b = _rescale(_held_or_reloaded(x, x_ptrs, TILE_BITS, KIND, RELOAD), best_c, best_r)
+    lo = _bits_max(b, LOG_C, LO_C, 0, C_LO_AT, False)
+    hi = _bits_max(b, LOG_C, LO_C, 0, C_LO_AT, True)
     delta = tl.maximum((hi - lo) * INV_QMAX, DELTA_MIN)
     v = tl.div_rn(b - lo, delta)
     f = tl.floor(v)
@@ -218,62 +232,84 @@ def _quantize_kernel(
     up = (frac > 0.5) | ((frac == 0.5) & ((q & 1) == 1))
     q = _clamp(q + up.to(tl.int32), 0, QMAX)
 
-    _pack_store(rec_ptr + CODES, q, scr, R, C, BITS, IN_REGISTERS)
-    rows = tl.arange(0, R)[:, None]
+    # Packing: code j of a row goes to byte j // PER_BYTE at bit (j % PER_BYTE) * BITS.
+    # The fields are disjoint, so summing over the low column bits is their OR.
+    packed = q << ((cols & (PER_BYTE - 1)) * BITS)
+    byte = rows * (C // PER_BYTE) + (cols >> LOG_PER_BYTE)
+    packed = _pair_sum(packed, LOG_PER_BYTE, LO_C, 0, C_LO_AT)
+    byte = _bits_max(byte, LOG_PER_BYTE, LO_C, 0, C_LO_AT, True)
+    tl.store(rec_ptr + CODES + byte, packed.to(tl.uint8))
     store_fp16_bytes(rec_ptr + ROW_SCALE + 2 * rows, to_fp16(best_r * delta))
     store_fp16_bytes(rec_ptr + ROW_ZERO + 2 * rows, to_fp16(best_r * lo))
-    store_fp16_bytes(rec_ptr + COL_SCALE + 2 * tl.arange(0, C)[None, :], to_fp16(best_c))
+    store_fp16_bytes(rec_ptr + COL_SCALE + 2 * cols, to_fp16(best_c))
+
+
+def _view(r: int, c: int, rows_contiguous: bool):
+    """(num_warps, LO_R, LO_C, tile / row vector / column vector bit-view shapes) of an
+    [r, c] tile: an 8 x (elements per thread / 8) block per thread (module doc)."""
+    num_warps = max(1, NUM_WARPS * r * c // (128 * 128))
+    lo_x = LOAD_VECTOR.bit_length() - 1
+    lo_s = (r * c // (32 * num_warps * LOAD_VECTOR)).bit_length() - 1
+    if lo_s < 2:  # the packing of 2-bit codes sums the low 2 column bits
+        raise ValueError(f"{num_warps} warps leave fewer than 32 elements per thread")
+    lo_r, lo_c = (lo_x, lo_s) if rows_contiguous else (lo_s, lo_x)
+    log_r, log_c = r.bit_length() - 1, c.bit_length() - 1
+
+    def shape(row: int, col: int):
+        lo = ((col,) * lo_c + (row,) * lo_r) if rows_contiguous else ((row,) * lo_r + (col,) * lo_c)
+        return (col,) * (log_c - lo_c) + (row,) * (log_r - lo_r) + lo
+
+    return num_warps, lo_r, lo_c, shape(2, 2), shape(2, 1), shape(1, 2)
+
+
+def launch_params(preset: str, head_dim: int, bf16: bool) -> list[dict]:
+    """The constexpr arguments and num_warps of the two launches (K half, V half) of
+    _quantize_kernel for one preset, head_dim and dtype (also for compile reports)."""
+    lay = layout(preset, head_dim)
+    p, g, d = lay.preset, lay.preset.tile, head_dim
+    # K rows are channels (the stored [G, D] tile read as [D, G]), V rows are tokens.
+    halves = [
+        (d, g, 1, d, p.k_bits, lay.k_codes, lay.a_k, lay.z_k, lay.tau_k),
+        (g, d, d, 1, p.v_bits, lay.v_codes, lay.a_v, lay.z_v, lay.sigma_v),
+    ]
+    params = []
+    for r, c, row_stride, col_stride, bits, codes, row_scale, row_zero, col_scale in halves:
+        num_warps, lo_r, lo_c, tile_bits, row_bits, col_bits = _view(r, c, row_stride == 1)
+        # X, Y and the tree temporaries need ~3 registers per element: re-read X when a
+        # thread has fewer (65536 per SM; 128 x 256 tiles at 16 warps).
+        per_thread = r * c // (32 * num_warps)
+        reload = 3 * per_thread > min(255, 65536 // (32 * num_warps))
+        params.append(dict(
+            KIND=KIND_BF16 if bf16 else KIND_FP16, RECORD_BYTES=lay.record_bytes,
+            LOG_R=r.bit_length() - 1, LOG_C=c.bit_length() - 1, LO_R=lo_r, LO_C=lo_c,
+            ROW_STRIDE=row_stride, COL_STRIDE=col_stride,
+            TILE_BITS=tile_bits, ROW_BITS=row_bits, COL_BITS=col_bits,
+            INV_R=f32(1.0 / r), INV_RM1=f32(1.0 / (r - 1)),
+            INV_C=f32(1.0 / c), INV_CM1=f32(1.0 / (c - 1)),
+            BITS=bits, INV_QMAX=f32(1.0 / ((1 << bits) - 1)),
+            CODES=codes.offset, ROW_SCALE=row_scale.offset, ROW_ZERO=row_zero.offset,
+            COL_SCALE=col_scale.offset, RELOAD=reload, num_warps=num_warps,
+            enable_fp_fusion=False,
+        ))
+    return params
 
 
 def quantize(
-    k_rot: Tensor, v_rot: Tensor, preset: str, iters: int = DEFAULT_ITERS, *, sums: str = "auto"
+    k_rot: Tensor, v_rot: Tensor, preset: str, iters: int = DEFAULT_ITERS
 ) -> Tensor:
-    """Rotated K and V tiles [N, G, D] (fp16/bf16) -> records [N, record_bytes] uint8.
-
-    sums: "auto" (registers under the interpreter, scratch on the GPU), "scratch" or
-    "registers" (interpreter only); the bytes are the same.
-    """
-    if sums not in ("auto", "scratch", "registers"):
-        raise ValueError(f"sums must be 'auto', 'scratch' or 'registers'; got {sums!r}")
-    in_registers = interpreted(_quantize_kernel) if sums == "auto" else sums == "registers"
-    if in_registers and not interpreted(_quantize_kernel):
-        raise ValueError("sums='registers' is for the Triton interpreter only (see module doc)")
+    """Rotated K and V tiles [N, G, D] (fp16/bf16) -> records [N, record_bytes] uint8."""
     lay = check_tiles(tuple(k_rot.shape), k_rot.dtype, tuple(v_rot.shape), v_rot.dtype, preset)
     check_iters(iters)
     if k_rot.device != v_rot.device:
         raise ValueError(f"k and v are on different devices: {k_rot.device} vs {v_rot.device}")
-    n, g, d = k_rot.shape
-    p = lay.preset
+    n, _, d = k_rot.shape
     out = torch.zeros((n, lay.record_bytes), dtype=torch.uint8, device=k_rot.device)
     if n == 0:
         return out
     bf16 = k_rot.dtype == torch.bfloat16
     # bf16 tiles travel as their int16 bits (see triton_common)
     k, v = (t.contiguous().view(torch.int16) if bf16 else t.contiguous() for t in (k_rot, v_rot))
-    per_launch = max(1, SCRATCH_BYTES // (4 * g * d))
-    # (the register form never touches it, but every launch gets a valid pointer)
-    scratch = torch.empty((min(n, per_launch), g * d) if not in_registers else (1,),
-                          dtype=torch.float32, device=k.device)
-    num_warps = NUM_WARPS if g * d <= 128 * 128 else 2 * NUM_WARPS
-    # One launch per half of the record (each half compiles to half the code):
-    # K rows are channels (the stored [G, D] tile read as [D, G]), V rows are tokens.
-    halves = [
-        (k, d, g, 1, d, p.k_bits, lay.k_codes, lay.a_k, lay.z_k, lay.tau_k),
-        (v, g, d, d, 1, p.v_bits, lay.v_codes, lay.a_v, lay.z_v, lay.sigma_v),
-    ]
-    for tiles, r, c, row_stride, col_stride, bits, codes, row_scale, row_zero, col_scale in halves:
-        for start in range(0, n, per_launch):
-            stop = min(n, start + per_launch)
-            _quantize_kernel[(stop - start,)](
-                tiles[start:stop], out[start:stop], scratch, runtime_int(_quantize_kernel, iters),
-                KIND=KIND_BF16 if bf16 else KIND_FP16, RECORD_BYTES=lay.record_bytes,
-                R=r, C=c, LOG_R=r.bit_length() - 1, LOG_C=c.bit_length() - 1,
-                ROW_STRIDE=row_stride, COL_STRIDE=col_stride,
-                INV_R=f32(1.0 / r), INV_RM1=f32(1.0 / (r - 1)),
-                INV_C=f32(1.0 / c), INV_CM1=f32(1.0 / (c - 1)),
-                BITS=bits, INV_QMAX=f32(1.0 / ((1 << bits) - 1)),
-                CODES=codes.offset, ROW_SCALE=row_scale.offset, ROW_ZERO=row_zero.offset,
-                COL_SCALE=col_scale.offset, IN_REGISTERS=in_registers,
-                num_warps=num_warps, enable_fp_fusion=False,
-            )
+    # One launch per half of the record (each half compiles to half the code).
+    for tiles, params in zip((k, v), launch_params(preset, d, bf16)):
+        _quantize_kernel[(n,)](tiles, out, runtime_int(_quantize_kernel, iters), **params)
     return out

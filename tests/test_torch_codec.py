@@ -240,42 +240,6 @@ def test_triton_quantize_adversarial(case):
     _check_quantize(triton_quantize.quantize, ties, ties, preset, 0, "triton iters=0")
 
 
-# The kernel sums in registers under the interpreter and through a scratch tile on the GPU
-# (see triton_quantize); the tests above run the interpreter's form, these the GPU's.
-SCRATCH_CASES = [(p, d, TILE_DTYPES[i % 2]) for i, (p, d) in
-                 enumerate((p, d) for p in PRESETS for d in HEAD_DIMS)]
-SCRATCH_ADVERSARIAL = ("zeros", "constant_row", "inf_nan", "ties_4bit", "ties_2bit",
-                       "outlier_channel", "tiny", "saturated")
-
-
-def scratch_quantize(k, v, preset, iters):
-    return triton_quantize.quantize(k, v, preset, iters, sums="scratch")
-
-
-@pytest.mark.parametrize("case", SCRATCH_CASES, ids=case_id)
-def test_triton_scratch_sums_random(case, rng):
-    preset, d, dtype = case
-    g = PRESETS[preset].tile
-    k = from_f32(random_tiles(rng, 1, g, d), dtype)
-    v = from_f32(random_tiles(rng, 1, g, d), dtype)
-    _check_quantize(scratch_quantize, k, v, preset, 1, "triton, scratch sums")
-
-
-def test_triton_scratch_sums_adversarial():
-    dtype = torch.bfloat16
-    tiles = all_adversarial(64, 64, dtype)
-    x = stack(tiles, SCRATCH_ADVERSARIAL)
-    k, v = from_f32(x, dtype), from_f32(x[::-1].copy(), dtype)
-    _check_quantize(scratch_quantize, k, v, "kvarn_k4v2_g64", 1, "triton, scratch sums")
-    _check_quantize(scratch_quantize, k[3:5], v[3:5], "kvarn_k2v2_g64", 0, "scratch, iters=0")
-
-
-def test_triton_sums_option():
-    t = _tiles((1, 64, 64))
-    with pytest.raises(ValueError, match="sums must be"):
-        triton_quantize.quantize(t, t, "kvarn_k4v4_g64", sums="shared")
-
-
 @pytest.mark.parametrize("iters", range(17))
 def test_iteration_counts(iters, rng):
     preset, d = "kvarn_k4v2_g64", 64
