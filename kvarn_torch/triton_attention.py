@@ -52,16 +52,17 @@ from kvarn_torch.triton_common import interpreted, runtime_int
 
 MIN_ROWS = 16  # tensor-core dots need M >= 16
 MAX_ROWS = 32  # query rows per program; more rows (long multi-query chunks) use row blocks
-# Launch defaults, from compiling for sm_90 (ptxas register reports; not yet timed on a GPU):
-# ~210-250 registers a thread and no spills with these, i.e. 8 warps per SM.
-BLOCK_N_MAX = 64  # tokens per tile (32 at head_dim 256)
+# Launch defaults, from timing the knobs on an H100 (benchmarks/decode_attention.py --sweep,
+# benchmarks/results/decode_sweep_h100.json): a whole 128-token record per iteration and
+# 4 warps beat 64-token tiles and 8 warps at 16 x 32K and at 1 x 4K.
+BLOCK_N_MAX = 128  # tokens per tile (64 at head_dim 256)
 NUM_WARPS_SMALL = 4  # ROWS = 16 and head_dim <= 128
 NUM_WARPS_LARGE = 8  # ROWS = 32 or head_dim 256
 NUM_STAGES = 1  # loads are software-pipelined by hand in the kernel, not by Triton
 MERGE_WARPS = 4
 DEFAULT_SMS = 132  # an H100 SXM; the real count is read from the device when on CUDA
-PROGRAMS_PER_SM = 2  # split the context until about this many programs per SM
-MIN_TILES_PER_SPLIT = 4  # never split a sequence finer than this many tiles
+PROGRAMS_PER_SM = 4  # split the context until about this many programs per SM
+MIN_TILES_PER_SPLIT = 2  # never split a sequence finer than this many tiles
 MAX_SPLITS = 32
 LOG2E = 1.4426950408889634
 MASKED = tl.constexpr(-0.7 * float(np.finfo(np.float32).max))  # exp2 turns it into 0, no NaN
@@ -102,45 +103,61 @@ def _slab(words, J: tl.constexpr, BITS: tl.constexpr):
         x = (words >> (SHIFT - TOP)) & FIELD
     else:
         x = (words << (TOP - SHIFT)) & FIELD
-    return (x | 0x3C00).to(tl.int16)  # 1.0 + code / 2**BITS
+    return (x | 0x3C00).to(tl.int16).to(tl.float16, bitcast=True)  # 1.0 + code / 2**BITS
 
 
 @triton.jit
-def _unpack(words, BITS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+def _pair(words, J: tl.constexpr, BITS: tl.constexpr, UPCAST: tl.constexpr):
+    """Codes J and J + 16 / BITS of every int32 word, joined along a new last axis, as
+    float16 1 + code / 2**BITS. On the GPU one shift and one and-or make both (one in each
+    16-bit half of the word); the halves split into fp16 registers for free."""
+    HALF: tl.constexpr = 16 // BITS  # codes per 16-bit half
+    if UPCAST:  # the interpreter runs no PTX
+        return tl.join(_slab(words, J, BITS), _slab(words, J + HALF, BITS))
+    SHIFT: tl.constexpr = J * BITS
+    TOP: tl.constexpr = 10 - BITS  # fp16 has 10 mantissa bits
+    FIELD: tl.constexpr = (((1 << BITS) - 1) << TOP) * 0x10001  # in both halves
+    if SHIFT >= TOP:
+        x = (words >> (SHIFT - TOP)) & FIELD
+    else:
+        x = (words << (TOP - SHIFT)) & FIELD
+    lo, hi = tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r",
+                                       [x | 0x3C003C00], dtype=(tl.float16, tl.float16),
+                                       is_pure=True, pack=1)
+    return tl.join(lo, hi)
+
+
+@triton.jit
+def _unpack(words, BITS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+            UPCAST: tl.constexpr):
     """[ROWS, COLS * BITS / 32] int32 words of codes packed LSB-first along the last axis
     -> [ROWS, COLS] float16, code c as the exact value 1 + c / 2**BITS (no int -> float
-    conversion). The slabs of code j join in bit-reversed order of j, so that the joined
-    axes flatten to word * (32 / BITS) + j."""
+    conversion). The codes of each word join in bit-reversed order of their index, so
+    that the joined axes flatten to word * (32 / BITS) + index."""
     if BITS == 4:
-        c = tl.join(tl.join(tl.join(_slab(words, 0, 4), _slab(words, 4, 4)),
-                            tl.join(_slab(words, 2, 4), _slab(words, 6, 4))),
-                    tl.join(tl.join(_slab(words, 1, 4), _slab(words, 5, 4)),
-                            tl.join(_slab(words, 3, 4), _slab(words, 7, 4))))
+        c = tl.join(tl.join(_pair(words, 0, 4, UPCAST), _pair(words, 2, 4, UPCAST)),
+                    tl.join(_pair(words, 1, 4, UPCAST), _pair(words, 3, 4, UPCAST)))
     else:  # BITS == 2
-        even = tl.join(tl.join(tl.join(_slab(words, 0, 2), _slab(words, 8, 2)),
-                               tl.join(_slab(words, 4, 2), _slab(words, 12, 2))),
-                       tl.join(tl.join(_slab(words, 2, 2), _slab(words, 10, 2)),
-                               tl.join(_slab(words, 6, 2), _slab(words, 14, 2))))
-        odd = tl.join(tl.join(tl.join(_slab(words, 1, 2), _slab(words, 9, 2)),
-                              tl.join(_slab(words, 5, 2), _slab(words, 13, 2))),
-                      tl.join(tl.join(_slab(words, 3, 2), _slab(words, 11, 2)),
-                              tl.join(_slab(words, 7, 2), _slab(words, 15, 2))))
+        even = tl.join(tl.join(_pair(words, 0, 2, UPCAST), _pair(words, 4, 2, UPCAST)),
+                       tl.join(_pair(words, 2, 2, UPCAST), _pair(words, 6, 2, UPCAST)))
+        odd = tl.join(tl.join(_pair(words, 1, 2, UPCAST), _pair(words, 5, 2, UPCAST)),
+                      tl.join(_pair(words, 3, 2, UPCAST), _pair(words, 7, 2, UPCAST)))
         c = tl.join(even, odd)
-    c = tl.reshape(c, [ROWS, COLS], can_reorder=False)
-    return c.to(tl.float16, bitcast=True)
+    return tl.reshape(c, [ROWS, COLS], can_reorder=False)
 
 
 @triton.jit
-def _scaled_code_dot(x, codes, BITS: tl.constexpr, UPCAST: tl.constexpr):
-    """sum_j x[r, j] * c[j, n] for x [R, J] float32 and codes [J, N] = 1 + c / 2**BITS.
+def _code_dot(y, scale, zero, codes, BITS: tl.constexpr, UPCAST: tl.constexpr):
+    """sum_j y[r, j] * (scale[j] * c[j, n] + zero[j]) for y [R, J] float32 with |y| <= 1,
+    fp16 scale / zero [J] and codes [J, N] = 1 + c / 2**BITS.
 
-    x enters the fp16 tensor-core dot as x / rowmax|x| (in [-1, 1]: no overflow or loss to
-    fp16's range whatever the model dtype), and the constant 1 of the codes comes back out
-    as the row sum of the same rounded operand."""
-    amax = tl.maximum(tl.max(tl.abs(x), 1), 1e-30)
-    xs = (x * (1.0 / amax)[:, None]).to(tl.float16)
-    dot = _dot(xs, codes, tl.zeros([x.shape[0], codes.shape[1]], tl.float32), UPCAST)
-    return (dot - tl.sum(xs.to(tl.float32), 1)[:, None]) * (amax * (1 << BITS))[:, None]
+    y * scale enters the fp16 tensor-core dot as is: |y| <= 1 bounds it by the fp16 scale,
+    so it cannot overflow. The constant 1 of the codes comes back out of the same per-row
+    reduction as the zero point's term, with the same rounded operand."""
+    xs = (y * scale.to(tl.float32)[None, :]).to(tl.float16)
+    dot = _dot(xs, codes, tl.zeros([y.shape[0], codes.shape[1]], tl.float32), UPCAST)
+    bias = tl.sum(y * zero.to(tl.float32)[None, :] - xs.to(tl.float32) * (1 << BITS), 1)
+    return dot * (1 << BITS) + bias[:, None]
 
 
 @triton.jit
@@ -233,18 +250,18 @@ def _pool_tile(q32, acc, m_i, l_i, pool_k_ptr, pool_v_ptr, base, offs_n, pos, li
 
 
 @triton.jit
-def _record_tile(q32, acc, m_i, l_i, k_words, v_words, a_k, z_k, tau, sigma, a_v, z_v, pos,
-                 limit, D: tl.constexpr, BLOCK_N: tl.constexpr, K_BITS: tl.constexpr,
+def _record_tile(q_unit, q_norm, acc, m_i, l_i, k_words, v_words, a_k, z_k, tau, sigma, a_v,
+                 z_v, pos, limit, D: tl.constexpr, BLOCK_N: tl.constexpr, K_BITS: tl.constexpr,
                  V_BITS: tl.constexpr, UPCAST: tl.constexpr):
-    """Attend to BLOCK_N tokens of a quantized record (loaded by _load_record):
-    s = ((q * a_K) @ codes_K + q @ z_K) * tau_K, pv = ((p * a_V) @ codes_V + p @ z_V) * sigma_V."""
-    codes_k = _unpack(k_words, K_BITS, D, BLOCK_N)  # [D, BLOCK_N]
-    s = _scaled_code_dot(q32 * a_k.to(tl.float32)[None, :], codes_k, K_BITS, UPCAST)
-    s = (s + tl.sum(q32 * z_k.to(tl.float32)[None, :], 1)[:, None]) * tau.to(tl.float32)[None, :]
+    """Attend to BLOCK_N tokens of a quantized record (loaded by _load_record), with
+    q = q_norm * q_unit: s = q_norm * ((q_unit * a_K) @ codes_K + q_unit @ z_K) * tau_K,
+    pv = ((p * a_V) @ codes_V + p @ z_V) * sigma_V."""
+    codes_k = _unpack(k_words, K_BITS, D, BLOCK_N, UPCAST)  # [D, BLOCK_N]
+    s = _code_dot(q_unit, a_k, z_k, codes_k, K_BITS, UPCAST)
+    s = s * q_norm[:, None] * tau.to(tl.float32)[None, :]
     p, alpha, m_i, l_i = _softmax_step(s, pos, limit, m_i, l_i)
-    codes_v = _unpack(v_words, V_BITS, BLOCK_N, D)  # [BLOCK_N, D]
-    pv = _scaled_code_dot(p * a_v.to(tl.float32)[None, :], codes_v, V_BITS, UPCAST)
-    pv = (pv + tl.sum(p * z_v.to(tl.float32)[None, :], 1)[:, None]) * sigma.to(tl.float32)[None, :]
+    codes_v = _unpack(v_words, V_BITS, BLOCK_N, D, UPCAST)  # [BLOCK_N, D]
+    pv = _code_dot(p, a_v, z_v, codes_v, V_BITS, UPCAST) * sigma.to(tl.float32)[None, :]
     return acc * alpha[:, None] + pv, m_i, l_i
 
 
@@ -285,6 +302,10 @@ def _attention_kernel(
     q = tl.load(q_ptr + b.to(tl.int64) * q_stride_b + token[:, None] * q_stride_s
                 + head[:, None] * q_stride_h + d[None, :], mask=row_ok[:, None], other=0.0)
     q32 = _hadamard(q.to(tl.float32), ROWS, D, LOG_D) * qk_scale
+    # q32 = q_norm * q_unit with |q_unit| <= 1: q_unit times an fp16 scale of a record
+    # can never overflow fp16, so it enters the code dots without a per-tile rescale.
+    q_norm = tl.maximum(tl.max(tl.abs(q32), 1), 1e-30)
+    q_unit = q32 / q_norm[:, None]
 
     # Row i of the sequence's query sits at position seq_len - query_len + i.
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
@@ -332,7 +353,7 @@ def _attention_kernel(
                                            offs_n, pos, limit, kv_end, pool_stride_tok, D,
                                            UPCAST)
             else:
-                acc, m_i, l_i = _record_tile(q32, acc, m_i, l_i, k_words, v_words, a_k, z_k,
+                acc, m_i, l_i = _record_tile(q_unit, q_norm, acc, m_i, l_i, k_words, v_words, a_k, z_k,
                                              tau, sigma, a_v, z_v, pos, limit, D, BLOCK_N,
                                              K_BITS, V_BITS, UPCAST)
 

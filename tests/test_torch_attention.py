@@ -35,7 +35,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # throughout; the kernel rounds the dot operands to fp16 (the query and p to the model
 # dtype against pool blocks) and the output to the model dtype, which dominates for bf16
 # (and Triton's interpreter rounds float32 -> bf16 by truncation).
-TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
+# The kernels round q * scale and p * scale to fp16 for the tensor-core dots: on the GPU the
+# max error reaches ~3e-3 of the output range with fp16 models (2-bit presets, multi-query).
+TOL = {torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
 
 # ---------------------------------------------------------------- helpers
