@@ -286,7 +286,7 @@ def main() -> None:
             # One decode step completes one block per sequence: quantize B x Hk tiles from
             # the pool and write their records.
             tiles = jax.random.normal(jax.random.key(2), (b * hk, G, d), dt)
-            pages = cache.pages
+            pages = jnp.copy(cache.pages)  # donated below; commit-triton still reads the cache
 
             @jax.jit
             def step(pages):
