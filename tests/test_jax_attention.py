@@ -209,6 +209,23 @@ def test_multi_query_rows(causal):
     _kernel_vs_reference(s, q, [5, 3], causal, 2, atol=0.03)
 
 
+@pytest.mark.parametrize("preset,d", [("kvarn_k4v2_g128", 128), ("kvarn_k2v2_g64", 64),
+                                      ("kvarn_k4v4_g64", 256)])
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("sq", [1, 5])
+def test_attention_kernel_lowers_for_cuda(preset, d, dtype, sq):
+    from test_jax_codec import lower_for_cuda
+
+    kv = cache.init(16, 2, d, pool_slots=4, preset=preset, dtype=dtype)
+    q = jax.ShapeDtypeStruct((3, sq, 8, d), dtype)
+    ints = jax.ShapeDtypeStruct((3,), jnp.int32)
+    hlo = lower_for_cuda(
+        lambda q, kv, bt, lens, qlens: pallas_attention.attention(q, kv, bt, lens, qlens,
+                                                                  splits=2, interpret=False),
+        q, kv, jax.ShapeDtypeStruct((3, 5), jnp.int32), ints, ints)
+    assert "__gpu$xla.gpu.triton" in hlo
+
+
 def test_attention_shape_errors():
     s = Sequences([[3, -1]])
     s.step([10])
