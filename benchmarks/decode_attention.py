@@ -28,6 +28,7 @@ import datetime  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import kvarn_jax  # noqa: E402,F401  (before jax)
 import jax  # noqa: E402
@@ -38,6 +39,7 @@ import torch  # noqa: E402
 from kvarn.format import layout  # noqa: E402
 from kvarn_jax import cache as jcache  # noqa: E402
 from kvarn_jax import pallas_attention, pallas_quantize  # noqa: E402
+from plotting import pyplot  # noqa: E402  (benchmarks/plotting.py)
 
 PRESET = "kvarn_k4v2_g128"
 G = 128
@@ -213,6 +215,37 @@ def sweep(args) -> None:
         del cache
 
 
+def plot(results: dict, path: Path) -> None:
+    """Time vs context per implementation, one panel per (batch, heads, head_dim)."""
+    plt = pyplot("benchmarks/decode_attention.py", path.with_suffix(".json"))
+    if plt is None:
+        return
+    panels: dict = {}
+    for r in results["results"]:
+        if "us" in r and "block_n" not in r:
+            key = (r["batch"], r["q_heads"], r["kv_heads"], r["head_dim"])
+            panels.setdefault(key, {}).setdefault(r["impl"], []).append((r["context"], r["us"]))
+    if not panels:
+        return
+    cols = 3
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, (key, impls) in zip(axes.flat, sorted(panels.items())):
+        for impl, pts in sorted(impls.items()):
+            pts.sort()
+            ax.plot([c for c, _ in pts], [u for _, u in pts], marker="o", label=impl)
+        ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="us",
+               title=f"B={key[0]}, {key[1]}/{key[2]} heads, D={key[3]}")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"paged decode attention, {results['device']}, {results['preset']} "
+                 f"(commit {results['commit']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
 def save(args, records) -> None:
     """Write the JSON so far: a run cut short by a time limit keeps what it measured."""
     if not args.json:
@@ -234,9 +267,14 @@ def main() -> None:
     ap.add_argument("--impls", nargs="+",
                     default=["kvarn-triton", "kvarn-pallas", "fa3-fp16", "fa3-fp8", "commit",
                              "commit-triton"])
+    ap.add_argument("--plot-only", metavar="JSON", help="redraw the plot of a results file")
     ap.add_argument("--sweep", action="store_true",
                     help="time the Triton kernel's launch knobs instead (see the module doc)")
     args = ap.parse_args()
+    if args.plot_only:
+        p = Path(args.plot_only)
+        plot(json.loads(p.read_text()), p.with_suffix(".png"))
+        return
     if args.sweep:
         sweep(args)
         return
@@ -326,6 +364,8 @@ def main() -> None:
         del cache
 
     save(args, records)
+    if args.json:
+        plot(json.loads(Path(args.json).read_text()), Path(args.json).with_suffix(".png"))
 
 if __name__ == "__main__":
     main()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from plotting import pyplot  # benchmarks/plotting.py
 
 QWEN3_8B = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936,
                 hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
@@ -50,6 +51,33 @@ def burst(llm, n: int, prompt_len: int, out_len: int, seed: int) -> dict:
                 output_tokens=tokens, output_tok_s=tokens / wall)
 
 
+def plot(results: dict, path: Path) -> None:
+    """KV capacity and output throughput of each kv-cache dtype, relative to fp16."""
+    plt = pyplot("benchmarks/vllm_throughput.py", path.with_suffix(".json"))
+    rows = [r for r in results["results"] if "capacity_vs_fp16" in r]
+    if plt is None or not rows:
+        return
+    bars = [("KV-cache tokens", "capacity_vs_fp16", None),
+            ("tok/s, capacity-bound burst", "capacity_bound", 1.3),
+            ("tok/s, short burst", "not_capacity_bound", 1.0)]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (title, key, target) in zip(axes, bars):
+        vals = [r[key] if key == "capacity_vs_fp16" else r[key]["vs_fp16"] for r in rows]
+        ax.bar([r["kv_cache_dtype"].replace("auto", "fp16") for r in rows], vals,
+               color=["C0", "C1", "C2", "C3"][:len(rows)])
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.2f}x", ha="center", va="bottom")
+        if target:
+            ax.axhline(target, color="k", ls="--", lw=1, label=f"target {target}x (kvarn)")
+            ax.legend(fontsize=8)
+        ax.set(title=title, ylabel="vs fp16")
+    fig.suptitle(f"vLLM, {results['model']}, TP={results.get('tensor_parallel_size', 1)}, "
+                 f"{results['device']} (commit {results['commit']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--json")
@@ -67,7 +95,12 @@ def main() -> None:
     ap.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    ap.add_argument("--plot-only", metavar="JSON", help="redraw the plot of a results file")
     args = ap.parse_args()
+    if args.plot_only:
+        p = Path(args.plot_only)
+        plot(json.loads(p.read_text()), p.with_suffix(".png"))
+        return
     from vllm import LLM
 
     model = Path(f"/tmp/kvarn-{args.shape}-shape")
@@ -122,6 +155,7 @@ def main() -> None:
             tensor_parallel_size=args.tensor_parallel_size,
             device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
             commit=args.commit, args=vars(args), results=results), indent=1))
+        plot(json.loads(Path(args.json).read_text()), Path(args.json).with_suffix(".png"))
 
 
 if __name__ == "__main__":
