@@ -302,8 +302,12 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
             if e == s:
                 continue
             if md.fresh[r] and self._fa is not None:
+                # [0, e - s] on the device, from the device copy of the offsets: a tensor
+                # built from host ints here would be a pageable copy, which waits for the
+                # GPU to drain (a host sync per layer and prompt).
+                cu = md.query_start_loc[r: r + 2] - s
                 out[s:e] = self._fa(q[s:e], k[s:e].view(-1, hk, d), v[s:e].view(-1, hk, d),
-                                    self.scale)
+                                    cu, self.scale)
                 continue
             o = triton_attention.attention(q[s:e].view(1, e - s, hq, d), cache,
                                            md.block_table[r: r + 1], md.seq_lens[r: r + 1],
@@ -325,9 +329,9 @@ def _flash_attention(head_size: int):
     except Exception:  # no CUDA build of FlashAttention here: the Triton kernel serves all
         return None
 
-    def run(q, k, v, scale):
+    def run(q, k, v, cu, scale):
+        """q, k, v [t, heads, D] of one prompt; cu = [0, t] int32 on the device."""
         t = q.shape[0]
-        cu = torch.tensor([0, t], dtype=torch.int32, device=q.device)
         extra = {} if version is None else {"fa_version": version}
         return flash_attn_varlen_func(q=q, k=k, v=v, cu_seqlens_q=cu, cu_seqlens_k=cu,
                                       max_seqlen_q=t, max_seqlen_k=t, softmax_scale=scale,
