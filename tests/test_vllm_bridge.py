@@ -375,3 +375,53 @@ def test_tokens_lost_on_the_gpu_are_reported_a_step_later():
     with pytest.raises(PoolExhausted, match="KVARN_POOL_SLOTS"):
         group.step(table, torch.tensor([3 * G + 2]), torch.tensor([1]),
                    torch.tensor([4 * G + 1]), plan, sync=True)
+
+
+# ---------------------------------------------------------------- mixed batches
+
+
+def test_mixed_runs_group_consecutive_fresh_prompts():
+    from kvarn_vllm.backend import mixed_runs
+
+    # 2 decodes, fresh a b, a continuation, an empty request, fresh c d, a verify row set
+    starts = [0, 1, 2, 10, 15, 19, 19, 30, 32, 36]
+    fresh = [False, False, True, True, False, False, True, True, False]
+    runs = [(r.fresh, r.r0, r.r1, r.start, r.end, r.max_len)
+            for r in mixed_runs(starts, fresh, first=2)]
+    assert runs == [(True, 2, 4, 2, 15, 8), (False, 4, 5, 15, 19, 4),
+                    (True, 6, 8, 19, 32, 11), (False, 8, 9, 32, 36, 4)]
+    # every token after the decodes is served exactly once
+    served = sorted(t for r in mixed_runs(starts, fresh, 2) for t in range(r.start, r.end))
+    assert served == list(range(2, 36))
+
+
+def _step_metadata(q_lens, seq_lens, threshold=1, flash_attention=True):
+    from kvarn_vllm.backend import KVarNMetadataBuilder
+
+    b = len(q_lens)
+    qsl = torch.tensor([0, *np.cumsum(q_lens)], dtype=torch.int32)
+    cam = types.SimpleNamespace(
+        num_reqs=b, query_start_loc=qsl, query_start_loc_cpu=qsl,
+        seq_lens=torch.tensor(seq_lens), seq_lens_cpu_upper_bound=torch.tensor(seq_lens),
+        block_table_tensor=torch.zeros(b, 4, dtype=torch.int32),
+        num_actual_tokens=int(qsl[-1]), max_query_len=max(q_lens))
+    builder = types.SimpleNamespace(reorder_batch_threshold=threshold,
+                                    flash_attention=flash_attention)
+    return KVarNMetadataBuilder._metadata(builder, cam)
+
+
+def test_equal_prompts_are_not_a_decode_batch(registered):
+    md = _step_metadata([1, 1, 1], [40, 7, 300])
+    assert md.uniform_query_len == 1 and md.num_decodes == 3 and md.runs == []
+    verify = _step_metadata([3, 3], [40, 70], threshold=3)
+    assert verify.uniform_query_len == 3
+    # two fresh 8-token prompts: one FlashAttention run with device offsets [0, 8, 16]
+    md = _step_metadata([8, 8], [8, 8])
+    assert md.uniform_query_len == 0 and len(md.runs) == 1
+    assert md.runs[0].cu.tolist() == [0, 8, 16] and md.runs[0].max_len == 8
+    # a decode, a fresh prompt and a continuation; without FlashAttention all go to the cache
+    md = _step_metadata([1, 5, 4], [9, 5, 20])
+    assert [(r.fresh, r.r0) for r in md.runs] == [(True, 1), (False, 2)]
+    assert md.runs[0].cu.tolist() == [0, 5]
+    md = _step_metadata([1, 5, 4], [9, 5, 20], flash_attention=False)
+    assert [(r.fresh, r.r0) for r in md.runs] == [(False, 1), (False, 2)]

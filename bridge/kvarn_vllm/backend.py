@@ -123,13 +123,42 @@ class KVarNMetadata(AttentionMetadata):
     num_actual_tokens: int
     num_reqs: int
     max_query_len: int
-    uniform_query_len: int  # > 0: every request has this many query tokens
+    uniform_query_len: int  # > 0: every request has this many query tokens (decode/verify)
     num_decodes: int  # leading requests with one query token (vLLM orders them first)
-    query_start_loc_cpu: torch.Tensor
-    fresh: list[bool]  # per request: a prompt with no cached context
+    runs: list[Run]  # a mixed batch's requests after the decodes, one launch each
 
     def query_lens(self) -> torch.Tensor:
         return self.query_start_loc[1:] - self.query_start_loc[:-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Requests [r0, r1) of a mixed batch that one launch serves, tokens [start, end):
+    consecutive fresh prompts (causal over their own raw K/V, one varlen FlashAttention
+    call) or a single other request (verify rows, a prefill continuation)."""
+    fresh: bool
+    r0: int
+    r1: int
+    start: int
+    end: int
+    max_len: int
+    cu: torch.Tensor | None = None  # fresh runs: [0, ...] token offsets on the device
+
+
+def mixed_runs(starts: list[int], fresh: list[bool], first: int) -> list[Run]:
+    """Group requests first.. of a batch (`starts` = query_start_loc, B + 1 host ints)
+    into launches; requests without query tokens are skipped."""
+    runs: list[Run] = []
+    for r in range(first, len(fresh)):
+        s, e = starts[r], starts[r + 1]
+        if e == s:
+            continue
+        last = runs[-1] if runs else None
+        if fresh[r] and last is not None and last.fresh and last.r1 == r:
+            runs[-1] = Run(True, last.r0, r + 1, last.start, e, max(last.max_len, e - s))
+        else:
+            runs.append(Run(fresh[r], r, r + 1, s, e, e - s))
+    return runs
 
 
 class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
@@ -144,6 +173,7 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
         self.group: lifecycle.PoolGroup | None = None
         spec = vllm_config.speculative_config
         self.sync_commit = settings.sync_commit(spec.num_speculative_tokens if spec else 0)
+        self.flash_attention = _flash_attention(kv_cache_spec.head_size) is not None
 
     def _pool_group(self) -> lifecycle.PoolGroup | None:
         if self.group is None:
@@ -163,15 +193,24 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
         single = (q_lens_cpu == 1).int()
         num_decodes = int(single.cumprod(0).sum()) if b else 0
         uniform = int(q_lens_cpu[0]) if b and bool((q_lens_cpu == q_lens_cpu[0]).all()) else 0
-        seq_cpu = cam.seq_lens_cpu_upper_bound
-        fresh = ((seq_cpu[:b] == q_lens_cpu).tolist() if seq_cpu is not None else [False] * b)
+        if uniform > self.reorder_batch_threshold:
+            uniform = 0  # equal-length prompts are not decode rows: FlashAttention serves them
         qsl = cam.query_start_loc[: b + 1]
+        runs: list[Run] = []
+        if not uniform:  # once per step, not per layer: host lists and device offsets
+            seq_cpu = cam.seq_lens_cpu_upper_bound
+            fresh = ((seq_cpu[:b] == q_lens_cpu).tolist() if seq_cpu is not None
+                     else [False] * b)
+            if not self.flash_attention:
+                fresh = [False] * b
+            runs = [dataclasses.replace(run, cu=qsl[run.r0: run.r1 + 1] - run.start)
+                    if run.fresh else run
+                    for run in mixed_runs(qsl_cpu.tolist(), fresh, num_decodes)]
         return KVarNMetadata(
             seq_lens=cam.seq_lens[:b], query_start_loc=qsl,
             block_table=cam.block_table_tensor[:b], num_actual_tokens=cam.num_actual_tokens,
             num_reqs=b, max_query_len=cam.max_query_len, uniform_query_len=uniform,
-            num_decodes=num_decodes,
-            query_start_loc_cpu=qsl_cpu, fresh=fresh)
+            num_decodes=num_decodes, runs=runs)
 
     def build_for_cudagraph_capture(self, cam: CommonAttentionMetadata) -> KVarNMetadata:
         return self._metadata(cam)  # dummy batch: no cache bookkeeping
@@ -287,31 +326,24 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
         return output
 
     def _mixed(self, q, k, v, cache, md: KVarNMetadata, out) -> None:
-        """Mixed batches (eager): single-token decodes in one launch, then each other
-        request (verify rows, prefill chunks), fresh prompts through FlashAttention on their
-        raw K/V when available."""
+        """Mixed batches (eager): single-token decodes in one launch, then one launch per
+        run (`mixed_runs`): fresh prompts together through FlashAttention on their raw
+        K/V, every other request through the kernel over the cache."""
         d, hq, hk = self.head_size, self.num_heads, self.num_kv_heads
         nd = md.num_decodes
         if nd:
             o = triton_attention.attention(q[:nd].view(nd, 1, hq, d), cache, md.block_table[:nd],
                                            md.seq_lens[:nd], softmax_scale=self.scale)
             out[:nd] = o.view(nd, hq, d)
-        starts = md.query_start_loc_cpu.tolist()
-        for r in range(nd, md.num_reqs):
-            s, e = starts[r], starts[r + 1]
-            if e == s:
-                continue
-            if md.fresh[r] and self._fa is not None:
-                # [0, e - s] on the device, from the device copy of the offsets: a tensor
-                # built from host ints here would be a pageable copy, which waits for the
-                # GPU to drain (a host sync per layer and prompt).
-                cu = md.query_start_loc[r: r + 2] - s
-                out[s:e] = self._fa(q[s:e], k[s:e].view(-1, hk, d), v[s:e].view(-1, hk, d),
-                                    cu, self.scale)
+        for run in md.runs:
+            s, e = run.start, run.end
+            if run.fresh:
+                self._fa(q[s:e], k[s:e].view(-1, hk, d), v[s:e].view(-1, hk, d), run.cu,
+                         run.max_len, self.scale, out[s:e])
                 continue
             o = triton_attention.attention(q[s:e].view(1, e - s, hq, d), cache,
-                                           md.block_table[r: r + 1], md.seq_lens[r: r + 1],
-                                           softmax_scale=self.scale)
+                                           md.block_table[run.r0: run.r1],
+                                           md.seq_lens[run.r0: run.r1], softmax_scale=self.scale)
             out[s:e] = o.view(e - s, hq, d)
 
 
@@ -329,13 +361,13 @@ def _flash_attention(head_size: int):
     except Exception:  # no CUDA build of FlashAttention here: the Triton kernel serves all
         return None
 
-    def run(q, k, v, cu, scale):
-        """q, k, v [t, heads, D] of one prompt; cu = [0, t] int32 on the device."""
-        t = q.shape[0]
+    def run(q, k, v, cu, max_len, scale, out):
+        """q, k, v, out [t, heads, D] of consecutive prompts; cu their int32 offsets on
+        the device (a tensor built from host ints here would sync the stream)."""
         extra = {} if version is None else {"fa_version": version}
-        return flash_attn_varlen_func(q=q, k=k, v=v, cu_seqlens_q=cu, cu_seqlens_k=cu,
-                                      max_seqlen_q=t, max_seqlen_k=t, softmax_scale=scale,
-                                      causal=True, **extra)
+        flash_attn_varlen_func(q=q, k=k, v=v, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                               max_seqlen_q=max_len, max_seqlen_k=max_len,
+                               softmax_scale=scale, causal=True, out=out, **extra)
     return run
 
 
