@@ -267,8 +267,15 @@ def _record_tile(q_unit, q_norm, acc, m_i, l_i, k_words, v_words, a_k, z_k, tau,
 
 # ---------------------------------------------------------------- the kernels
 
+# Serving launches with batch-dependent sizes (query length, block-table width, splits)
+# and per-request slices of the step's tables (pointers 4-byte aligned only): Triton would
+# compile a new variant for each divisibility and alignment class it meets, seconds each
+# in the middle of a step. One variant per set of constexprs instead.
+_RUNTIME_INTS = ["num_query_tokens", "splits", "tiles_per_split", "max_tiles", "bt_stride_b"]
+_SLICED_POINTERS = ["block_tables_ptr", "seq_lens_ptr", "query_lens_ptr"]
 
-@triton.jit
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS, do_not_specialize_on_alignment=_SLICED_POINTERS)
 def _attention_kernel(
     q_ptr, out_ptr, part_o_ptr, part_ml_ptr,
     words_ptr, halves_ptr, pool_k_ptr, pool_v_ptr,
@@ -373,7 +380,7 @@ def _attention_kernel(
                     out_stride_h, GROUP, ROWS, D, LOG_D, INV_SQRT_D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_query_tokens", "splits", "loop_splits"])
 def _merge_kernel(
     part_o_ptr, part_ml_ptr, out_ptr, num_query_tokens, splits, loop_splits,
     out_stride_b, out_stride_s, out_stride_h,

@@ -29,7 +29,7 @@ BLOCK_ROWS = 16  # rows per program: 16 x 256 floats at most, 16 per thread at 8
 NUM_WARPS = 8
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])  # one variant whatever the step's token count
 def _rotate_kernel(
     x_ptr, out_ptr, n_rows,
     D: tl.constexpr, LOG_D: tl.constexpr, SCALE: tl.constexpr,
