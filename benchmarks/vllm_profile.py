@@ -9,8 +9,10 @@ kernels by total time for each cache dtype.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -48,6 +50,7 @@ def profile(dtype: str, args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--json")
+    ap.add_argument("--commit", default="")
     ap.add_argument("--dtypes", nargs="+", default=["auto", "kvarn_k4v2_g128"])
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=8192)
@@ -65,8 +68,10 @@ def main() -> None:
         torch.cuda.empty_cache()
     if args.json:
         Path(args.json).write_text(json.dumps(dict(
-            benchmark="vllm_profile", device=torch.cuda.get_device_name(), args=vars(args),
-            results=results), indent=1))
+            benchmark="vllm_profile", device=torch.cuda.get_device_name(),
+            date=datetime.date.today().isoformat(), commit=args.commit,
+            command="python benchmarks/vllm_profile.py " + " ".join(sys.argv[1:]),
+            args=vars(args), results=results), indent=1))
 
 
 if __name__ == "__main__":
