@@ -24,7 +24,6 @@ from typing import ClassVar
 import torch
 
 from kvarn_torch import cache as kvcache
-from kvarn_torch import codec
 from kvarn_torch import triton_attention
 from kvarn_torch.cache import KVarNCache
 from kvarn_vllm import lifecycle, settings
@@ -143,18 +142,7 @@ class Run:
     start: int
     end: int
     max_len: int
-    cu: torch.Tensor | None = None  # fresh and dense runs: [0, ...] query offsets (device)
-    # A long prefill continuation: its first `dense_blocks` blocks dequantized for one
-    # FlashAttention call, keys [0, seq_len) as `cu_k` = [0, seq_len] on the device.
-    dense_blocks: int = 0
-    cu_k: torch.Tensor | None = None
-
-
-# From this many query tokens on, a prefill continuation runs FlashAttention over its
-# dequantized context instead of the decode kernel: that kernel pads its rows to MMA tiles
-# and re-derives every record per row block, which costs far more than one dequantization
-# once a chunk spans a tile.
-DENSE_MIN_QUERY = 128
+    cu: torch.Tensor | None = None  # fresh runs: [0, ...] token offsets on the device
 
 
 def mixed_runs(starts: list[int], fresh: list[bool], first: int) -> list[Run]:
@@ -186,7 +174,6 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
         spec = vllm_config.speculative_config
         self.sync_commit = settings.sync_commit(spec.num_speculative_tokens if spec else 0)
         self.flash_attention = _flash_attention(kv_cache_spec.head_size) is not None
-        self.tile = kv_cache_spec.block_size
 
     def _pool_group(self) -> lifecycle.PoolGroup | None:
         if self.group is None:
@@ -216,26 +203,14 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
                      else [False] * b)
             if not self.flash_attention:
                 fresh = [False] * b
-            runs = [self._launch(run, cam, seq_cpu)
+            runs = [dataclasses.replace(run, cu=qsl[run.r0: run.r1 + 1] - run.start)
+                    if run.fresh else run
                     for run in mixed_runs(qsl_cpu.tolist(), fresh, num_decodes)]
         return KVarNMetadata(
             seq_lens=cam.seq_lens[:b], query_start_loc=qsl,
             block_table=cam.block_table_tensor[:b], num_actual_tokens=cam.num_actual_tokens,
             num_reqs=b, max_query_len=cam.max_query_len, uniform_query_len=uniform,
             num_decodes=num_decodes, runs=runs)
-
-    def _launch(self, run: Run, cam: CommonAttentionMetadata, seq_cpu) -> Run:
-        """Device offsets for the runs that FlashAttention serves, made once per step."""
-        qsl = cam.query_start_loc
-        if run.fresh:
-            return dataclasses.replace(run, cu=qsl[run.r0: run.r1 + 1] - run.start)
-        if not self.flash_attention or seq_cpu is None or run.max_len < DENSE_MIN_QUERY:
-            return run
-        r = run.r0
-        blocks = -(-int(seq_cpu[r]) // self.tile)  # an upper bound: cu_k holds the exact length
-        return dataclasses.replace(
-            run, cu=qsl[r: r + 2] - run.start, dense_blocks=blocks,
-            cu_k=torch.nn.functional.pad(cam.seq_lens[r: r + 1].to(torch.int32), (1, 0)))
 
     def build_for_cudagraph_capture(self, cam: CommonAttentionMetadata) -> KVarNMetadata:
         return self._metadata(cam)  # dummy batch: no cache bookkeeping
@@ -364,26 +339,12 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
             s, e = run.start, run.end
             if run.fresh:
                 self._fa(q[s:e], k[s:e].view(-1, hk, d), v[s:e].view(-1, hk, d), run.cu,
-                         run.cu, run.max_len, run.max_len, self.scale, out[s:e])
-                continue
-            if run.dense_blocks:
-                self._dense(q[s:e], cache, md.block_table[run.r0: run.r1], run, out[s:e])
+                         run.max_len, self.scale, out[s:e])
                 continue
             o = triton_attention.attention(q[s:e].view(1, e - s, hq, d), cache,
                                            md.block_table[run.r0: run.r1],
                                            md.seq_lens[run.r0: run.r1], softmax_scale=self.scale)
             out[s:e] = o.view(e - s, hq, d)
-
-
-    def _dense(self, q, cache, block_table, run: Run, out) -> None:
-        """One request's prefill chunk over its whole context, cached blocks dequantized:
-        attention is invariant under the orthonormal rotation of q and K, and V's rotation
-        is undone on the output."""
-        k_rot, v_rot = kvcache.gather_kv(cache, block_table, run.dense_blocks)
-        o_rot = torch.empty_like(q)
-        self._fa(codec.rotate(q), k_rot[0].to(q.dtype), v_rot[0].to(q.dtype), run.cu,
-                 run.cu_k, run.max_len, k_rot.shape[1], self.scale, o_rot)
-        out.copy_(codec.unrotate(o_rot))
 
 
 def _flash_attention(head_size: int):
@@ -400,13 +361,12 @@ def _flash_attention(head_size: int):
     except Exception:  # no CUDA build of FlashAttention here: the Triton kernel serves all
         return None
 
-    def run(q, k, v, cu_q, cu_k, max_q, max_k, scale, out):
-        """Causal (aligned at the end of each sequence) attention of q, out [t, heads, D]
-        over k, v [t_k, kv heads, D]; cu_q, cu_k int32 offsets on the device (a tensor
-        built from host ints here would sync the stream), max_q, max_k upper bounds."""
+    def run(q, k, v, cu, max_len, scale, out):
+        """q, k, v, out [t, heads, D] of consecutive prompts; cu their int32 offsets on
+        the device (a tensor built from host ints here would sync the stream)."""
         extra = {} if version is None else {"fa_version": version}
-        flash_attn_varlen_func(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                               max_seqlen_q=max_q, max_seqlen_k=max_k,
+        flash_attn_varlen_func(q=q, k=k, v=v, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                               max_seqlen_q=max_len, max_seqlen_k=max_len,
                                softmax_scale=scale, causal=True, out=out, **extra)
     return run
 
