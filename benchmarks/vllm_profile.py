@@ -19,19 +19,11 @@ from pathlib import Path
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the profiler sees the engine's kernels
 
 import torch  # noqa: E402
-from vllm_throughput import QWEN3_8B, burst  # noqa: E402  (benchmarks/)
+from vllm_throughput import burst, engine  # noqa: E402  (benchmarks/)
 
 
 def profile(dtype: str, args) -> dict:
-    from vllm import LLM
-
-    model = Path("/tmp/kvarn-qwen3-8b-shape")
-    model.mkdir(exist_ok=True)
-    (model / "config.json").write_text(json.dumps(QWEN3_8B))
-    llm = LLM(model=str(model), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-              kv_cache_dtype=dtype, max_model_len=16384, max_num_seqs=args.max_num_seqs,
-              enable_prefix_caching=False, seed=0,
-              compilation_config=dict(mode=0, cudagraph_mode="FULL_DECODE_ONLY"))
+    llm = engine("qwen3-8b", dtype, args.max_num_seqs)
     burst(llm, 4, 2048, 8, seed=9)  # warm-up: kernels compiled outside the profile
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         t0 = time.time()

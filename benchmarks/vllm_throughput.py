@@ -35,6 +35,21 @@ QWEN3_32B = QWEN3_8B | dict(hidden_size=5120, intermediate_size=25600, num_hidde
 SHAPES = {"qwen3-8b": QWEN3_8B, "qwen3-32b": QWEN3_32B}
 
 
+def engine(shape: str, kv_cache_dtype: str, max_num_seqs: int, **overrides):
+    """A vLLM engine on the dummy-weight model of `shape` (config written under /tmp),
+    decode CUDA graphs, no prefix caching; `overrides` go to vLLM's LLM as they are."""
+    from vllm import LLM
+
+    model = Path(f"/tmp/kvarn-{shape}-shape")
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text(json.dumps(SHAPES[shape]))
+    kw = dict(dtype="bfloat16", enable_prefix_caching=False, seed=0,
+              compilation_config=dict(mode=0, cudagraph_mode="FULL_DECODE_ONLY")) | overrides
+    return LLM(model=str(model), load_format="dummy", skip_tokenizer_init=True,
+               kv_cache_dtype=kv_cache_dtype, max_model_len=16384, max_num_seqs=max_num_seqs,
+               **kw)
+
+
 def burst(llm, n: int, prompt_len: int, out_len: int, seed: int) -> dict:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -101,24 +116,16 @@ def main() -> None:
         p = Path(args.plot_only)
         plot(json.loads(p.read_text()), p.with_suffix(".png"))
         return
-    from vllm import LLM
-
-    model = Path(f"/tmp/kvarn-{args.shape}-shape")
-    model.mkdir(exist_ok=True)
-    (model / "config.json").write_text(json.dumps(SHAPES[args.shape]))
     results = []
     for dtype in args.dtypes:
         row = dict(kv_cache_dtype=dtype)
         try:
             t0 = time.time()
-            llm = LLM(model=str(model), load_format="dummy", skip_tokenizer_init=True,
-                      dtype=args.dtype, kv_cache_dtype=dtype, max_model_len=16384,
-                      gpu_memory_utilization=args.gpu_memory_utilization,
-                      max_num_seqs=args.max_num_seqs,
-                      max_num_batched_tokens=args.max_num_batched_tokens,
-                      tensor_parallel_size=args.tensor_parallel_size,
-                      enable_prefix_caching=False, enforce_eager=args.eager, seed=0,
-                      compilation_config=dict(mode=0, cudagraph_mode="FULL_DECODE_ONLY"))
+            llm = engine(args.shape, dtype, args.max_num_seqs, dtype=args.dtype,
+                         gpu_memory_utilization=args.gpu_memory_utilization,
+                         max_num_batched_tokens=args.max_num_batched_tokens,
+                         tensor_parallel_size=args.tensor_parallel_size,
+                         enforce_eager=args.eager)
             cfg = llm.llm_engine.vllm_config.cache_config
             row.update(startup_s=time.time() - t0, block_size=cfg.block_size,
                        kv_tokens=cfg.num_gpu_blocks * cfg.block_size)

@@ -199,10 +199,8 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
         runs: list[Run] = []
         if not uniform:  # once per step, not per layer: host lists and device offsets
             seq_cpu = cam.seq_lens_cpu_upper_bound
-            fresh = ((seq_cpu[:b] == q_lens_cpu).tolist() if seq_cpu is not None
-                     else [False] * b)
-            if not self.flash_attention:
-                fresh = [False] * b
+            fresh = ((seq_cpu[:b] == q_lens_cpu).tolist()
+                     if seq_cpu is not None and self.flash_attention else [False] * b)
             runs = [dataclasses.replace(run, cu=qsl[run.r0: run.r1 + 1] - run.start)
                     if run.fresh else run
                     for run in mixed_runs(qsl_cpu.tolist(), fresh, num_decodes)]
