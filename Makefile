@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(VENV)/bin/kvarn check --presets kvarn_k4v2_g128 --head-dims 128
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -n 2 --dist loadgroup -q tests
+	$(VENV)/bin/python -m pytest -n 2 --dist loadgroup -q --durations=40 tests
 
 clean:
 	rm -rf $(VENV)
