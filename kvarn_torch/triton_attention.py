@@ -453,17 +453,17 @@ def _check_int_tensor(name: str, x: Tensor, shape: tuple[int, ...], device) -> N
 def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tensor,
               query_lens: Tensor | None = None, causal: bool = True,
               softmax_scale: float | None = None, splits: int | None = None, *,
-              block_n: int | None = None, num_warps: int | None = None,
-              num_stages: int = NUM_STAGES) -> Tensor:
+              rows: int | None = None, block_n: int | None = None,
+              num_warps: int | None = None, num_stages: int = NUM_STAGES) -> Tensor:
     """q [B, Sq, Hq, D] (Sq = 1: decode; Sq > 1: the last query_lens[b] tokens of each
     sequence, already appended) -> out [B, Sq, Hq, D] in q's dtype (rows past
     query_lens[b] hold don't-care values).
 
     block_tables [B, M] int32/int64 physical block ids; seq_lens [B] (tokens in the cache,
     the query rows included); query_lens [B] (default Sq). `splits` defaults to an
-    automatic split-KV choice (`num_splits`); `block_n` (tokens per tile, a power of two
-    >= 16 dividing the block size), `num_warps` and `num_stages` are tuning knobs with
-    defaults from `launch_config`.
+    automatic split-KV choice (`num_splits`); `rows` (query rows per program, a power of
+    two >= 16), `block_n` (tokens per tile, a power of two >= 16 dividing the block size),
+    `num_warps` and `num_stages` are tuning knobs with defaults from `launch_config`.
     """
     if q.dim() != 4:
         raise ValueError(f"q must be [B, Sq, Hq, D]; got shape {list(q.shape)}")
@@ -488,7 +488,9 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
                          "set before kvarn_torch is imported to run it on the CPU")
     group = hq // hk
     n_rows = sq * group
-    rows = min(MAX_ROWS, max(MIN_ROWS, triton.next_power_of_2(n_rows)))
+    rows = rows or min(MAX_ROWS, max(MIN_ROWS, triton.next_power_of_2(n_rows)))
+    if rows < MIN_ROWS or rows & (rows - 1):
+        raise ValueError(f"rows must be a power of two >= {MIN_ROWS}; got {rows}")
     default_block_n, default_warps = launch_config(d, g, rows)
     block_n = block_n or default_block_n
     num_warps = num_warps or default_warps

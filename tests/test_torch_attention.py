@@ -96,7 +96,7 @@ def build_cache(*, preset="kvarn_k4v2_g64", d=64, hk=2, dtype=torch.float16, len
 
 
 def check_attention(cache, bt, sl, *, hq, sq=1, query_lens=None, causal=True, splits=None,
-                    block_n=None, seed=1):
+                    rows=None, block_n=None, seed=1):
     """Run the kernel and the exact reference on one random query; return the relative error."""
     gen = torch.Generator().manual_seed(seed)
     b, d = bt.shape[0], cache.head_dim
@@ -104,7 +104,7 @@ def check_attention(cache, bt, sl, *, hq, sq=1, query_lens=None, causal=True, sp
     ql = None if query_lens is None else torch.tensor(query_lens, dtype=torch.int32, device=DEVICE)
     want = attention_reference.attention(q, cache, bt, sl, ql, causal=causal)
     got = triton_attention.attention(q, cache, bt, sl, ql, causal=causal, splits=splits,
-                                     block_n=block_n)
+                                     rows=rows, block_n=block_n)
     assert got.shape == q.shape and got.dtype == q.dtype
     rows = torch.arange(sq, device=DEVICE)[None, :] < (ql[:, None] if ql is not None else sq)
     rows = rows.expand(b, sq)
@@ -173,10 +173,11 @@ def test_multi_query_rows(causal, dtype):
     check_attention(cache, bt, sl, hq=4, sq=4, query_lens=(4, 2, 1), causal=causal, splits=3)
 
 
-def test_multi_query_row_blocks():
-    # 20 query tokens x 4 heads = 80 rows: two row blocks of 64
+@pytest.mark.parametrize("rows", [None, 64])
+def test_multi_query_row_blocks(rows):
+    # 20 query tokens x 4 heads = 80 rows: three row blocks of 32 (the default), two of 64
     cache, bt, sl = build_cache(lens=(170, 40), hk=1)
-    check_attention(cache, bt, sl, hq=4, sq=20, query_lens=(20, 20), splits=2)
+    check_attention(cache, bt, sl, hq=4, sq=20, query_lens=(20, 20), splits=2, rows=rows)
 
 
 def test_causal_row_sees_only_its_prefix():
@@ -415,6 +416,8 @@ def test_errors_name_the_fix():
         attention(q, cache, bt, sl.float())
     with pytest.raises(ValueError, match="block_n"):
         attention(q, cache, bt, sl, block_n=48)
+    with pytest.raises(ValueError, match="rows must be a power of two"):
+        attention(q, cache, bt, sl, rows=24)
     with pytest.raises(ValueError, match="splits"):
         attention(q, cache, bt, sl, splits=0)
     with pytest.raises(ValueError, match=r"k and v must be \[T, 2, 64\]"):
