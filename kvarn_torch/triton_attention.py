@@ -51,7 +51,9 @@ from kvarn_torch.cache import KVarNCache
 from kvarn_torch.triton_common import interpreted, runtime_int
 
 MIN_ROWS = 16  # tensor-core dots need M >= 16
-MAX_ROWS = 32  # query rows per program; more rows (long multi-query chunks) use row blocks
+MAX_ROWS = 32  # query rows per program for decode and verify (one token's GQA group or more)
+CHUNK_ROWS = 64  # per program for longer multi-query chunks (row blocks): 1.6x faster than
+# 32 rows x 8 warps on a 2048-token chunk over 8K tokens (benchmarks/chunk_attention.py)
 # Launch defaults, from timing the knobs on an H100 (benchmarks/decode_attention.py --sweep,
 # benchmarks/results/decode_sweep_h100.json): a whole 128-token record per iteration and
 # 4 warps beat 64-token tiles and 8 warps at 16 x 32K and at 1 x 4K.
@@ -434,11 +436,15 @@ def num_splits(programs: int, max_tiles: int, num_sms: int = DEFAULT_SMS) -> int
     return max(1, min(want, max_tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
 
 
-def launch_config(head_dim: int, tile: int, rows: int) -> tuple[int, int]:
-    """Default (block_n, num_warps) for a program of `rows` query rows."""
+def launch_config(head_dim: int, tile: int, n_rows: int,
+                  rows: int | None = None) -> tuple[int, int, int]:
+    """(rows, block_n, num_warps) for `n_rows` query rows (tokens x GQA group): `rows` per
+    program as given or the default, the others the defaults for it."""
+    rows = rows or (CHUNK_ROWS if n_rows > MAX_ROWS
+                    else min(MAX_ROWS, max(MIN_ROWS, triton.next_power_of_2(n_rows))))
     block_n = min(tile, BLOCK_N_MAX if head_dim <= 128 else BLOCK_N_MAX // 2)
-    warps = NUM_WARPS_LARGE if head_dim > 128 or rows > MIN_ROWS else NUM_WARPS_SMALL
-    return block_n, warps
+    warps = NUM_WARPS_LARGE if head_dim > 128 or rows == MAX_ROWS else NUM_WARPS_SMALL
+    return rows, block_n, warps
 
 
 def _check_int_tensor(name: str, x: Tensor, shape: tuple[int, ...], device) -> None:
@@ -488,10 +494,9 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
                          "set before kvarn_torch is imported to run it on the CPU")
     group = hq // hk
     n_rows = sq * group
-    rows = rows or min(MAX_ROWS, max(MIN_ROWS, triton.next_power_of_2(n_rows)))
+    rows, default_block_n, default_warps = launch_config(d, g, n_rows, rows)
     if rows < MIN_ROWS or rows & (rows - 1):
         raise ValueError(f"rows must be a power of two >= {MIN_ROWS}; got {rows}")
-    default_block_n, default_warps = launch_config(d, g, rows)
     block_n = block_n or default_block_n
     num_warps = num_warps or default_warps
     if block_n < 16 or block_n & (block_n - 1) or g % block_n:

@@ -27,7 +27,7 @@ import pytest  # noqa: E402
 import kvarn_torch  # noqa: E402,F401
 from kvarn.format import get_preset, layout  # noqa: E402
 from kvarn_jax import cache as jcache  # noqa: E402
-from kvarn_torch import attention_reference, codec, triton_attention  # noqa: E402
+from kvarn_torch import attention_reference, codec, triton_attention, triton_gather  # noqa: E402
 from kvarn_torch import cache as kc  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -173,9 +173,9 @@ def test_multi_query_rows(causal, dtype):
     check_attention(cache, bt, sl, hq=4, sq=4, query_lens=(4, 2, 1), causal=causal, splits=3)
 
 
-@pytest.mark.parametrize("rows", [None, 64])
+@pytest.mark.parametrize("rows", [None, 32])
 def test_multi_query_row_blocks(rows):
-    # 20 query tokens x 4 heads = 80 rows: three row blocks of 32 (the default), two of 64
+    # 20 query tokens x 4 heads = 80 rows: two row blocks of 64 (the default), three of 32
     cache, bt, sl = build_cache(lens=(170, 40), hk=1)
     check_attention(cache, bt, sl, hq=4, sq=20, query_lens=(20, 20), splits=2, rows=rows)
 
@@ -394,6 +394,32 @@ def _cache_bytes_identical_to_jax(dtype):
 
 
 # ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("preset,d,state", [("kvarn_k4v2_g64", 64, "mixed"),
+                                            ("kvarn_k2v2_g128", 128, "quantized"),
+                                            ("kvarn_k4v4_g64", 128, "pool")])
+def test_gather_dense_matches_the_reference(preset, d, state, dtype):
+    cache, bt, sl = build_cache(preset=preset, d=d, dtype=dtype, lens=(300,), state=state)
+    n = -(-300 // cache.tile)
+    got_k, got_v = triton_gather.gather(cache, bt[0], n)
+    want_k, want_v = triton_gather.gather_reference(cache, bt[0], n)
+    assert got_k.shape == (n * cache.tile, cache.num_kv_heads, d) and got_k.dtype == dtype
+    for got, want in ((got_k, want_k), (got_v, want_v)):
+        # the same float32 values, rounded once to the model dtype (the interpreter
+        # truncates to bf16: one bf16 ulp)
+        ulp = 2.0 ** -10 if dtype == torch.float16 else 2.0 ** -7
+        err = (got.float() - want.to(dtype).float()).abs() / want.abs().clamp(min=1e-3)
+        assert err.max() <= ulp, f"max relative difference {err.max():.2e}"
+
+
+def test_gather_errors_name_the_fix():
+    cache, bt, _ = build_cache(lens=(100,))
+    with pytest.raises(ValueError, match="1-D int32/int64"):
+        triton_gather.gather(cache, bt, 1)
+    with pytest.raises(ValueError, match=r"num_blocks must be in \[0, "):
+        triton_gather.gather(cache, bt[0], bt.shape[1] + 1)
 
 
 def test_errors_name_the_fix():

@@ -395,19 +395,21 @@ def test_mixed_runs_group_consecutive_fresh_prompts():
     assert served == list(range(2, 36))
 
 
-def _step_metadata(q_lens, seq_lens, threshold=1, flash_attention=True):
+def _step_metadata(q_lens, seq_lens, threshold=1, flash_attention=True, tile=128):
     from kvarn_vllm.backend import KVarNMetadataBuilder
 
     b = len(q_lens)
     qsl = torch.tensor([0, *np.cumsum(q_lens)], dtype=torch.int32)
     cam = types.SimpleNamespace(
         num_reqs=b, query_start_loc=qsl, query_start_loc_cpu=qsl,
-        seq_lens=torch.tensor(seq_lens), seq_lens_cpu_upper_bound=torch.tensor(seq_lens),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        seq_lens_cpu_upper_bound=torch.tensor(seq_lens, dtype=torch.int32),
         block_table_tensor=torch.zeros(b, 4, dtype=torch.int32),
         num_actual_tokens=int(qsl[-1]), max_query_len=max(q_lens))
-    builder = types.SimpleNamespace(reorder_batch_threshold=threshold,
-                                    flash_attention=flash_attention)
-    return KVarNMetadataBuilder._metadata(builder, cam)
+    builder = KVarNMetadataBuilder.__new__(KVarNMetadataBuilder)  # no vLLM config needed
+    builder.reorder_batch_threshold, builder.flash_attention = threshold, flash_attention
+    builder.tile = tile
+    return builder._metadata(cam)
 
 
 def test_equal_prompts_are_not_a_decode_batch(registered):
@@ -425,3 +427,56 @@ def test_equal_prompts_are_not_a_decode_batch(registered):
     assert md.runs[0].cu.tolist() == [0, 5]
     md = _step_metadata([1, 5, 4], [9, 5, 20], flash_attention=False)
     assert [(r.fresh, r.r0) for r in md.runs] == [(False, 1), (False, 2)]
+
+
+def test_long_continuations_run_dense_with_exact_key_offsets(registered):
+    from kvarn_vllm.backend import DENSE_MAX_TOKENS, DENSE_MIN_QUERY
+
+    # a decode, a verify-sized continuation (kernel), a long chunk over 1000 cached tokens
+    md = _step_metadata([1, 3, DENSE_MIN_QUERY + 5], [9, 40, 1000 + DENSE_MIN_QUERY + 5])
+    kernel, dense = md.runs
+    assert kernel.dense_blocks == 0 and kernel.cu is None
+    assert dense.dense_blocks == -(-(1000 + DENSE_MIN_QUERY + 5) // 128)
+    assert dense.cu.tolist() == [0, DENSE_MIN_QUERY + 5]
+    assert dense.cu_k.tolist() == [0, 1000 + DENSE_MIN_QUERY + 5]
+    assert dense.cu_k.dtype == torch.int32
+    no_fa = _step_metadata([1, 300], [9, 1300], flash_attention=False)
+    assert no_fa.runs[0].dense_blocks == 0
+    huge = _step_metadata([1, 300], [9, DENSE_MAX_TOKENS + 1])  # the kernel, no dense copy
+    assert huge.runs[0].dense_blocks == 0
+
+
+def _causal_varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, out):
+    """FlashAttention's varlen contract in float32: causal aligned at each sequence's end."""
+    group = q.shape[1] // k.shape[1]
+    for i in range(cu_q.shape[0] - 1):
+        qs, qe, ks, ke = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
+        assert qe - qs <= max_q and ke - ks <= max_k
+        qi = q[qs:qe].float()
+        ki = k[ks:ke].float().repeat_interleave(group, 1)
+        vi = v[ks:ke].float().repeat_interleave(group, 1)
+        s = torch.einsum("qhd,khd->hqk", qi, ki) * scale
+        pos_q = torch.arange(qe - qs)[:, None] + (ke - ks) - (qe - qs)
+        s = s.masked_fill(torch.arange(ke - ks)[None, :] > pos_q, float("-inf"))
+        out[qs:qe] = torch.einsum("hqk,khd->qhd", s.softmax(-1), vi).to(out.dtype)
+
+
+@pytest.mark.parametrize("state", ["mixed", "pool"])
+def test_dense_continuation_matches_exact_attention_over_the_cache(registered, state):
+    from test_torch_attention import TOL, build_cache
+
+    from kvarn_torch import attention_reference
+    from kvarn_vllm.backend import KVarNAttentionImpl, Run
+
+    d, hk, group, n, sq = 64, 2, 3, 300, 170
+    cache, bt, sl = build_cache(preset="kvarn_k4v2_g64", d=d, hk=hk, lens=(n,), state=state)
+    q = (2.0 * torch.randn(1, sq, hk * group, d, generator=torch.Generator().manual_seed(3))
+         ).to(cache.dtype).to(cache.device)
+    want = attention_reference.attention(q, cache, bt, sl, torch.tensor([sq], dtype=torch.int32))
+    run = Run(False, 0, 1, 0, sq, sq, cu=torch.tensor([0, sq], dtype=torch.int32),
+              dense_blocks=-(-n // 64) + 1, cu_k=torch.tensor([0, n], dtype=torch.int32))
+    impl = types.SimpleNamespace(_fa=_causal_varlen_reference, scale=d ** -0.5)
+    got = torch.empty_like(q[0])
+    KVarNAttentionImpl._dense(impl, q[0], cache, bt[0], run, got)
+    err = (got.float() - want[0]).abs().max() / want[0].abs().max()
+    assert err < TOL[cache.dtype], f"relative error {err:.2e}"

@@ -4,9 +4,10 @@ Decoder self-attention over a paged KVarN cache (DESIGN §4-§5):
 * `do_kv_cache_update` rotates the step's K/V into the layer's tail pool (slots were
   given out by the builder), graph-safe;
 * `forward` runs the fused Triton kernel of `kvarn_torch.triton_attention` over the
-  quantized records and pool blocks: decode rows, speculative-verify rows and chunked-
-  prefill continuations alike (multi-query rows, causal). A fresh prompt (no cached
-  context) attends over its own raw K/V with vLLM's FlashAttention when it is there;
+  quantized records and pool blocks: decode rows, speculative-verify rows and short
+  chunked-prefill continuations (multi-query rows, causal). Where vLLM's FlashAttention
+  is there, a fresh prompt (no cached context) attends over its own raw K/V with it, and
+  a long continuation over its context gathered dense by `kvarn_torch.triton_gather`;
 * the builder, once per step and outside CUDA graphs, runs `lifecycle.PoolGroup.step`:
   release finished requests, commit accepted full blocks, give slots to new blocks.
 
@@ -24,7 +25,7 @@ from typing import ClassVar
 import torch
 
 from kvarn_torch import cache as kvcache
-from kvarn_torch import triton_attention
+from kvarn_torch import triton_attention, triton_gather
 from kvarn_torch.cache import KVarNCache
 from kvarn_vllm import lifecycle, settings
 from vllm.config import get_current_vllm_config
@@ -142,7 +143,23 @@ class Run:
     start: int
     end: int
     max_len: int
-    cu: torch.Tensor | None = None  # fresh runs: [0, ...] token offsets on the device
+    cu: torch.Tensor | None = None  # fresh and dense runs: [0, ...] query offsets (device)
+    # A long prefill continuation: its first `dense_blocks` blocks gathered dense (in the
+    # model's frame) for one FlashAttention call over keys [0, seq_len), `cu_k` =
+    # [0, seq_len] on the device.
+    dense_blocks: int = 0
+    cu_k: torch.Tensor | None = None
+
+
+# From this many query tokens on, a prefill continuation runs FlashAttention over its
+# context gathered dense (`triton_gather`) instead of the paged kernel, whose programs of
+# 64 query rows each re-read and re-dequantize the whole context: on an H100, a 2048-token
+# chunk over 8K tokens takes 2.5 ms there vs 0.36 ms in FlashAttention
+# (benchmarks/results/chunk_attention_h100.json).
+DENSE_MIN_QUERY = 128
+# Contexts up to this many tokens only: the dense copy is a transient outside vLLM's memory
+# profile (256 MiB for K and V at 8 KV heads x 128 x fp16).
+DENSE_MAX_TOKENS = 65536
 
 
 def mixed_runs(starts: list[int], fresh: list[bool], first: int) -> list[Run]:
@@ -174,6 +191,7 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
         spec = vllm_config.speculative_config
         self.sync_commit = settings.sync_commit(spec.num_speculative_tokens if spec else 0)
         self.flash_attention = _flash_attention(kv_cache_spec.head_size) is not None
+        self.tile = kv_cache_spec.block_size
 
     def _pool_group(self) -> lifecycle.PoolGroup | None:
         if self.group is None:
@@ -201,14 +219,28 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
             seq_cpu = cam.seq_lens_cpu_upper_bound
             fresh = ((seq_cpu[:b] == q_lens_cpu).tolist()
                      if seq_cpu is not None and self.flash_attention else [False] * b)
-            runs = [dataclasses.replace(run, cu=qsl[run.r0: run.r1 + 1] - run.start)
-                    if run.fresh else run
+            runs = [self._launch(run, cam, seq_cpu)
                     for run in mixed_runs(qsl_cpu.tolist(), fresh, num_decodes)]
         return KVarNMetadata(
             seq_lens=cam.seq_lens[:b], query_start_loc=qsl,
             block_table=cam.block_table_tensor[:b], num_actual_tokens=cam.num_actual_tokens,
             num_reqs=b, max_query_len=cam.max_query_len, uniform_query_len=uniform,
             num_decodes=num_decodes, runs=runs)
+
+    def _launch(self, run: Run, cam: CommonAttentionMetadata, seq_cpu) -> Run:
+        """Device offsets for the runs that FlashAttention serves, made once per step."""
+        qsl = cam.query_start_loc
+        if run.fresh:
+            return dataclasses.replace(run, cu=qsl[run.r0: run.r1 + 1] - run.start)
+        if not self.flash_attention or seq_cpu is None or run.max_len < DENSE_MIN_QUERY:
+            return run
+        r = run.r0
+        if int(seq_cpu[r]) > DENSE_MAX_TOKENS:
+            return run
+        blocks = -(-int(seq_cpu[r]) // self.tile)  # an upper bound: cu_k holds the exact length
+        return dataclasses.replace(
+            run, cu=qsl[r: r + 2] - run.start, dense_blocks=blocks,
+            cu_k=torch.nn.functional.pad(cam.seq_lens[r: r + 1].to(torch.int32), (1, 0)))
 
     def build_for_cudagraph_capture(self, cam: CommonAttentionMetadata) -> KVarNMetadata:
         return self._metadata(cam)  # dummy batch: no cache bookkeeping
@@ -326,7 +358,8 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
     def _mixed(self, q, k, v, cache, md: KVarNMetadata, out) -> None:
         """Mixed batches (eager): single-token decodes in one launch, then one launch per
         run (`mixed_runs`): fresh prompts together through FlashAttention on their raw
-        K/V, every other request through the kernel over the cache."""
+        K/V, long continuations through FlashAttention over their gathered context,
+        every other request through the kernel over the cache."""
         d, hq, hk = self.head_size, self.num_heads, self.num_kv_heads
         nd = md.num_decodes
         if nd:
@@ -337,12 +370,21 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
             s, e = run.start, run.end
             if run.fresh:
                 self._fa(q[s:e], k[s:e].view(-1, hk, d), v[s:e].view(-1, hk, d), run.cu,
-                         run.max_len, self.scale, out[s:e])
+                         run.cu, run.max_len, run.max_len, self.scale, out[s:e])
+                continue
+            if run.dense_blocks:
+                self._dense(q[s:e], cache, md.block_table[run.r0], run, out[s:e])
                 continue
             o = triton_attention.attention(q[s:e].view(1, e - s, hq, d), cache,
                                            md.block_table[run.r0: run.r1],
                                            md.seq_lens[run.r0: run.r1], softmax_scale=self.scale)
             out[s:e] = o.view(e - s, hq, d)
+
+    def _dense(self, q, cache, block_table, run: Run, out) -> None:
+        """One request's prefill chunk, FlashAttention over its whole context gathered
+        dense in the model's frame (raw q in, output straight into `out`)."""
+        k, v = triton_gather.gather(cache, block_table, run.dense_blocks)
+        self._fa(q, k, v, run.cu, run.cu_k, run.max_len, k.shape[0], self.scale, out)
 
 
 def _flash_attention(head_size: int):
@@ -359,12 +401,13 @@ def _flash_attention(head_size: int):
     except Exception:  # no CUDA build of FlashAttention here: the Triton kernel serves all
         return None
 
-    def run(q, k, v, cu, max_len, scale, out):
-        """q, k, v, out [t, heads, D] of consecutive prompts; cu their int32 offsets on
-        the device (a tensor built from host ints here would sync the stream)."""
+    def run(q, k, v, cu_q, cu_k, max_q, max_k, scale, out):
+        """Causal (aligned at the end of each sequence) attention of q, out [t, heads, D]
+        over k, v [t_k, kv heads, D]; cu_q, cu_k int32 offsets on the device (a tensor
+        built from host ints here would sync the stream), max_q, max_k upper bounds."""
         extra = {} if version is None else {"fa_version": version}
-        flash_attn_varlen_func(q=q, k=k, v=v, cu_seqlens_q=cu, cu_seqlens_k=cu,
-                               max_seqlen_q=max_len, max_seqlen_k=max_len,
+        flash_attn_varlen_func(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                               max_seqlen_q=max_q, max_seqlen_k=max_k,
                                softmax_scale=scale, causal=True, out=out, **extra)
     return run
 
