@@ -4,8 +4,10 @@ variants side by side with FlashAttention-3 fp16 on the same shapes, one GPU, on
 
     PYTHONPATH=/tmp/vsite:$PWD python benchmarks/chunk_attention.py --json $OUT/chunk.json
 
-Variants: query rows per program (`rows`) x num_warps; each is first checked against the
-default launch (and that one against the exact float32 reference on the smallest shape).
+Variants: query rows per program (`rows`) x num_warps, and the vLLM bridge's dense path
+(`triton_gather` + FlashAttention-3 on rotated queries); each is first checked against
+the default launch (and that one against the exact float32 reference on the smallest
+shape).
 The cache is decode_attention's steady state (k4v2_g128 records, sink and last block in
 the pool); the chunk's queries are the last `chunk` positions of the context.
 """
@@ -31,7 +33,7 @@ from decode_attention import PRESET, G, build_jax_cache, time_graph  # noqa: E40
 
 SHAPES = [(256, 8192), (1024, 8192), (2048, 8192), (2048, 32768)]  # (chunk, context)
 HQ, HK, D = 32, 8, 128
-VARIANTS = [(rows, warps) for rows in (32, 64, 128) for warps in (4, 8)]
+VARIANTS = [(32, 4), (32, 8), (64, 4), (64, 8)]
 
 
 def fa3_chunk(chunk: int, ctx: int) -> float:
@@ -96,6 +98,32 @@ def main() -> None:
         except Exception as e:
             traceback.print_exc()
             records.append(row | dict(impl="fa3-fp16", error=f"{type(e).__name__}: {e}"))
+        try:  # the bridge's dense path: gather, rotate q, FlashAttention, rotate back
+            from kvarn_torch import codec, triton_gather
+            from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+            nb = -(-ctx // G)
+            cu_q = torch.tensor([0, chunk], device="cuda", dtype=torch.int32)
+            cu_k = torch.tensor([0, ctx - 1], device="cuda", dtype=torch.int32)
+            o = torch.empty_like(q[0])
+
+            def dense():
+                k, v = triton_gather.gather(tc, tt[0], nb)
+                flash_attn_varlen_func(codec.rotate(q[0]), k, v, max_seqlen_q=chunk,
+                                       cu_seqlens_q=cu_q, max_seqlen_k=k.shape[0],
+                                       cu_seqlens_k=cu_k, causal=True, out=o, fa_version=3)
+                return codec.unrotate(o)
+
+            err = ((dense().float() - want[0]).abs().max() / scale).item()
+            us = time_graph(dense)
+            gather_us = time_graph(lambda: triton_gather.gather(tc, tt[0], nb))
+            records.append(row | dict(impl="kvarn-dense", us=us, gather_us=gather_us,
+                                      rel_err_vs_default=err))
+            print(f"chunk={chunk:<5} ctx={ctx:<6} kvarn-dense         {us:9.1f} us  err "
+                  f"{err:.1e} (gather {gather_us:.1f} us)", flush=True)
+        except Exception as e:
+            traceback.print_exc()
+            records.append(row | dict(impl="kvarn-dense", error=f"{type(e).__name__}: {e}"))
         for rows, warps in VARIANTS:
             r = row | dict(impl="kvarn-triton", rows=rows, num_warps=warps)
             try:

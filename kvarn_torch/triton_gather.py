@@ -1,20 +1,19 @@
-"""Triton kernel: one sequence's cached K/V as dense tensors in the model's frame.
+"""Triton kernel: one sequence's cached K/V as dense tensors (rotated frame).
 
 For attention kernels that take dense K/V (FlashAttention on a long prefill chunk, whose
 query rows would each re-read and re-dequantize the whole context in the paged kernel):
-every block of the sequence is read once, from its record (dequantized as in
-`kvarn.oracle.dequantize`) or from the tail pool (as stored), and rotated back, so
-FlashAttention takes the raw queries and writes the output in the model's frame.
+every block of the sequence is read once, from its record (dequantized exactly as
+`kvarn.oracle.dequantize`, then rounded to the cache's dtype) or from the tail pool (as
+stored). The caller rotates the queries and rotates the output back (attention is
+invariant under the orthonormal rotation of q and K; V's rotation passes to the output).
 
-Grid (block, KV head); a program writes the block's G tokens of one head. The reference
-is `gather_reference`: `cache.gather_kv` (float32, rotated) rotated back.
+Grid (block, KV head, token tile); a program writes TOKENS tokens of one head: small
+tiles keep the whole program in registers. The reference is `gather_reference`
+(`cache.gather_kv`).
 """
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -22,10 +21,9 @@ from torch import Tensor
 
 from kvarn.format import layout
 from kvarn_torch import cache as kvcache
-from kvarn_torch import codec
 from kvarn_torch.cache import KVarNCache
-from kvarn_torch.triton_attention import _hadamard
 
+TOKENS = 32  # per program
 NUM_WARPS = 4
 
 
@@ -44,22 +42,23 @@ def _gather_kernel(
     words_ptr, halves_ptr, pool_k_ptr, pool_v_ptr, block_table_ptr, block_to_slot_ptr,
     k_out_ptr, v_out_ptr,
     page_stride_block, page_stride_head, pool_stride_slot, pool_stride_tok, pool_stride_head,
-    D: tl.constexpr, LOG_D: tl.constexpr, G: tl.constexpr, HK: tl.constexpr,
+    D: tl.constexpr, G: tl.constexpr, HK: tl.constexpr, TOKENS: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_CODES: tl.constexpr, A_K: tl.constexpr,
     Z_K: tl.constexpr, TAU_K: tl.constexpr, V_CODES: tl.constexpr, SIGMA_V: tl.constexpr,
-    A_V: tl.constexpr, Z_V: tl.constexpr, INV_SQRT_D: tl.constexpr,
+    A_V: tl.constexpr, Z_V: tl.constexpr,
 ):
     i = tl.program_id(0)
     h = tl.program_id(1)
+    t = tl.program_id(2) * TOKENS + tl.arange(0, TOKENS)  # tokens of the block
+    d = tl.arange(0, D)
     blk = tl.maximum(tl.load(block_table_ptr + i).to(tl.int64), 0)  # -1 past the end
     slot = tl.load(block_to_slot_ptr + blk)
-    t = tl.arange(0, G)
-    d = tl.arange(0, D)
-    if slot >= 0:  # still in the tail pool: rotated, in the model's dtype
+    out = ((i * G + t[:, None]).to(tl.int64) * HK + h) * D + d[None, :]
+    if slot >= 0:  # still in the tail pool, as stored
         at = slot.to(tl.int64) * pool_stride_slot + h * pool_stride_head
         ptrs = at + t[:, None] * pool_stride_tok + d[None, :]
-        k = tl.load(pool_k_ptr + ptrs).to(tl.float32)
-        v = tl.load(pool_v_ptr + ptrs).to(tl.float32)
+        tl.store(k_out_ptr + out, tl.load(pool_k_ptr + ptrs))
+        tl.store(v_out_ptr + out, tl.load(pool_v_ptr + ptrs))
     else:  # K[t, d] = (c * a_K[d] + z_K[d]) * tau_K[t], V[t, d] = (c * a_V[t] + z_V[t]) * sigma_V[d]
         rec = blk * page_stride_block + h * page_stride_head  # bytes
         half = rec // 2
@@ -68,23 +67,19 @@ def _gather_kernel(
         z_k = tl.load(halves_ptr + half + Z_K // 2 + d).to(tl.float32)
         tau = tl.load(halves_ptr + half + TAU_K // 2 + t).to(tl.float32)
         k = tl.trans((c_k * a_k[:, None] + z_k[:, None]) * tau[None, :])
+        tl.store(k_out_ptr + out, k.to(k_out_ptr.dtype.element_ty))
         c_v = _codes(words_ptr + rec // 4 + V_CODES // 4, t, d, D * V_BITS // 32, V_BITS)
         a_v = tl.load(halves_ptr + half + A_V // 2 + t).to(tl.float32)
         z_v = tl.load(halves_ptr + half + Z_V // 2 + t).to(tl.float32)
         sigma = tl.load(halves_ptr + half + SIGMA_V // 2 + d).to(tl.float32)
         v = (c_v * a_v[:, None] + z_v[:, None]) * sigma[None, :]
-    # Rotate back (the normalized Hadamard matrix is its own inverse).
-    k = _hadamard(k, G, D, LOG_D) * INV_SQRT_D
-    v = _hadamard(v, G, D, LOG_D) * INV_SQRT_D
-    out = ((i * G + t[:, None]).to(tl.int64) * HK + h) * D + d[None, :]
-    tl.store(k_out_ptr + out, k.to(k_out_ptr.dtype.element_ty))
-    tl.store(v_out_ptr + out, v.to(v_out_ptr.dtype.element_ty))
+        tl.store(v_out_ptr + out, v.to(v_out_ptr.dtype.element_ty))
 
 
 def gather(cache: KVarNCache, block_table: Tensor, num_blocks: int) -> tuple[Tensor, Tensor]:
-    """K, V [num_blocks * G, Hk, D] in the cache's dtype and the model's frame (unrotated)
-    of the sequence whose blocks are block_table[:num_blocks] (a 1-D int32/int64 table on
-    the cache's device). Positions past the sequence's length hold don't-care values."""
+    """K, V [num_blocks * G, Hk, D] in the cache's dtype (rotated frame) of the sequence
+    whose blocks are block_table[:num_blocks] (a 1-D int32/int64 table on the cache's
+    device). Positions past the sequence's length hold don't-care values."""
     if block_table.dim() != 1 or block_table.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"block_table must be one sequence's 1-D int32/int64 table; got "
                          f"{block_table.dtype} {list(block_table.shape)}")
@@ -102,21 +97,19 @@ def gather(cache: KVarNCache, block_table: Tensor, num_blocks: int) -> tuple[Ten
     lay = layout(cache.preset, d)
     p = lay.preset
     pool = cache.pool_k.stride()
-    _gather_kernel[(num_blocks, hk)](
+    _gather_kernel[(num_blocks, hk, g // TOKENS)](
         cache.pages.view(torch.int32), cache.pages.view(torch.float16), cache.pool_k,
         cache.pool_v, block_table, cache.block_to_slot, k, v,
         cache.pages.stride(0), cache.pages.stride(1), pool[0], pool[1], pool[2],
-        D=d, LOG_D=d.bit_length() - 1, G=g, HK=hk, K_BITS=p.k_bits, V_BITS=p.v_bits,
+        D=d, G=g, HK=hk, TOKENS=TOKENS, K_BITS=p.k_bits, V_BITS=p.v_bits,
         K_CODES=lay.k_codes.offset, A_K=lay.a_k.offset, Z_K=lay.z_k.offset,
         TAU_K=lay.tau_k.offset, V_CODES=lay.v_codes.offset, SIGMA_V=lay.sigma_v.offset,
-        A_V=lay.a_v.offset, Z_V=lay.z_v.offset,
-        INV_SQRT_D=float(np.float32(1.0 / math.sqrt(d))), num_warps=NUM_WARPS,
-        enable_fp_fusion=False)
+        A_V=lay.a_v.offset, Z_V=lay.z_v.offset, num_warps=NUM_WARPS, enable_fp_fusion=False)
     return k, v
 
 
 def gather_reference(cache: KVarNCache, block_table: Tensor,
                      num_blocks: int) -> tuple[Tensor, Tensor]:
-    """`gather` from the torch reference: float32, rotated back by the reference rotation."""
+    """`gather` from the torch reference, in float32."""
     k, v = kvcache.gather_kv(cache, block_table[None], num_blocks)
-    return (codec.unrotate(x[0], impl="reference") for x in (k, v))
+    return k[0], v[0]

@@ -407,11 +407,13 @@ def test_gather_dense_matches_the_reference(preset, d, state, dtype):
     want_k, want_v = triton_gather.gather_reference(cache, bt[0], n)
     assert got_k.shape == (n * cache.tile, cache.num_kv_heads, d) and got_k.dtype == dtype
     for got, want in ((got_k, want_k), (got_v, want_v)):
-        # the same float32 values, rounded once to the model dtype (the interpreter
-        # truncates to bf16: one bf16 ulp)
-        ulp = 2.0 ** -10 if dtype == torch.float16 else 2.0 ** -7
-        err = (got.float() - want.to(dtype).float()).abs() / want.abs().clamp(min=1e-3)
-        assert err.max() <= ulp, f"max relative difference {err.max():.2e}"
+        # the oracle's float32 values rounded once to the model dtype: equal, but for the
+        # interpreter's float32 -> bf16 truncation (one bf16 ulp)
+        if dtype == torch.float16 or torch.cuda.is_available():
+            assert torch.equal(got, want.to(dtype))
+        else:
+            err = (got.float() - want.to(dtype).float()).abs() / want.abs().clamp(min=1e-30)
+            assert err.max() <= 2.0 ** -7, f"max relative difference {err.max():.2e}"
 
 
 def test_gather_errors_name_the_fix():

@@ -7,7 +7,8 @@ Decoder self-attention over a paged KVarN cache (DESIGN §4-§5):
   quantized records and pool blocks: decode rows, speculative-verify rows and short
   chunked-prefill continuations (multi-query rows, causal). Where vLLM's FlashAttention
   is there, a fresh prompt (no cached context) attends over its own raw K/V with it, and
-  a long continuation over its context gathered dense by `kvarn_torch.triton_gather`;
+  a long continuation over its context gathered dense by `kvarn_torch.triton_gather`
+  (rotated q in, output rotated back);
 * the builder, once per step and outside CUDA graphs, runs `lifecycle.PoolGroup.step`:
   release finished requests, commit accepted full blocks, give slots to new blocks.
 
@@ -25,6 +26,7 @@ from typing import ClassVar
 import torch
 
 from kvarn_torch import cache as kvcache
+from kvarn_torch import codec
 from kvarn_torch import triton_attention, triton_gather
 from kvarn_torch.cache import KVarNCache
 from kvarn_vllm import lifecycle, settings
@@ -382,9 +384,13 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
 
     def _dense(self, q, cache, block_table, run: Run, out) -> None:
         """One request's prefill chunk, FlashAttention over its whole context gathered
-        dense in the model's frame (raw q in, output straight into `out`)."""
+        dense: attention is invariant under the orthonormal rotation of q and K, and V's
+        rotation is undone on the output."""
         k, v = triton_gather.gather(cache, block_table, run.dense_blocks)
-        self._fa(q, k, v, run.cu, run.cu_k, run.max_len, k.shape[0], self.scale, out)
+        o = torch.empty_like(q)
+        self._fa(codec.rotate(q), k, v, run.cu, run.cu_k, run.max_len, k.shape[0],
+                 self.scale, o)
+        out.copy_(codec.unrotate(o))
 
 
 def _flash_attention(head_size: int):
