@@ -51,9 +51,14 @@ from kvarn_torch.cache import KVarNCache
 from kvarn_torch.triton_common import interpreted, runtime_int
 
 MIN_ROWS = 16  # tensor-core dots need M >= 16
-MAX_ROWS = 32  # query rows per program for decode and verify (one token's GQA group or more)
-CHUNK_ROWS = 64  # per program for longer multi-query chunks (row blocks): 1.6x faster than
-# 32 rows x 8 warps on a 2048-token chunk over 8K tokens (benchmarks/chunk_attention.py)
+MAX_ROWS = 32  # query rows per program, in row blocks past that
+# From CHUNK_MIN_ROWS query rows on (256 tokens at GQA 4), programs of CHUNK_ROWS rows at 4
+# warps: 1.5x faster than 32 rows x 8 warps on 256- to 2048-token chunks over 8K-32K
+# tokens on an H100 (benchmarks/results/chunk_attention_h100.json). Shorter chunks keep
+# 32-row programs (a 48 x 8K vLLM burst, whose continuations are a few tokens each, ran
+# 35% slower with 64 rows everywhere).
+CHUNK_MIN_ROWS = 1024
+CHUNK_ROWS = 64
 # Launch defaults, from timing the knobs on an H100 (benchmarks/decode_attention.py --sweep,
 # benchmarks/results/decode_sweep_h100.json): a whole 128-token record per iteration and
 # 4 warps beat 64-token tiles and 8 warps at 16 x 32K and at 1 x 4K.
@@ -440,7 +445,7 @@ def launch_config(head_dim: int, tile: int, n_rows: int,
                   rows: int | None = None) -> tuple[int, int, int]:
     """(rows, block_n, num_warps) for `n_rows` query rows (tokens x GQA group): `rows` per
     program as given or the default, the others the defaults for it."""
-    rows = rows or (CHUNK_ROWS if n_rows > MAX_ROWS
+    rows = rows or (CHUNK_ROWS if n_rows >= CHUNK_MIN_ROWS
                     else min(MAX_ROWS, max(MIN_ROWS, triton.next_power_of_2(n_rows))))
     block_n = min(tile, BLOCK_N_MAX if head_dim <= 128 else BLOCK_N_MAX // 2)
     warps = NUM_WARPS_LARGE if head_dim > 128 or rows == MAX_ROWS else NUM_WARPS_SMALL
