@@ -19,6 +19,7 @@ from kvarn.format import HEAD_DIMS, PRESETS
 from kvarn.tiles import DTYPES, adversarial_tiles, random_tiles
 
 Array = np.ndarray
+ORACLE_CHUNK_TILES = 128  # random tiles per worker task of a large check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +142,10 @@ def build_case(case: Case, n_random: int, seed: int, pool: Executor | None = Non
     if pool is None:
         parts = [_random_part((case, n_random, [seed]))]
     else:
-        sizes = [len(c) for c in np.array_split(np.arange(n_random), 16)]
+        # small chunks keep every worker busy to the end (16 chunks on 15 workers took
+        # two rounds)
+        chunks = max(1, -(-n_random // ORACLE_CHUNK_TILES))
+        sizes = [len(c) for c in np.array_split(np.arange(n_random), chunks)]
         parts = list(pool.map(_random_part, [(case, n, [seed, i]) for i, n in enumerate(sizes)]))
     g = PRESETS[case.preset].tile
     adv = np.stack(list(adversarial_tiles(g, case.head_dim, case.dtype).values()))

@@ -55,8 +55,8 @@ MAX_ROWS = 32  # query rows per program, in row blocks past that
 # From CHUNK_MIN_ROWS query rows on (256 tokens at GQA 4), programs of CHUNK_ROWS rows at 4
 # warps: 1.5x faster than 32 rows x 8 warps on 256- to 2048-token chunks over 8K-32K
 # tokens on an H100 (benchmarks/results/chunk_attention_h100.json). Shorter chunks keep
-# 32-row programs (a 48 x 8K vLLM burst, whose continuations are a few tokens each, ran
-# 35% slower with 64 rows everywhere).
+# 32-row programs (a 48 x 8K vLLM burst, whose continuations are mostly short, took 30.0 s
+# instead of 25.3 s on an H100 with 64 rows everywhere).
 CHUNK_MIN_ROWS = 1024
 CHUNK_ROWS = 64
 # Launch defaults, from timing the knobs on an H100 (benchmarks/decode_attention.py --sweep,

@@ -72,3 +72,14 @@ def test_iteration_counts(impl, iters):
     case = check.Case("kvarn_k4v4_g64", "bfloat16", 64, iters)
     _, k_rot, v_rot, want = check.build_case(case, 16, SEED)
     assert check.mismatched_bytes(impl.quantize(k_rot, v_rot, case.preset, iters), want) == 0
+
+
+def test_parallel_build_gives_the_oracle_records():
+    """`kvarn check --workers N` draws and encodes chunks of tiles in worker processes."""
+    case = check.Case("kvarn_k4v2_g64", "float16", 64)
+    n = 2 * check.ORACLE_CHUNK_TILES + 1  # three chunks, the last one short
+    with check.oracle_pool(2) as pool:
+        k, k_rot, v_rot, records = check.build_case(case, n, SEED, pool)
+    assert len(k) == n and len(k_rot) > n  # the adversarial set follows the random tiles
+    assert np.array_equal(k_rot[:n], oracle.rotate(k))
+    assert np.array_equal(records, oracle.quantize(k_rot, v_rot, case.preset, case.iters))
