@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from decode_attention import PRESET, G, build_jax_cache, time_graph  # noqa: E402  (benchmarks/)
+from decode_attention import PRESET, G, build_jax_cache, time_graph, torch_view  # noqa: E402  (benchmarks/)
 
 SHAPES = [(256, 8192), (1024, 8192), (2048, 8192), (2048, 32768)]  # (chunk, context)
 HQ, HK, D = 32, 8, 128
@@ -59,7 +59,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from kvarn_torch import attention_reference
-    from kvarn_torch import cache as tcache
     from kvarn_torch import triton_attention as ta
 
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
@@ -76,12 +75,7 @@ def main() -> None:
 
     for chunk, ctx in SHAPES:
         cache, table, lens, _ = build_jax_cache(1, ctx, HK, D, jnp.float16, rng)
-        t = lambda x: torch.from_dlpack(x)  # noqa: E731  zero-copy views of the JAX buffers
-        tc = tcache.KVarNCache(
-            pages=t(cache.pages), pool_k=t(cache.pool_k), pool_v=t(cache.pool_v),
-            block_to_slot=t(cache.block_to_slot), slot_to_block=t(cache.slot_to_block),
-            dropped_tokens=torch.zeros((), dtype=torch.int32, device="cuda"),
-            preset=PRESET, sink_blocks=1, iters=8)
+        t, tc = torch.from_dlpack, torch_view(cache)  # zero-copy views of the JAX buffers
         tt, tl_ = t(table), t(lens)
         q = t(jax.random.normal(jax.random.key(1), (1, chunk, HQ, D), jnp.float16))
         want = ta.attention(q, tc, tt, tl_).float()

@@ -83,6 +83,18 @@ def build_jax_cache(b, ctx, hk, d, dtype, rng):
     return cache, jnp.asarray(table), jnp.asarray(lens), lay
 
 
+def torch_view(cache):
+    """The Triton kernels' cache over the same GPU buffers as the JAX cache (zero-copy)."""
+    from kvarn_torch import cache as tcache
+
+    t = torch.from_dlpack
+    return tcache.KVarNCache(
+        pages=t(cache.pages), pool_k=t(cache.pool_k), pool_v=t(cache.pool_v),
+        block_to_slot=t(cache.block_to_slot), slot_to_block=t(cache.slot_to_block),
+        dropped_tokens=torch.zeros((), dtype=torch.int32, device="cuda"),
+        preset=cache.preset, sink_blocks=cache.sink_blocks, iters=cache.iters)
+
+
 def time_jax(fn, q):
     """Mean microseconds of fn(q) over REPS calls inside one jitted loop."""
     @jax.jit
@@ -166,7 +178,6 @@ def kvarn_bytes(b, ctx, hk, d, hq, lay):
 def sweep(args) -> None:
     """Time Triton launch variants on the two headline shapes (see the module doc)."""
     from kvarn_torch import attention_reference
-    from kvarn_torch import cache as tcache
     from kvarn_torch import triton_attention as ta
 
     rng = np.random.default_rng(0)
@@ -174,12 +185,7 @@ def sweep(args) -> None:
     for (b, ctx) in ((16, 32768), (1, 4096)):
         hq, hk, d = 32, 8, 128
         cache, table, lens, lay = build_jax_cache(b, ctx, hk, d, jnp.float16, rng)
-        t = lambda x: torch.from_dlpack(x)  # noqa: E731
-        tc = tcache.KVarNCache(
-            pages=t(cache.pages), pool_k=t(cache.pool_k), pool_v=t(cache.pool_v),
-            block_to_slot=t(cache.block_to_slot), slot_to_block=t(cache.slot_to_block),
-            dropped_tokens=torch.zeros((), dtype=torch.int32, device="cuda"),
-            preset=PRESET, sink_blocks=1, iters=8)
+        t, tc = torch.from_dlpack, torch_view(cache)
         tq = t(jax.random.normal(jax.random.key(1), (b, 1, hq, d), jnp.float16))
         tt, tl_ = t(table), t(lens)
         kb = kvarn_bytes(b, ctx, hk, d, hq, lay)
@@ -304,15 +310,9 @@ def main() -> None:
             lambda qq: pallas_attention.attention(qq, cache, table, lens), q), kb))
 
         def triton():
-            from kvarn_torch import cache as tcache
             from kvarn_torch import triton_attention
 
-            t = lambda x: torch.from_dlpack(x)  # noqa: E731  zero-copy views of the JAX buffers
-            tc = tcache.KVarNCache(
-                pages=t(cache.pages), pool_k=t(cache.pool_k), pool_v=t(cache.pool_v),
-                block_to_slot=t(cache.block_to_slot), slot_to_block=t(cache.slot_to_block),
-                dropped_tokens=torch.zeros((), dtype=torch.int32, device="cuda"),
-                preset=PRESET, sink_blocks=1, iters=8)
+            t, tc = torch.from_dlpack, torch_view(cache)
             tq, tt, tl = t(q), t(table), t(lens)
             return time_graph(lambda: triton_attention.attention(tq, tc, tt, tl)), kb
 
