@@ -93,12 +93,6 @@ def test_kvarn_method_is_the_codec():
 
 
 @pytest.fixture(scope="module")
-def model():
-    from kvarn_jax.models import gguf
-    return gguf.load_model()
-
-
-@pytest.fixture(scope="module")
 def ids():
     from kvarn_jax.models import tokenizer
     return tokenizer.load().encode(corpus.read("prose.txt")[:4000])

@@ -44,11 +44,6 @@ TEXT = (
 
 
 @pytest.fixture(scope="module")
-def model():
-    return gguf.load_model()
-
-
-@pytest.fixture(scope="module")
 def tok():
     return tokenizer.load()
 
