@@ -13,9 +13,10 @@ from kvarn.format import layout
 
 REFERENCE_TILES = 2000
 KERNEL_TILES = 200
-# The Triton interpreter takes about a second per tile (Python per op); 200 tiles x 36
-# cases would take two hours of CI. It sees a few random tiles plus the whole adversarial
-# set here; compiled kernels on a GPU see KERNEL_TILES (and `kvarn check --tiles 20000`).
+# The Triton interpreter takes ~0.5 s per tile (70% of it re-patching triton.language on
+# every call of a @triton.jit helper); 200 tiles x 36 cases would take over an hour of CI.
+# It sees a few random tiles plus the whole adversarial set here; compiled kernels on a GPU
+# see KERNEL_TILES (and `kvarn check --tiles 20000`).
 TRITON_INTERPRETED_TILES = 4
 SEED = 2026
 
