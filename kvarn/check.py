@@ -72,9 +72,11 @@ def _jax_implementations() -> Iterator[Implementation]:
             return jax.tree.map(np.asarray, fn(*arrays))
         return run
 
-    yield Implementation("jax-reference", in_chunks(on_cpu(reference.rotate), JAX_REFERENCE_TILES),
-                         in_chunks(on_cpu(reference.quantize), JAX_REFERENCE_TILES),
-                         in_chunks(on_cpu(reference.dequantize), JAX_REFERENCE_TILES))
+    def ref(fn):
+        return in_chunks(on_cpu(fn), JAX_REFERENCE_TILES)
+
+    yield Implementation("jax-reference", ref(reference.rotate), ref(reference.quantize),
+                         ref(reference.dequantize))
     kind = "interpret" if jax.default_backend() == "cpu" else jax.default_backend()
     yield Implementation(f"jax-pallas[{kind}]", on_default(pallas_rotate.rotate),
                          on_default(pallas_quantize.quantize), None)
@@ -112,11 +114,11 @@ def _torch_implementations() -> Iterator[Implementation]:
             return tuple(map(_from_torch, out)) if isinstance(out, tuple) else _from_torch(out)
         return run
 
-    yield Implementation("torch-reference",
-                         in_chunks(wrap(codec.rotate, "reference", "cpu"), TORCH_REFERENCE_TILES),
-                         in_chunks(wrap(codec.quantize, "reference", "cpu"), TORCH_REFERENCE_TILES),
-                         in_chunks(wrap(codec.dequantize, "reference", "cpu"),
-                                   TORCH_REFERENCE_TILES))
+    def ref(fn):
+        return in_chunks(wrap(fn, "reference", "cpu"), TORCH_REFERENCE_TILES)
+
+    yield Implementation("torch-reference", ref(codec.rotate), ref(codec.quantize),
+                         ref(codec.dequantize))
     device = "cuda" if gpu else "cpu"
     yield Implementation(f"torch-triton[{'cuda' if gpu else 'interpret'}]",
                          wrap(codec.rotate, "triton", device),

