@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import ClassVar
 
 import torch
 
 from kvarn_torch import cache as kvcache
 from kvarn_torch import codec
-from kvarn_torch import triton_attention, triton_gather
+from kvarn_torch import triton_attention, triton_gather, warmup
 from kvarn_torch.cache import KVarNCache
 from kvarn_vllm import lifecycle, settings
 from vllm.config import get_current_vllm_config
@@ -306,6 +307,7 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
         self.pool_k = torch.zeros(shape, dtype=act_dtype, device=device)
         self.pool_v = torch.zeros(shape, dtype=act_dtype, device=device)
         _log_pool_once(self, act_dtype)
+        _compile_once(self, act_dtype, device)
 
     def bind(self, kv_cache: torch.Tensor) -> KVarNCache | None:
         """This layer's KVarNCache over vLLM's KV-cache tensor (its pages)."""
@@ -419,6 +421,21 @@ def _flash_attention(head_size: int):
 
 
 _LOGGED: set = set()
+_COMPILED: set = set()
+
+
+def _compile_once(impl: KVarNAttentionImpl, act_dtype: torch.dtype,
+                  device: torch.device) -> None:
+    """Compile every kernel variant of this layer shape now, not in the middle of a step
+    (outside vLLM's memory profile and graph capture: model load comes first)."""
+    key = (impl.preset, impl.num_heads, impl.num_kv_heads, impl.head_size, act_dtype, device)
+    if key in _COMPILED:
+        return
+    _COMPILED.add(key)
+    t0 = time.perf_counter()
+    n = warmup.compile_kernels(impl.preset, impl.num_heads, impl.num_kv_heads,
+                               impl.head_size, act_dtype, device)
+    log.info(f"kvarn: {n} kernel launches compiled in {time.perf_counter() - t0:.1f} s")
 
 
 def _log_pool_once(impl: KVarNAttentionImpl, act_dtype: torch.dtype) -> None:

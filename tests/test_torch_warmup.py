@@ -1,0 +1,55 @@
+"""kvarn_torch.warmup: every kernel variant a serving step can launch is compiled up front.
+
+On the CPU the kernels run in Triton's interpreter (nothing to compile): there the
+warm-up must run and cover every launch configuration; on a GPU, serving-shaped calls
+after it must not compile anything new.
+"""
+
+import pytest
+import torch
+
+import kvarn_torch  # noqa: F401  (Triton's interpreter without a GPU)
+from kvarn_torch import cache as kc
+from kvarn_torch import triton_attention, triton_gather, warmup
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("heads", [(32, 8), (9, 3), (16, 1), (4, 4), (24, 1), (64, 2)])
+@pytest.mark.parametrize("head_dim,tile", [(64, 64), (128, 128), (256, 128)])
+def test_variants_cover_every_launch_config(heads, head_dim, tile):
+    hq, hk = heads
+    want = {triton_attention.launch_config(head_dim, tile, tokens * (hq // hk))
+            for tokens in range(1, 8193)}
+    assert set(warmup.attention_variants(hq, hk, head_dim, tile)) == want
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compile_kernels_runs(dtype):
+    n = warmup.compile_kernels("kvarn_k4v2_g64", 4, 2, 64, dtype, DEVICE)
+    assert n == 3 * (1 + 2) + 4  # 3 row sizes, unsplit and split (+ merge); 4 others
+
+
+def _compiled(kernel) -> int:
+    return sum(len(c[0]) for c in kernel.device_caches.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_serving_calls_compile_nothing_after_warmup():
+    preset, hq, hk, d, g = "kvarn_k4v2_g128", 32, 8, 128, 128
+    warmup.compile_kernels(preset, hq, hk, d, torch.float16, DEVICE)
+    kernels = (triton_attention._attention_kernel, triton_attention._merge_kernel,
+               triton_gather._gather_kernel)
+    before = [_compiled(k) for k in kernels]
+
+    cache = kc.init(300, hk, d, pool_slots=8, preset=preset, device=DEVICE)
+    cache.block_to_slot[:4] = torch.arange(4, dtype=torch.int32, device=DEVICE)
+    tables = torch.arange(300, dtype=torch.int32, device=DEVICE).view(30, 10)
+    lens = torch.full((30,), 10 * g - 7, dtype=torch.int32, device=DEVICE)
+    for b, sq in [(1, 1), (16, 1), (30, 1), (1, 5), (3, 4), (1, 40), (1, 300), (1, 1000)]:
+        for r0 in (0, 3):  # table slices at unaligned offsets, as in a mixed batch
+            q = torch.randn(b * sq, hq, d, device=DEVICE, dtype=torch.float16)
+            triton_attention.attention(q.view(b, sq, hq, d), cache, tables[r0: r0 + b],
+                                       lens[r0: r0 + b])
+    triton_gather.gather(cache, tables[7], 10)
+    assert [_compiled(k) for k in kernels] == before
