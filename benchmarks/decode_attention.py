@@ -198,8 +198,8 @@ def sweep(args) -> None:
         scale = want.abs().max().item()
         split_choices = sorted({1, max(1, auto // 2), auto, 2 * auto} if b == 1
                                else {1, auto, 2 * auto, 4 * auto})
-        for block_n in (64, 128):
-            for warps in (4, 8):
+        for block_n in args.block_n:
+            for warps in args.warps:
                 for splits in split_choices:
                     row = dict(batch=b, context=ctx, q_heads=hq, kv_heads=hk, head_dim=d,
                                impl="kvarn-triton", block_n=block_n, num_warps=warps,
@@ -276,6 +276,10 @@ def main() -> None:
     ap.add_argument("--plot-only", metavar="JSON", help="redraw the plot of a results file")
     ap.add_argument("--sweep", action="store_true",
                     help="time the Triton kernel's launch knobs instead (see the module doc)")
+    ap.add_argument("--block-n", type=int, nargs="+", default=[64, 128],
+                    help="tokens per tile tried by --sweep")
+    ap.add_argument("--warps", type=int, nargs="+", default=[4, 8],
+                    help="warps per program tried by --sweep")
     args = ap.parse_args()
     if args.plot_only:
         p = Path(args.plot_only)
