@@ -69,7 +69,9 @@ NUM_STAGES = 1  # loads are software-pipelined by hand in the kernel, not by Tri
 MERGE_WARPS = 4
 DEFAULT_SMS = 132  # an H100 SXM; the real count is read from the device when on CUDA
 PROGRAMS_PER_SM = 4  # split the context until about this many programs per SM
-MIN_TILES_PER_SPLIT = 2  # never split a sequence finer than this many tiles
+# Never split a sequence finer than this many tiles (1 x 4K on an H200: 2 tiles per split
+# 21.8 us, 1 tile 28.1 us; benchmarks/results/decode_sweep_h200.json).
+MIN_TILES_PER_SPLIT = 2
 MAX_SPLITS = 32
 LOG2E = 1.4426950408889634
 MASKED = tl.constexpr(-0.7 * float(np.finfo(np.float32).max))  # exp2 turns it into 0, no NaN
@@ -298,7 +300,7 @@ def _attention_kernel(
     K_CODES: tl.constexpr, A_K: tl.constexpr, Z_K: tl.constexpr, TAU_K: tl.constexpr,
     V_CODES: tl.constexpr, SIGMA_V: tl.constexpr, A_V: tl.constexpr, Z_V: tl.constexpr,
     CAUSAL: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
-    INV_SQRT_D: tl.constexpr,
+    INV_SQRT_D: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr,
 ):
     TILES_PER_BLOCK: tl.constexpr = G // BLOCK_N
     b = tl.program_id(0)
@@ -331,7 +333,9 @@ def _attention_kernel(
     limit = tl.where(row_ok, limit, 0)
     kv_end = tl.max(limit, 0)  # this row block sees no position past this one
     n_tiles = tl.minimum(tl.cdiv(kv_end, BLOCK_N), max_tiles)
-    per_split = tl.cdiv(n_tiles, splits)
+    # The host sized `splits` from the table's width, not this sequence's length: a short
+    # sequence leaves the last splits empty rather than split finer than MIN_SPLIT_TILES.
+    per_split = tl.maximum(tl.cdiv(n_tiles, splits), MIN_SPLIT_TILES)
     tile_lo = split * per_split
     tile_hi = tl.minimum(tile_lo + per_split, n_tiles)
 
@@ -523,7 +527,7 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     if not isinstance(splits, int) or splits < 1:
         raise ValueError(f"splits must be a positive int; got {splits!r}")
     split = splits > 1
-    tiles_per_split = triton.cdiv(max_tiles, splits)
+    tiles_per_split = max(triton.cdiv(max_tiles, splits), MIN_TILES_PER_SPLIT)  # as the kernel
 
     out = torch.empty_like(q)
     if split:
@@ -554,7 +558,7 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
         K_CODES=lay.k_codes.offset, A_K=lay.a_k.offset, Z_K=lay.z_k.offset,
         TAU_K=lay.tau_k.offset, V_CODES=lay.v_codes.offset, SIGMA_V=lay.sigma_v.offset,
         A_V=lay.a_v.offset, Z_V=lay.z_v.offset,
-        CAUSAL=bool(causal), SPLIT=split, UPCAST=upcast,
+        CAUSAL=bool(causal), SPLIT=split, UPCAST=upcast, MIN_SPLIT_TILES=MIN_TILES_PER_SPLIT,
         num_warps=num_warps, num_stages=num_stages, **common,
     )
     if split:

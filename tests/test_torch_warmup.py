@@ -46,10 +46,12 @@ def test_serving_calls_compile_nothing_after_warmup():
     cache.block_to_slot[:4] = torch.arange(4, dtype=torch.int32, device=DEVICE)
     tables = torch.arange(300, dtype=torch.int32, device=DEVICE).view(30, 10)
     lens = torch.full((30,), 10 * g - 7, dtype=torch.int32, device=DEVICE)
-    for b, sq in [(1, 1), (16, 1), (30, 1), (1, 5), (3, 4), (1, 40), (1, 300), (1, 1000)]:
+    for b, sq in [(1, 1), (16, 1), (24, 1), (1, 5), (3, 4), (1, 40), (1, 300), (1, 1000)]:
         for r0 in (0, 3):  # table slices at unaligned offsets, as in a mixed batch
             q = torch.randn(b * sq, hq, d, device=DEVICE, dtype=torch.float16)
             triton_attention.attention(q.view(b, sq, hq, d), cache, tables[r0: r0 + b],
                                        lens[r0: r0 + b])
     triton_gather.gather(cache, tables[7], 10)
-    assert [_compiled(k) for k in kernels] == before
+    after = [_compiled(k) for k in kernels]
+    assert after == before, [f"{k.__name__}: {a} -> {b} variants"
+                             for k, a, b in zip(kernels, before, after) if a != b]
