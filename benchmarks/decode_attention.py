@@ -27,6 +27,7 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
+import sys  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -262,6 +263,7 @@ def save(args, records) -> None:
         json.dump({"benchmark": "decode_attention", "preset": PRESET,
                    "device": torch.cuda.get_device_name(),
                    "date": datetime.date.today().isoformat(), "commit": commit_id,
+                   "command": "python " + " ".join(sys.argv),
                    "reps": REPS, "results": records}, f, indent=1)
 
 
