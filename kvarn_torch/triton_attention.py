@@ -67,7 +67,6 @@ NUM_WARPS_SMALL = 4  # ROWS = 16 and head_dim <= 128
 NUM_WARPS_LARGE = 8  # ROWS = 32 or head_dim 256
 NUM_STAGES = 1  # loads are software-pipelined by hand in the kernel, not by Triton
 MERGE_WARPS = 4
-MERGE_CHUNK_ELEMENTS = 8192  # partial outputs the merge reads at once (64 registers a thread)
 DEFAULT_SMS = 132  # an H100 SXM; the real count is read from the device when on CUDA
 PROGRAMS_PER_SM = 4  # split the context until about this many programs per SM
 # Never split a sequence finer than this many tiles (1 x 4K on an H200: 2 tiles per split
@@ -397,37 +396,30 @@ def _merge_kernel(
     part_o_ptr, part_ml_ptr, out_ptr, num_query_tokens, splits, loop_splits,
     out_stride_b, out_stride_s, out_stride_h,
     GROUP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, LOG_D: tl.constexpr,
-    INV_SQRT_D: tl.constexpr, CHUNK: tl.constexpr,
+    INV_SQRT_D: tl.constexpr,
 ):
-    """Merge the splits of one (batch, KV head, row block) by log-sum-exp, normalize,
-    rotate back and store. Splits are read CHUNK at a time (one round trip to memory per
-    chunk, not per split); a split that saw no token (sum 0) is not read past its sum."""
+    """Merge the splits of one (batch, KV head, row block) by log-sum-exp (a split that saw
+    no token has sum 0 and max MASKED), normalize, rotate back and store."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     row_block = tl.program_id(2)
     first = ((b.to(tl.int64) * tl.num_programs(1) + h) * tl.num_programs(2) + row_block) * splits
     r = tl.arange(0, ROWS)
     d = tl.arange(0, D)
-    c = tl.arange(0, CHUNK)
     m = tl.zeros([ROWS], tl.float32) + MASKED
-    for s0 in range(0, loop_splits, CHUNK):  # loop_splits == splits (see runtime_int)
-        part = first + s0 + c
-        m_s = tl.load(part_ml_ptr + part[:, None] * 2 * ROWS + r[None, :],
-                      mask=(s0 + c < splits)[:, None], other=MASKED)
-        m = tl.maximum(m, tl.max(m_s, 0))
     l = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, D], tl.float32)
-    for s0 in range(0, loop_splits, CHUNK):
-        part = first + s0 + c
-        live = (s0 + c < splits)[:, None]
-        ml = part_ml_ptr + part[:, None] * 2 * ROWS + r[None, :]
-        m_s = tl.load(ml, mask=live, other=MASKED)
-        l_s = tl.load(ml + ROWS, mask=live, other=0.0)
-        o_s = tl.load(part_o_ptr + part[:, None, None] * ROWS * D + r[None, :, None] * D
-                      + d[None, None, :], mask=(live & (l_s > 0))[:, :, None], other=0.0)
-        w = tl.exp2(m_s - m[None, :])  # [CHUNK, ROWS]
-        acc += tl.sum(w[:, :, None] * o_s, 0)
-        l += tl.sum(w * l_s, 0)
+    for s in range(0, loop_splits):  # == splits (a loop bound the interpreter accepts)
+        part = first + s
+        m_s = tl.load(part_ml_ptr + part * 2 * ROWS + r)
+        l_s = tl.load(part_ml_ptr + part * 2 * ROWS + ROWS + r)
+        o_s = tl.load(part_o_ptr + part * ROWS * D + r[:, None] * D + d[None, :])
+        m_new = tl.maximum(m, m_s)
+        alpha = tl.exp2(m - m_new)
+        beta = tl.exp2(m_s - m_new)
+        acc = acc * alpha[:, None] + o_s * beta[:, None]
+        l = l * alpha + l_s * beta
+        m = m_new
     rows = row_block * ROWS + r
     _store_rows(out_ptr, acc, l, b, h, rows, num_query_tokens * GROUP, out_stride_b,
                 out_stride_s, out_stride_h, GROUP, ROWS, D, LOG_D, INV_SQRT_D)
@@ -573,6 +565,6 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
         _merge_kernel[(b, hk, row_blocks)](
             part_o, part_ml, out, sq, splits, runtime_int(_merge_kernel, splits),
             out.stride(0), out.stride(1), out.stride(2),
-            CHUNK=max(1, MERGE_CHUNK_ELEMENTS // (rows * d)), num_warps=MERGE_WARPS, **common,
+            num_warps=MERGE_WARPS, **common,
         )
     return out
