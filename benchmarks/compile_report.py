@@ -4,6 +4,10 @@ shared memory, SASS instructions of the main loop, barriers in it, compile secon
 
     python benchmarks/compile_report.py [--arch 90] [--warps 8 16] [--presets ...]
 
+`--attention` reports the decode attention kernel instead (k4v2_g128, D=128, GQA 4, fp16,
+split): per (rows, block_n, num_warps) of `--attention-configs`, the same columns and the
+loop's most frequent SASS instructions (its longest backward branch: the tile loop).
+
 Uses Triton's own ptxas / cuobjdump and an empty Triton cache (cold compiles). Imports
 Triton compiled (TRITON_INTERPRET=0), so run it in its own process.
 """
@@ -22,13 +26,13 @@ from pathlib import Path
 os.environ["TRITON_INTERPRET"] = "0"  # a real JITFunction even without a GPU
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="kvarn_compile_report_")  # cold
 
-from kvarn_torch import triton_quantize  # noqa: E402  (before triton: kvarn_torch checks)
+from kvarn_torch import triton_attention, triton_quantize  # noqa: E402  (before triton)
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, compile  # noqa: E402
 
-from kvarn.format import HEAD_DIMS, PRESETS  # noqa: E402
+from kvarn.format import HEAD_DIMS, PRESETS, layout  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
@@ -55,7 +59,9 @@ def _sass_stats(cubin: bytes) -> dict:
                                    for t in loop)
     return dict(regs=int(m[1]), stack=int(m[2]), spill_st=ops["STL"], spill_ld=ops["LDL"],
                 sass=len(ins), loop=len(loop), loop_bar=loop_ops["BAR"],
-                loop_shfl=loop_ops["SHFL"])
+                loop_shfl=loop_ops["SHFL"],
+                loop_top=collections.Counter(re.sub(r"^@!?U?P\w+ ", "", t).split()[0]
+                                             for t in loop).most_common(8))
 
 
 def report(preset: str, head_dim: int, bf16: bool, arch: int) -> list[dict]:
@@ -78,6 +84,41 @@ def report(preset: str, head_dim: int, bf16: bool, arch: int) -> list[dict]:
     return rows
 
 
+def attention_report(rows: int, block_n: int, warps: int, arch: int) -> dict:
+    """One decode launch of the attention kernel as `triton_attention.attention` makes it."""
+    kernel = triton_attention._attention_kernel
+    lay = layout("kvarn_k4v2_g128", 128)
+    fields = dict(K_CODES=lay.k_codes, A_K=lay.a_k, Z_K=lay.z_k, TAU_K=lay.tau_k,
+                  V_CODES=lay.v_codes, SIGMA_V=lay.sigma_v, A_V=lay.a_v, Z_V=lay.z_v)
+    consts = dict(GROUP=4, ROWS=rows, D=128, LOG_D=7, G=128, BLOCK_N=block_n, K_BITS=4,
+                  V_BITS=2, CAUSAL=True, SPLIT=True, UPCAST=False,
+                  INV_SQRT_D=128 ** -0.5, MIN_SPLIT_TILES=triton_attention.MIN_TILES_PER_SPLIT,
+                  **{name: f.offset for name, f in fields.items()})
+    pointers = dict(q_ptr="*fp16", out_ptr="*fp16", part_o_ptr="*fp32", part_ml_ptr="*fp32",
+                    words_ptr="*i32", halves_ptr="*fp16", pool_k_ptr="*fp16",
+                    pool_v_ptr="*fp16", block_tables_ptr="*i32", seq_lens_ptr="*i32",
+                    query_lens_ptr="*i32", block_to_slot_ptr="*i32")
+    sig, attrs = {}, {}
+    aligned = [["tt.divisibility", 16]]
+    for i, name in enumerate(kernel.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = pointers[name]
+            if name not in triton_attention._SLICED_POINTERS:
+                attrs[(i,)] = aligned
+        else:
+            sig[name] = "fp32" if name == "qk_scale" else "i32"
+            if "stride" in name and name not in triton_attention._RUNTIME_INTS:
+                attrs[(i,)] = aligned  # every stride of a serving launch is a multiple of 16
+    src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
+    start = time.perf_counter()
+    k = compile(src, target=GPUTarget("cuda", arch, 32),
+                options={"num_warps": warps, "num_stages": triton_attention.NUM_STAGES})
+    return dict(rows=rows, block_n=block_n, warps=warps, shared=k.metadata.shared,
+                compile_s=round(time.perf_counter() - start, 1), **_sass_stats(k.asm["cubin"]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--arch", type=int, default=90)
@@ -86,7 +127,19 @@ def main() -> None:
     ap.add_argument("--presets", nargs="+", default=list(PRESETS))
     ap.add_argument("--head-dims", nargs="+", type=int, default=list(HEAD_DIMS))
     ap.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"])
+    ap.add_argument("--attention", action="store_true", help="the decode attention kernel")
+    ap.add_argument("--attention-configs", nargs="+", default=["16,128,4", "16,64,4", "16,128,8"],
+                    help="rows,block_n,num_warps launches to compile with --attention")
     args = ap.parse_args()
+    if args.attention:
+        for config in args.attention_configs:
+            row = attention_report(*(int(x) for x in config.split(",")), args.arch)
+            top = row.pop("loop_top")
+            per_tile = row["loop"] * row["warps"] * 128 // row["block_n"]
+            print(" ".join(f"{k}={v}" for k, v in row.items()),
+                  f"warp_instructions_per_128_tokens={per_tile}", flush=True)
+            print("   loop:", " ".join(f"{op}={n}" for op, n in top), flush=True)
+        return
     cols = ["preset", "head_dim", "dtype", "half", "warps", "regs", "spill_st", "spill_ld",
             "stack", "shared", "sass", "loop", "loop_bar", "loop_shfl", "compile_s"]
     print(" ".join(f"{c:>8}" if c != "preset" else f"{c:<16}" for c in cols), flush=True)
