@@ -92,7 +92,7 @@ def attention_report(rows: int, block_n: int, warps: int, arch: int) -> dict:
                   V_CODES=lay.v_codes, SIGMA_V=lay.sigma_v, A_V=lay.a_v, Z_V=lay.z_v)
     consts = dict(GROUP=4, ROWS=rows, D=128, LOG_D=7, G=128, BLOCK_N=block_n, K_BITS=4,
                   V_BITS=2, CAUSAL=True, SPLIT=True, UPCAST=False,
-                  INV_SQRT_D=128 ** -0.5, MIN_SPLIT_TILES=triton_attention.MIN_TILES_PER_SPLIT,
+                  INV_SQRT_D=128 ** -0.5,
                   **{name: f.offset for name, f in fields.items()})
     pointers = dict(q_ptr="*fp16", out_ptr="*fp16", part_o_ptr="*fp32", part_ml_ptr="*fp32",
                     words_ptr="*i32", halves_ptr="*fp16", pool_k_ptr="*fp16",

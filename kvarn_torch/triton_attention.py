@@ -69,9 +69,7 @@ NUM_STAGES = 1  # loads are software-pipelined by hand in the kernel, not by Tri
 MERGE_WARPS = 4
 DEFAULT_SMS = 132  # an H100 SXM; the real count is read from the device when on CUDA
 PROGRAMS_PER_SM = 4  # split the context until about this many programs per SM
-# Never split a sequence finer than this many tiles (1 x 4K on an H200: 2 tiles per split
-# 21.8 us, 1 tile 28.1 us; benchmarks/results/decode_sweep_h200.json).
-MIN_TILES_PER_SPLIT = 2
+MIN_TILES_PER_SPLIT = 2  # never split a sequence finer than this many tiles
 MAX_SPLITS = 32
 LOG2E = 1.4426950408889634
 MASKED = tl.constexpr(-0.7 * float(np.finfo(np.float32).max))  # exp2 turns it into 0, no NaN
@@ -300,7 +298,7 @@ def _attention_kernel(
     K_CODES: tl.constexpr, A_K: tl.constexpr, Z_K: tl.constexpr, TAU_K: tl.constexpr,
     V_CODES: tl.constexpr, SIGMA_V: tl.constexpr, A_V: tl.constexpr, Z_V: tl.constexpr,
     CAUSAL: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
-    INV_SQRT_D: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr,
+    INV_SQRT_D: tl.constexpr,
 ):
     TILES_PER_BLOCK: tl.constexpr = G // BLOCK_N
     b = tl.program_id(0)
@@ -333,9 +331,7 @@ def _attention_kernel(
     limit = tl.where(row_ok, limit, 0)
     kv_end = tl.max(limit, 0)  # this row block sees no position past this one
     n_tiles = tl.minimum(tl.cdiv(kv_end, BLOCK_N), max_tiles)
-    # The host sized `splits` from the table's width, not this sequence's length: a short
-    # sequence leaves the last splits empty rather than split finer than MIN_SPLIT_TILES.
-    per_split = tl.maximum(tl.cdiv(n_tiles, splits), MIN_SPLIT_TILES)
+    per_split = tl.cdiv(n_tiles, splits)
     tile_lo = split * per_split
     tile_hi = tl.minimum(tile_lo + per_split, n_tiles)
 
@@ -527,7 +523,7 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     if not isinstance(splits, int) or splits < 1:
         raise ValueError(f"splits must be a positive int; got {splits!r}")
     split = splits > 1
-    tiles_per_split = max(triton.cdiv(max_tiles, splits), MIN_TILES_PER_SPLIT)  # as the kernel
+    tiles_per_split = triton.cdiv(max_tiles, splits)
 
     out = torch.empty_like(q)
     if split:
@@ -558,7 +554,7 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
         K_CODES=lay.k_codes.offset, A_K=lay.a_k.offset, Z_K=lay.z_k.offset,
         TAU_K=lay.tau_k.offset, V_CODES=lay.v_codes.offset, SIGMA_V=lay.sigma_v.offset,
         A_V=lay.a_v.offset, Z_V=lay.z_v.offset,
-        CAUSAL=bool(causal), SPLIT=split, UPCAST=upcast, MIN_SPLIT_TILES=MIN_TILES_PER_SPLIT,
+        CAUSAL=bool(causal), SPLIT=split, UPCAST=upcast,
         num_warps=num_warps, num_stages=num_stages, **common,
     )
     if split:

@@ -156,7 +156,8 @@ def test_split_and_unsplit_agree():
     one, _ = check_attention(cache, bt, sl, hq=4, splits=1)
     for splits in (2, 5, 16):  # 16: more splits than tiles, some left empty
         many, _ = check_attention(cache, bt, sl, hq=4, splits=splits)
-        assert (many.float() - one.float()).abs().max() < 2e-3
+        # within fp16 rounding of the output (values reach ~10 here: 1 ulp is 8e-3)
+        assert (many.float() - one.float()).abs().max() < 2e-3 * one.float().abs().max()
 
 
 def test_sub_block_tiles():
