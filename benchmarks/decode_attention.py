@@ -191,7 +191,8 @@ def sweep(args) -> None:
         tt, tl_ = t(table), t(lens)
         kb = kvarn_bytes(b, ctx, hk, d, hq, lay)
         programs = b * hk
-        auto = ta.num_splits(programs, table.shape[1] * 2, ta._num_sms(tq.device))
+        sms = ta._num_sms(tq.device)
+        auto = ta.num_splits(programs, table.shape[1] * 2, sms)  # centre of the choices
         if b == 1:
             want = attention_reference.attention(tq, tc, tt, tl_)
         else:
@@ -204,7 +205,9 @@ def sweep(args) -> None:
                 for splits in split_choices:
                     row = dict(batch=b, context=ctx, q_heads=hq, kv_heads=hk, head_dim=d,
                                impl="kvarn-triton", block_n=block_n, num_warps=warps,
-                               splits=splits, auto_splits=auto)
+                               splits=splits,  # what a default launch would pick:
+                               auto_splits=ta.num_splits(programs,
+                                                         table.shape[1] * G // block_n, sms))
                     try:
                         fn = lambda: ta.attention(tq, tc, tt, tl_, splits=splits,  # noqa: E731
                                                   block_n=block_n, num_warps=warps)
