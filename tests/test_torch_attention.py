@@ -154,10 +154,9 @@ def test_decode_pool_only_and_quantized_only(state):
 def test_split_and_unsplit_agree():
     cache, bt, sl = build_cache(lens=(400, 90, 3))
     one, _ = check_attention(cache, bt, sl, hq=4, splits=1)
-    for splits in (2, 5, 16):  # 16: more splits than tiles, some left empty
+    for splits in (2, 5):
         many, _ = check_attention(cache, bt, sl, hq=4, splits=splits)
-        # within fp16 rounding of the output (values reach ~10 here: 1 ulp is 8e-3)
-        assert (many.float() - one.float()).abs().max() < 2e-3 * one.float().abs().max()
+        assert (many.float() - one.float()).abs().max() < 2e-3
 
 
 def test_sub_block_tiles():
