@@ -37,6 +37,11 @@ from kvarn.format import HEAD_DIMS, PRESETS, layout  # noqa: E402
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
+def _opcode(instruction: str) -> str:
+    """`@P0 IMAD.MOV.U32 R1, ...` -> `IMAD.MOV.U32` (the predicate dropped)."""
+    return re.sub(r"^@!?U?P\w+ ", "", instruction).split()[0]
+
+
 def _sass_stats(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -48,20 +53,19 @@ def _sass_stats(cubin: bytes) -> dict:
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
     ins = [(int(a, 16), t.strip()) for a, t in
            re.findall(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", sass, re.M)]
-    ops = collections.Counter(re.sub(r"^@!?U?P\w+ ", "", t).split()[0].split(".")[0]
-                              for _, t in ins)
+    ops = collections.Counter(_opcode(t).split(".")[0] for _, t in ins)
     loop = []  # the longest backward branch: the normalization loop
     for addr, text in ins:
         b = re.search(r"BRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)", text)
         if b and int(b[1], 16) < addr and addr - int(b[1], 16) > 16 * len(loop):
             loop = [t for a, t in ins if int(b[1], 16) <= a <= addr]
-    loop_ops = collections.Counter(re.sub(r"^@!?U?P\w+ ", "", t).split()[0].split(".")[0]
-                                   for t in loop)
+    loop_full = collections.Counter(_opcode(t) for t in loop)  # with modifiers
+    loop_ops = collections.Counter()
+    for op, n in loop_full.items():
+        loop_ops[op.split(".")[0]] += n
     return dict(regs=int(m[1]), stack=int(m[2]), spill_st=ops["STL"], spill_ld=ops["LDL"],
                 sass=len(ins), loop=len(loop), loop_bar=loop_ops["BAR"],
-                loop_shfl=loop_ops["SHFL"],
-                loop_top=collections.Counter(re.sub(r"^@!?U?P\w+ ", "", t).split()[0]
-                                             for t in loop).most_common(8))
+                loop_shfl=loop_ops["SHFL"], loop_top=loop_full.most_common(8))
 
 
 def report(preset: str, head_dim: int, bf16: bool, arch: int) -> list[dict]:
