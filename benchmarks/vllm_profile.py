@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import sys
@@ -57,6 +58,7 @@ def main() -> None:
         print(f"== {dtype}: wall {r['wall_s']:.2f} s, GPU kernels {r['gpu_busy_s']:.2f} s")
         for k in r["top"]:
             print(f"  {k['ms']:9.1f} ms {100 * k['share']:5.1f}% x{k['calls']:<6} {k['kernel']}")
+        gc.collect()  # the engine sits in reference cycles: free its memory for the next
         torch.cuda.empty_cache()
     if args.json:
         Path(args.json).write_text(json.dumps(dict(

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from kvarn.format import DEFAULT_PRESET, layout
-from kvarn_torch import codec
+from kvarn_torch import codec, triton_write
 
 INT32_MAX = 2**31 - 1
 
@@ -179,6 +179,9 @@ def _check_tokens(cache: KVarNCache, k: Tensor, v: Tensor, slot_mapping: Tensor)
         raise ValueError(f"slot_mapping must be [T={t}]; got {tuple(slot_mapping.shape)}")
     if k.device != cache.device or slot_mapping.device != cache.device:
         raise ValueError(f"k, v and slot_mapping must be on the cache's device {cache.device}")
+    if k.dtype != cache.dtype or v.dtype != cache.dtype:
+        raise TypeError(f"k and v must be {cache.dtype}, the pool's dtype (the model's); got "
+                        f"{k.dtype} and {v.dtype}")
     return t
 
 
@@ -222,6 +225,10 @@ def write(cache: KVarNCache, k: Tensor, v: Tensor, slot_mapping: Tensor,
     t = _check_tokens(cache, k, v, slot_mapping)
     if t == 0:
         return cache
+    if codec.use_triton(impl, k, triton_write._write_kernel):
+        triton_write.write(k, v, slot_mapping, cache.block_to_slot, cache.pool_k,
+                           cache.pool_v, cache.dropped_tokens)
+        return cache
     g = cache.tile
     sm = slot_mapping.long()
     valid = sm >= 0
@@ -235,8 +242,8 @@ def write(cache: KVarNCache, k: Tensor, v: Tensor, slot_mapping: Tensor,
     run_start = torch.cummax(torch.where(first, idx, 0), 0).values
     opens = offset[run_start] == 0  # lost only if this run starts the block (see allocate)
     target = (slot.clamp(min=0), offset)
-    _scatter_(cache.pool_k, target, codec.rotate(k, impl=impl).to(cache.pool_k.dtype), written)
-    _scatter_(cache.pool_v, target, codec.rotate(v, impl=impl).to(cache.pool_v.dtype), written)
+    _scatter_(cache.pool_k, target, codec.rotate(k, impl=impl), written)
+    _scatter_(cache.pool_v, target, codec.rotate(v, impl=impl), written)
     cache.dropped_tokens += (valid & ~written & opens).sum().to(torch.int32)
     return cache
 

@@ -20,7 +20,9 @@ IMPLS = ("auto", "reference", "triton")
 DEFAULT_ITERS = reference.DEFAULT_ITERS
 
 
-def _use_triton(impl: str, x: Tensor, kernel) -> bool:
+def use_triton(impl: str, x: Tensor, kernel) -> bool:
+    """Whether `impl` runs `kernel` (Triton) rather than the torch reference for tensors
+    like x; raises for an unknown impl or "triton" on the CPU without the interpreter."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
     if impl == "auto":
@@ -36,7 +38,7 @@ def _use_triton(impl: str, x: Tensor, kernel) -> bool:
 def rotate(x: Tensor, impl: Impl = "auto") -> Tensor:
     """Multiply the last axis (head_dim 64/128/256) by the normalized Hadamard matrix;
     fp16/bf16/fp32 in, same dtype out."""
-    if _use_triton(impl, x, triton_rotate._rotate_kernel):
+    if use_triton(impl, x, triton_rotate._rotate_kernel):
         return triton_rotate.rotate(x)
     return reference.rotate(x)
 
@@ -52,7 +54,7 @@ def quantize(
 ) -> Tensor:
     """Rotated K and V tiles [N, tile, head_dim] (fp16/bf16) -> records
     [N, record_bytes] uint8 (see kvarn.format for the layout)."""
-    if _use_triton(impl, k_rot, triton_quantize._quantize_kernel):
+    if use_triton(impl, k_rot, triton_quantize._quantize_kernel):
         return triton_quantize.quantize(k_rot, v_rot, preset, iters)
     return reference.quantize(k_rot, v_rot, preset, iters)
 
@@ -65,5 +67,5 @@ def dequantize(
     There is no separate dequantize kernel: the reference's elementwise torch ops run on the
     records' device for every impl (attention kernels dequantize in place instead).
     """
-    _use_triton(impl, records, triton_quantize._quantize_kernel)  # validates `impl` only
+    use_triton(impl, records, triton_quantize._quantize_kernel)  # validates `impl` only
     return reference.dequantize(records, preset, head_dim)

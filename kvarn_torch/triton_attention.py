@@ -48,7 +48,7 @@ from torch import Tensor
 
 from kvarn.format import layout
 from kvarn_torch.cache import KVarNCache
-from kvarn_torch.triton_common import interpreted, runtime_int
+from kvarn_torch.triton_common import hadamard, interpreted, runtime_int
 
 MIN_ROWS = 16  # tensor-core dots need M >= 16
 MAX_ROWS = 32  # query rows per program, in row blocks past that
@@ -76,17 +76,6 @@ MASKED = tl.constexpr(-0.7 * float(np.finfo(np.float32).max))  # exp2 turns it i
 
 
 # ---------------------------------------------------------------- building blocks
-
-
-@triton.jit
-def _hadamard(x, ROWS: tl.constexpr, D: tl.constexpr, LOG_D: tl.constexpr):
-    """Unnormalized Walsh-Hadamard transform of each row of x [ROWS, D] (float32)."""
-    for s in tl.static_range(LOG_D):  # stage s pairs i with i + 2**s
-        y = tl.reshape(x, [ROWS, D >> (s + 1), 2, 1 << s], can_reorder=False)
-        a, b = tl.split(tl.permute(y, (0, 1, 3, 2)))
-        y = tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2))
-        x = tl.reshape(y, [ROWS, D], can_reorder=False)
-    return x
 
 
 @triton.jit
@@ -175,7 +164,7 @@ def _store_rows(out_ptr, acc, l, b, h, rows, n_rows,
     """Normalize acc by the softmax sum l (0 where a row saw no token), rotate back to the
     model's frame and store the valid rows into out [B, Sq, Hq, D]."""
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
-    out = _hadamard(out, ROWS, D, LOG_D) * INV_SQRT_D
+    out = hadamard(out, ROWS, D, LOG_D) * INV_SQRT_D
     token = rows // GROUP
     head = h * GROUP + rows % GROUP
     d = tl.arange(0, D)
@@ -315,7 +304,7 @@ def _attention_kernel(
     d = tl.arange(0, D)
     q = tl.load(q_ptr + b.to(tl.int64) * q_stride_b + token[:, None] * q_stride_s
                 + head[:, None] * q_stride_h + d[None, :], mask=row_ok[:, None], other=0.0)
-    q32 = _hadamard(q.to(tl.float32), ROWS, D, LOG_D) * qk_scale
+    q32 = hadamard(q.to(tl.float32), ROWS, D, LOG_D) * qk_scale
     # q32 = q_norm * q_unit with |q_unit| <= 1: q_unit times an fp16 scale of a record
     # can never overflow fp16, so it enters the code dots without a per-tile rescale.
     q_norm = tl.maximum(tl.max(tl.abs(q32), 1), 1e-30)
@@ -387,38 +376,45 @@ def _attention_kernel(
                     out_stride_h, GROUP, ROWS, D, LOG_D, INV_SQRT_D)
 
 
-@triton.jit(do_not_specialize=["num_query_tokens", "splits", "loop_splits"])
+@triton.jit(do_not_specialize=["num_query_tokens", "splits", "chunks"])
 def _merge_kernel(
-    part_o_ptr, part_ml_ptr, out_ptr, num_query_tokens, splits, loop_splits,
+    part_o_ptr, part_ml_ptr, out_ptr, num_query_tokens, splits, chunks,
     out_stride_b, out_stride_s, out_stride_h,
     GROUP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, LOG_D: tl.constexpr,
-    INV_SQRT_D: tl.constexpr,
+    INV_SQRT_D: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
 ):
-    """Merge the splits of one (batch, KV head, row block) by log-sum-exp (a split that saw
-    no token has sum 0 and max MASKED), normalize, rotate back and store."""
+    """Merge the splits of one query row by log-sum-exp (a split that saw no token has sum
+    0 and max MASKED, and its partial is not read), normalize, rotate back and store.
+
+    One program per row, SPLIT_CHUNK splits per load (all of them, as launched): the
+    partials' loads are all in flight at once, where a loop over splits waited for each."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    row_block = tl.program_id(2)
-    first = ((b.to(tl.int64) * tl.num_programs(1) + h) * tl.num_programs(2) + row_block) * splits
-    r = tl.arange(0, ROWS)
-    d = tl.arange(0, D)
-    m = tl.zeros([ROWS], tl.float32) + MASKED
-    l = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, D], tl.float32)
-    for s in range(0, loop_splits):  # == splits (a loop bound the interpreter accepts)
-        part = first + s
-        m_s = tl.load(part_ml_ptr + part * 2 * ROWS + r)
-        l_s = tl.load(part_ml_ptr + part * 2 * ROWS + ROWS + r)
-        o_s = tl.load(part_o_ptr + part * ROWS * D + r[:, None] * D + d[None, :])
-        m_new = tl.maximum(m, m_s)
-        alpha = tl.exp2(m - m_new)
-        beta = tl.exp2(m_s - m_new)
-        acc = acc * alpha[:, None] + o_s * beta[:, None]
-        l = l * alpha + l_s * beta
-        m = m_new
-    rows = row_block * ROWS + r
-    _store_rows(out_ptr, acc, l, b, h, rows, num_query_tokens * GROUP, out_stride_b,
-                out_stride_s, out_stride_h, GROUP, ROWS, D, LOG_D, INV_SQRT_D)
+    row_block = tl.program_id(2) // ROWS
+    r = tl.program_id(2) % ROWS
+    rows = row_block * ROWS + r + tl.arange(0, 1)
+    if row_block * ROWS + r < num_query_tokens * GROUP:  # padding rows have nothing to store
+        first = ((b.to(tl.int64) * tl.num_programs(1) + h) * (tl.num_programs(2) // ROWS)
+                 + row_block) * splits
+        d = tl.arange(0, D)
+        m = tl.zeros([1], tl.float32) + MASKED
+        l = tl.zeros([1], tl.float32)
+        acc = tl.zeros([1, D], tl.float32)
+        for c in range(0, chunks):  # == cdiv(splits, SPLIT_CHUNK), 1 unless asked for more
+            s = c * SPLIT_CHUNK + tl.arange(0, SPLIT_CHUNK)
+            part = first + s
+            m_s = tl.load(part_ml_ptr + part * 2 * ROWS + r, mask=s < splits, other=MASKED)
+            l_s = tl.load(part_ml_ptr + part * 2 * ROWS + ROWS + r, mask=s < splits, other=0.0)
+            o_s = tl.load(part_o_ptr + (part * ROWS + r)[:, None] * D + d[None, :],
+                          mask=(l_s > 0)[:, None], other=0.0)
+            m_new = tl.maximum(m, tl.max(m_s, 0))
+            alpha = tl.exp2(m - m_new)
+            beta = tl.exp2(m_s - m_new)
+            acc = acc * alpha[:, None] + tl.sum(o_s * beta[:, None], 0)[None, :]
+            l = l * alpha + tl.sum(l_s * beta, 0)
+            m = m_new
+        _store_rows(out_ptr, acc, l, b, h, rows, num_query_tokens * GROUP, out_stride_b,
+                    out_stride_s, out_stride_h, GROUP, 1, D, LOG_D, INV_SQRT_D)
 
 
 # ---------------------------------------------------------------- host side
@@ -558,9 +554,10 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
         num_warps=num_warps, num_stages=num_stages, **common,
     )
     if split:
-        _merge_kernel[(b, hk, row_blocks)](
-            part_o, part_ml, out, sq, splits, runtime_int(_merge_kernel, splits),
+        _merge_kernel[(b, hk, row_blocks * rows)](
+            part_o, part_ml, out, sq, splits,
+            runtime_int(_merge_kernel, triton.cdiv(splits, MAX_SPLITS)),
             out.stride(0), out.stride(1), out.stride(2),
-            num_warps=MERGE_WARPS, **common,
+            SPLIT_CHUNK=MAX_SPLITS, num_warps=MERGE_WARPS, **common,
         )
     return out

@@ -1,4 +1,4 @@
-"""Triton building blocks shared by the rotate and quantize kernels.
+"""Triton building blocks shared by the rotate, write, quantize and attention kernels.
 
 Each helper is one step of kvarn.oracle written with ops whose result is the same on a
 GPU and in the Triton interpreter (TRITON_INTERPRET=1, numpy):
@@ -14,6 +14,7 @@ GPU and in the Triton interpreter (TRITON_INTERPRET=1, numpy):
 from __future__ import annotations
 
 import numpy as np
+import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
@@ -45,6 +46,17 @@ F32_MIN_NORMAL = tl.constexpr(f32(np.finfo(np.float32).tiny))
 
 # How a tensor of a storage dtype is handed to a kernel (bf16 goes as its int16 bits).
 KIND_FP16, KIND_BF16, KIND_FP32 = 0, 1, 2
+_KINDS = {torch.float16: KIND_FP16, torch.bfloat16: KIND_BF16, torch.float32: KIND_FP32}
+
+
+def storage_kind(dtype: torch.dtype) -> int:
+    """The KIND constexpr of a float16 / bfloat16 / float32 tensor."""
+    return _KINDS[dtype]
+
+
+def as_kind(x: torch.Tensor) -> torch.Tensor:
+    """x as a kernel reads it: bfloat16 as its int16 bits (a view), the others as they are."""
+    return x.view(torch.int16) if x.dtype == torch.bfloat16 else x
 
 
 @triton.jit
@@ -55,6 +67,22 @@ def widen_f32(raw, KIND: tl.constexpr):
         return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
         return raw.to(tl.float32)
+
+
+@triton.jit
+def hadamard(x, ROWS: tl.constexpr, D: tl.constexpr, LOG_D: tl.constexpr):
+    """Unnormalized Walsh-Hadamard transform of each row of x [ROWS, D] (float32), the
+    butterflies stage by stage exactly as oracle.fwht.
+
+    Stage s pairs i with i + 2**s in each block of 2**(s+1): view [.., D / 2**(s+1), 2,
+    2**s], bring the pair axis last so split() yields (a, b), join (a + b, a - b), and
+    move it back."""
+    for s in tl.static_range(LOG_D):
+        y = tl.reshape(x, [ROWS, D >> (s + 1), 2, 1 << s], can_reorder=False)
+        a, b = tl.split(tl.permute(y, (0, 1, 3, 2)))
+        y = tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2))
+        x = tl.reshape(y, [ROWS, D], can_reorder=False)
+    return x
 
 
 @triton.jit
@@ -84,6 +112,26 @@ def to_bf16_bits(x):
     u = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
     u = tl.where((u & 0x7FFF) == 0, tl.zeros_like(u), u)
     return u.to(tl.uint16).to(tl.int16, bitcast=True)
+
+
+@triton.jit
+def narrow(y, KIND: tl.constexpr):
+    """float32 -> the storage kind: fp16, bf16 bits (int16) or fp32 (-0 -> +0 in each)."""
+    if KIND == 0:
+        return to_fp16(y)
+    elif KIND == 1:
+        return to_bf16_bits(y)
+    else:
+        return tl.where(y == 0, 0.0, y)
+
+
+@triton.jit
+def rotate_rows(raw, ROWS: tl.constexpr, D: tl.constexpr, LOG_D: tl.constexpr,
+                SCALE: tl.constexpr, KIND: tl.constexpr):
+    """oracle.rotate of loaded rows [ROWS, D] of a storage kind, in that kind: canonicalize,
+    the butterflies, one multiply by the float32 1/sqrt(D), round."""
+    x = hadamard(canonicalize(widen_f32(raw, KIND)), ROWS, D, LOG_D)
+    return narrow(x * SCALE, KIND)
 
 
 @triton.jit

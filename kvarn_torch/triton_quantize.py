@@ -48,6 +48,7 @@ from kvarn_torch.triton_common import (
     F32_MIN_NORMAL,
     KIND_BF16,
     KIND_FP16,
+    as_kind,
     canonicalize,
     f32,
     runtime_int,
@@ -306,10 +307,8 @@ def quantize(
     out = torch.zeros((n, lay.record_bytes), dtype=torch.uint8, device=k_rot.device)
     if n == 0:
         return out
-    bf16 = k_rot.dtype == torch.bfloat16
-    # bf16 tiles travel as their int16 bits (see triton_common)
-    k, v = (t.contiguous().view(torch.int16) if bf16 else t.contiguous() for t in (k_rot, v_rot))
+    k, v = (as_kind(t.contiguous()) for t in (k_rot, v_rot))
     # One launch per half of the record (each half compiles to half the code).
-    for tiles, params in zip((k, v), launch_params(preset, d, bf16)):
+    for tiles, params in zip((k, v), launch_params(preset, d, k_rot.dtype == torch.bfloat16)):
         _quantize_kernel[(n,)](tiles, out, runtime_int(_quantize_kernel, iters), **params)
     return out

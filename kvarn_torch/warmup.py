@@ -7,7 +7,8 @@ variants that the warm-up bursts had not met. The variants of one model are few 
 runtime ints and sliced table pointers are not specialized, see triton_attention): the
 attention programs `launch_config` can pick (16, 32 or 64 query rows), each split or
 not (split adds the merge kernel), the gather kernel of long prefill continuations, the
-rotation and the quantize kernel of a commit. `compile_kernels` launches each once on a
+rotation of their queries, the pool write of new tokens and the quantize kernel of a
+commit. `compile_kernels` launches each once on a
 scratch cache of two blocks; Triton keeps them in memory and on disk.
 """
 
@@ -51,8 +52,10 @@ def compile_kernels(preset: str, num_q_heads: int, num_kv_heads: int, head_dim: 
                                        rows=rows, block_n=block_n, num_warps=warps)
             launches += splits  # the split launch is followed by the merge kernel
     triton_gather.gather(cache, tables[0], 2)
-    codec.rotate(q[0])  # query heads (dense continuations) and KV heads (cache writes)
-    codec.rotate(cache.pool_k[0, :1])
+    codec.rotate(q[0])  # the query heads of dense continuations
+    kv = torch.zeros((1, num_kv_heads, head_dim), dtype=dtype, device=device)
+    slots = torch.zeros(1, dtype=torch.int64, device=device)  # vLLM's slot mappings are int64
+    kvcache.write(cache, kv, kv, slots)
     codec.quantize(cache.pool_k[:1, :, 0], cache.pool_v[:1, :, 0], preset, cache.iters)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)

@@ -157,6 +157,9 @@ def test_split_and_unsplit_agree():
     for splits in (2, 5):
         many, _ = check_attention(cache, bt, sl, hq=4, splits=splits)
         assert (many.float() - one.float()).abs().max() < 2e-3
+    # more splits than tiles (most empty) and than one merge chunk (MAX_SPLITS); a tile
+    # per split rounds each tile's p to fp16 against its own max: within the tolerance
+    check_attention(cache, bt, sl, hq=4, splits=40)
 
 
 def test_sub_block_tiles():
@@ -252,6 +255,35 @@ def test_append_allocates_slots_in_order_of_first_appearance():
     assert torch.equal(cache.pool_k[0, 0:2, 0], rot[0:2, 0])
     assert torch.equal(cache.pool_v[1, 5, 0], rot[4, 0])
     assert int(cache.dropped_tokens) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hk,d", [(3, 64), (1, 256)])
+def test_write_kernel_is_the_reference_byte_for_byte(dtype, hk, d):
+    """The fused Triton write (one launch) against the torch reference: pool bytes and
+    dropped count, for runs opening blocks, runs mid-block, padding, blocks without a slot
+    (opened: counted; mid-block: a recomputed token, not counted) and adversarial values."""
+    g = 64
+    caches = [kc.init(16, hk, d, pool_slots=3, dtype=dtype, preset="kvarn_k4v2_g64",
+                      device=DEVICE) for _ in range(2)]
+    gen = torch.Generator().manual_seed(3)
+    for step in ([(2, 0, 10)], [(2, 10, 15), None, (5, 0, 4), (7, 0, 3), (9, 5, 7), None,
+                                (11, 0, 2)]):
+        sm = torch.cat([torch.tensor([-1]) if run is None else
+                        torch.arange(run[1], run[2]) + run[0] * g for run in step])
+        k, v = (kv_like(gen, sm.shape[0], hk, d) for _ in range(2))
+        k[0, 0, :4] = torch.tensor([float("nan"), float("inf"), -1e6, -0.0])
+        v[-1, -1, :3] = torch.tensor([1e-35, -float("inf"), 7e4])
+        for cache, impl in zip(caches, ("reference", "triton")):
+            kc.allocate(cache, sm.to(DEVICE))
+            kc.write(cache, k.to(dtype).to(DEVICE), v.to(dtype).to(DEVICE), sm.to(DEVICE),
+                     impl=impl)
+    ref, fused = caches
+    assert in_pool(ref) == in_pool(fused) == {2, 5, 7}
+    assert int(ref.dropped_tokens) == int(fused.dropped_tokens) == 2  # block 11
+    for a, b in ((ref.pool_k, fused.pool_k), (ref.pool_v, fused.pool_v)):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+    assert ref.pool_k.view(torch.int16).any()
 
 
 def test_commit_waits_until_every_token_of_a_block_is_accepted():

@@ -10,7 +10,7 @@ import torch
 
 import kvarn_torch  # noqa: F401  (Triton's interpreter without a GPU)
 from kvarn_torch import cache as kc
-from kvarn_torch import triton_attention, triton_gather, warmup
+from kvarn_torch import triton_attention, triton_gather, triton_write, warmup
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -39,7 +39,7 @@ def test_serving_calls_compile_nothing_after_warmup():
     preset, hq, hk, d, g = "kvarn_k4v2_g128", 32, 8, 128, 128
     warmup.compile_kernels(preset, hq, hk, d, torch.float16, DEVICE)
     kernels = (triton_attention._attention_kernel, triton_attention._merge_kernel,
-               triton_gather._gather_kernel)
+               triton_gather._gather_kernel, triton_write._write_kernel)
     before = [_compiled(k) for k in kernels]
 
     cache = kc.init(300, hk, d, pool_slots=8, preset=preset, device=DEVICE)
@@ -52,6 +52,10 @@ def test_serving_calls_compile_nothing_after_warmup():
             triton_attention.attention(q.view(b, sq, hq, d), cache, tables[r0: r0 + b],
                                        lens[r0: r0 + b])
     triton_gather.gather(cache, tables[7], 10)
+    for t in (1, 16, 300):  # K and V as vLLM hands them: slices of the fused qkv projection
+        qkv = torch.randn(t, (hq + 2 * hk) * d, device=DEVICE, dtype=torch.float16)
+        k, v = (x.view(t, hk, d) for x in qkv[:, hq * d:].split(hk * d, dim=1))
+        kc.write(cache, k, v, torch.arange(t, device=DEVICE) + 4 * g)
     after = [_compiled(k) for k in kernels]
     assert after == before, [f"{k.__name__}: {a} -> {b} variants"
                              for k, a, b in zip(kernels, before, after) if a != b]
