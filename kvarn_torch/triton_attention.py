@@ -71,6 +71,8 @@ DEFAULT_SMS = 132  # an H100 SXM; the real count is read from the device when on
 PROGRAMS_PER_SM = 4  # split the context until about this many programs per SM
 MIN_TILES_PER_SPLIT = 2  # never split a sequence finer than this many tiles
 MAX_SPLITS = 32
+POOL_SCAN = tl.constexpr(64)  # tiles whose pool slots one vector load looks up
+NO_TILE = tl.constexpr(2**31 - 1)
 LOG2E = 1.4426950408889634
 MASKED = tl.constexpr(-0.7 * float(np.finfo(np.float32).max))  # exp2 turns it into 0, no NaN
 
@@ -348,21 +350,34 @@ def _attention_kernel(
                              (t + 1 < tile_hi) & (slot1 < 0), D, G, BLOCK_N, K_BITS, V_BITS,
                              K_CODES, A_K, Z_K, TAU_K, V_CODES, SIGMA_V, A_V, Z_V)
 
-            offs_n = (t % TILES_PER_BLOCK) * BLOCK_N + tl.arange(0, BLOCK_N)  # in the block
-            pos = (t // TILES_PER_BLOCK) * G + offs_n  # in the sequence
-            if slot0 >= 0:
-                base = slot0.to(tl.int64) * pool_stride_slot + h * pool_stride_head
-                acc, m_i, l_i = _pool_tile(q32, acc, m_i, l_i, pool_k_ptr, pool_v_ptr, base,
-                                           offs_n, pos, limit, kv_end, pool_stride_tok, D,
-                                           UPCAST)
-            else:
-                acc, m_i, l_i = _record_tile(q_unit, q_norm, acc, m_i, l_i, k_words, v_words, a_k, z_k,
-                                             tau, sigma, a_v, z_v, pos, limit, D, BLOCK_N,
-                                             K_BITS, V_BITS, UPCAST)
+            if slot0 < 0:  # pool tiles come after this loop
+                pos = t * BLOCK_N + tl.arange(0, BLOCK_N)  # in the sequence
+                acc, m_i, l_i = _record_tile(q_unit, q_norm, acc, m_i, l_i, k_words, v_words,
+                                             a_k, z_k, tau, sigma, a_v, z_v, pos, limit, D,
+                                             BLOCK_N, K_BITS, V_BITS, UPCAST)
 
             slot0, blk1, slot1 = slot1, blk2, slot2
             k_words, v_words, a_k, z_k = k_next, v_next, a_k_next, z_k_next
             tau, sigma, a_v, z_v = tau_next, sigma_next, a_v_next, z_v_next
+
+    # The pool tiles (sink and tail blocks: a few per sequence) in a loop of their own, the
+    # slots of POOL_SCAN tiles looked up at once: in the record loop, the pool path's
+    # registers came on top of the prefetched record (255 registers and spills).
+    for c in range(0, tiles_per_split, POOL_SCAN):
+        if tile_lo + c < tile_hi:
+            tt = tile_lo + c + tl.arange(0, POOL_SCAN)
+            blk, slots = _locate(bt_row, block_to_slot_ptr, tt, tile_hi, TILES_PER_BLOCK)
+            pending = (tt < tile_hi) & (slots >= 0)
+            while tl.max(pending.to(tl.int32)) > 0:
+                t = tl.min(tl.where(pending, tt, NO_TILE))
+                slot = tl.max(tl.where(tt == t, slots, -1))
+                pending = pending & (tt != t)
+                offs_n = (t % TILES_PER_BLOCK) * BLOCK_N + tl.arange(0, BLOCK_N)  # in the block
+                base = slot.to(tl.int64) * pool_stride_slot + h * pool_stride_head
+                pos = t * BLOCK_N + tl.arange(0, BLOCK_N)  # in the sequence
+                acc, m_i, l_i = _pool_tile(q32, acc, m_i, l_i, pool_k_ptr, pool_v_ptr, base,
+                                           offs_n, pos, limit, kv_end, pool_stride_tok, D,
+                                           UPCAST)
 
     if SPLIT:  # partials [B, Hk, row_blocks, splits, ...] for the merge kernel
         part = ((b.to(tl.int64) * tl.num_programs(1) + h) * tl.num_programs(2)
