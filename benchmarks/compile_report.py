@@ -88,7 +88,8 @@ def report(preset: str, head_dim: int, bf16: bool, arch: int) -> list[dict]:
     return rows
 
 
-def attention_report(rows: int, block_n: int, warps: int, arch: int) -> dict:
+def attention_report(rows: int, block_n: int, warps: int, arch: int,
+                     maxnreg: int | None = None) -> dict:
     """One decode launch of the attention kernel as `triton_attention.attention` makes it."""
     kernel = triton_attention._attention_kernel
     lay = layout("kvarn_k4v2_g128", 128)
@@ -118,8 +119,10 @@ def attention_report(rows: int, block_n: int, warps: int, arch: int) -> dict:
     src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
     start = time.perf_counter()
     k = compile(src, target=GPUTarget("cuda", arch, 32),
-                options={"num_warps": warps, "num_stages": triton_attention.NUM_STAGES})
-    return dict(rows=rows, block_n=block_n, warps=warps, shared=k.metadata.shared,
+                options={"num_warps": warps, "num_stages": triton_attention.NUM_STAGES,
+                         "maxnreg": maxnreg})
+    return dict(rows=rows, block_n=block_n, warps=warps, maxnreg=maxnreg,
+                shared=k.metadata.shared,
                 compile_s=round(time.perf_counter() - start, 1), **_sass_stats(k.asm["cubin"]))
 
 
@@ -133,11 +136,13 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"])
     ap.add_argument("--attention", action="store_true", help="the decode attention kernel")
     ap.add_argument("--attention-configs", nargs="+", default=["16,128,4", "16,64,4", "16,128,8"],
-                    help="rows,block_n,num_warps launches to compile with --attention")
+                    help="rows,block_n,num_warps[,max registers] launches to compile with "
+                         "--attention")
     args = ap.parse_args()
     if args.attention:
         for config in args.attention_configs:
-            row = attention_report(*(int(x) for x in config.split(",")), args.arch)
+            rows, block_n, warps, *cap = (int(x) for x in config.split(","))
+            row = attention_report(rows, block_n, warps, args.arch, *cap)
             top = row.pop("loop_top")
             per_tile = row["loop"] * row["warps"] * 128 // row["block_n"]
             print(" ".join(f"{k}={v}" for k, v in row.items()),

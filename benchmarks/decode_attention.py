@@ -4,9 +4,9 @@ and the time to commit the tiles one decode step completes (B blocks x Hk heads)
 
     PYTHONPATH=/tmp/vsite:$PWD python benchmarks/decode_attention.py --json out.json
 
-`--sweep` instead times the Triton kernel's launch knobs (block_n x num_warps x splits) side
-by side on 16 x 32K and 1 x 4K (32/8 heads, D=128), each variant first checked against the
-exact float32 reference (1 x 4K) or the default variant (16 x 32K):
+`--sweep` instead times the Triton kernel's launch knobs (block_n x num_warps x register
+cap x splits) side by side on 16 x 32K and 1 x 4K (32/8 heads, D=128), each variant first
+checked against the exact float32 reference (1 x 4K) or the default variant (16 x 32K):
 
     python benchmarks/decode_attention.py --sweep --json $OUT/sweep.json
 
@@ -26,6 +26,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
+import itertools  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
@@ -200,28 +201,29 @@ def sweep(args) -> None:
         scale = want.abs().max().item()
         split_choices = sorted({1, max(1, auto // 2), auto, 2 * auto} if b == 1
                                else {1, auto, 2 * auto, 4 * auto})
-        for block_n in args.block_n:
-            for warps in args.warps:
-                for splits in split_choices:
-                    row = dict(batch=b, context=ctx, q_heads=hq, kv_heads=hk, head_dim=d,
-                               impl="kvarn-triton", block_n=block_n, num_warps=warps,
-                               splits=splits,  # what a default launch would pick:
-                               auto_splits=ta.num_splits(programs,
-                                                         table.shape[1] * G // block_n, sms))
-                    try:
-                        fn = lambda: ta.attention(tq, tc, tt, tl_, splits=splits,  # noqa: E731
-                                                  block_n=block_n, num_warps=warps)
-                        err = ((fn().float() - want).abs().max() / scale).item()
-                        us = time_graph(fn)
-                        row |= dict(us=us, bytes=kb, tb_s=kb / us / 1e6, rel_err=err)
-                        print(f"B={b:<3} ctx={ctx:<6} block_n={block_n:<4} warps={warps} "
-                              f"splits={splits:<3} {us:8.1f} us {kb / us / 1e6:5.2f} TB/s "
-                              f"err {err:.1e}", flush=True)
-                    except Exception as e:  # one failing variant must not hide the rest
-                        traceback.print_exc()
-                        row |= dict(error=f"{type(e).__name__}: {e}")
-                    records.append(row)
-                    save(args, records)
+        for block_n, warps, regs, splits in itertools.product(
+                args.block_n, args.warps, args.max_registers, split_choices):
+            row = dict(batch=b, context=ctx, q_heads=hq, kv_heads=hk, head_dim=d,
+                       impl="kvarn-triton", block_n=block_n, num_warps=warps,
+                       max_registers=regs or None,
+                       splits=splits,  # what a default launch would pick:
+                       auto_splits=ta.num_splits(programs,
+                                                 table.shape[1] * G // block_n, sms))
+            try:
+                fn = lambda: ta.attention(tq, tc, tt, tl_, splits=splits,  # noqa: E731
+                                          block_n=block_n, num_warps=warps,
+                                          max_registers=regs or None)
+                err = ((fn().float() - want).abs().max() / scale).item()
+                us = time_graph(fn)
+                row |= dict(us=us, bytes=kb, tb_s=kb / us / 1e6, rel_err=err)
+                print(f"B={b:<3} ctx={ctx:<6} block_n={block_n:<4} warps={warps} "
+                      f"regs<={regs or '-':<4} splits={splits:<3} {us:8.1f} us "
+                      f"{kb / us / 1e6:5.2f} TB/s err {err:.1e}", flush=True)
+            except Exception as e:  # one failing variant must not hide the rest
+                traceback.print_exc()
+                row |= dict(error=f"{type(e).__name__}: {e}")
+            records.append(row)
+            save(args, records)
         del cache
 
 
@@ -285,6 +287,8 @@ def main() -> None:
                     help="tokens per tile tried by --sweep")
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8],
                     help="warps per program tried by --sweep")
+    ap.add_argument("--max-registers", type=int, nargs="+", default=[0],
+                    help="per-thread register caps tried by --sweep (0: none)")
     args = ap.parse_args()
     if args.plot_only:
         p = Path(args.plot_only)

@@ -476,7 +476,8 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
               query_lens: Tensor | None = None, causal: bool = True,
               softmax_scale: float | None = None, splits: int | None = None, *,
               rows: int | None = None, block_n: int | None = None,
-              num_warps: int | None = None, num_stages: int = NUM_STAGES) -> Tensor:
+              num_warps: int | None = None, num_stages: int = NUM_STAGES,
+              max_registers: int | None = None) -> Tensor:
     """q [B, Sq, Hq, D] (Sq = 1: decode; Sq > 1: the last query_lens[b] tokens of each
     sequence, already appended) -> out [B, Sq, Hq, D] in q's dtype (rows past
     query_lens[b] hold don't-care values).
@@ -485,7 +486,8 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     the query rows included); query_lens [B] (default Sq). `splits` defaults to an
     automatic split-KV choice (`num_splits`); `rows` (query rows per program, a power of
     two >= 16), `block_n` (tokens per tile, a power of two >= 16 dividing the block size),
-    `num_warps` and `num_stages` are tuning knobs with defaults from `launch_config`.
+    `num_warps`, `num_stages` and `max_registers` (a per-thread register cap: more
+    programs per SM, spills past it) are tuning knobs with defaults from `launch_config`.
     """
     if q.dim() != 4:
         raise ValueError(f"q must be [B, Sq, Hq, D]; got shape {list(q.shape)}")
@@ -567,6 +569,7 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
         A_V=lay.a_v.offset, Z_V=lay.z_v.offset,
         CAUSAL=bool(causal), SPLIT=split, UPCAST=upcast,
         num_warps=num_warps, num_stages=num_stages, **common,
+        **({} if max_registers is None else {"maxnreg": max_registers}),
     )
     if split:
         _merge_kernel[(b, hk, row_blocks * rows)](
