@@ -5,8 +5,10 @@ shared memory, SASS instructions of the main loop, barriers in it, compile secon
     python benchmarks/compile_report.py [--arch 90] [--warps 8 16] [--presets ...]
 
 `--attention` reports the decode attention kernel instead (k4v2_g128, D=128, GQA 4, fp16,
-split): per (rows, block_n, num_warps) of `--attention-configs`, the same columns and the
-loop's most frequent SASS instructions (its longest backward branch: the tile loop).
+split): per (rows, block_n, num_warps[, register cap]) of `--attention-configs`, the same
+columns and the loop's most frequent SASS instructions (its longest backward branch: the
+tile loop). `--all-kernels` compiles every kvarn_torch kernel once per kind of launch, a
+check the tests run (tests/test_triton_cross_compile.py).
 
 Uses Triton's own ptxas / cuobjdump and an empty Triton cache (cold compiles). Imports
 Triton compiled (TRITON_INTERPRET=0), so run it in its own process.
@@ -26,7 +28,15 @@ from pathlib import Path
 os.environ["TRITON_INTERPRET"] = "0"  # a real JITFunction even without a GPU
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="kvarn_compile_report_")  # cold
 
-from kvarn_torch import triton_attention, triton_quantize  # noqa: E402  (before triton)
+from kvarn_torch import (  # noqa: E402  (before triton)
+    triton_attention,
+    triton_gather,
+    triton_quantize,
+    triton_rotate,
+    triton_write,
+    warmup,
+)
+from kvarn_torch.triton_common import KIND_BF16, KIND_FP16, KIND_FP32  # noqa: E402
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -88,17 +98,22 @@ def report(preset: str, head_dim: int, bf16: bool, arch: int) -> list[dict]:
     return rows
 
 
-def attention_report(rows: int, block_n: int, warps: int, arch: int,
-                     maxnreg: int | None = None) -> dict:
-    """One decode launch of the attention kernel as `triton_attention.attention` makes it."""
-    kernel = triton_attention._attention_kernel
-    lay = layout("kvarn_k4v2_g128", 128)
+def _record_offsets(preset: str, head_dim: int) -> dict:
+    """The record-field constexprs the attention and gather kernels take."""
+    lay = layout(preset, head_dim)
     fields = dict(K_CODES=lay.k_codes, A_K=lay.a_k, Z_K=lay.z_k, TAU_K=lay.tau_k,
                   V_CODES=lay.v_codes, SIGMA_V=lay.sigma_v, A_V=lay.a_v, Z_V=lay.z_v)
-    consts = dict(GROUP=4, ROWS=rows, D=128, LOG_D=7, G=128, BLOCK_N=block_n, K_BITS=4,
-                  V_BITS=2, CAUSAL=True, SPLIT=True, UPCAST=False,
-                  INV_SQRT_D=128 ** -0.5,
-                  **{name: f.offset for name, f in fields.items()})
+    return dict(K_BITS=lay.preset.k_bits, V_BITS=lay.preset.v_bits,
+                **{name: f.offset for name, f in fields.items()})
+
+
+def attention_report(rows: int, block_n: int, warps: int, arch: int,
+                     maxnreg: int | None = None, split: bool = True) -> dict:
+    """One decode launch of the attention kernel as `triton_attention.attention` makes it."""
+    kernel = triton_attention._attention_kernel
+    consts = dict(GROUP=4, ROWS=rows, D=128, LOG_D=7, G=128, BLOCK_N=block_n, CAUSAL=True,
+                  SPLIT=split, UPCAST=False, INV_SQRT_D=128 ** -0.5,
+                  **_record_offsets("kvarn_k4v2_g128", 128))
     pointers = dict(q_ptr="*fp16", out_ptr="*fp16", part_o_ptr="*fp32", part_ml_ptr="*fp32",
                     words_ptr="*i32", halves_ptr="*fp16", pool_k_ptr="*fp16",
                     pool_v_ptr="*fp16", block_tables_ptr="*i32", seq_lens_ptr="*i32",
@@ -121,9 +136,65 @@ def attention_report(rows: int, block_n: int, warps: int, arch: int,
     k = compile(src, target=GPUTarget("cuda", arch, 32),
                 options={"num_warps": warps, "num_stages": triton_attention.NUM_STAGES,
                          "maxnreg": maxnreg})
-    return dict(rows=rows, block_n=block_n, warps=warps, maxnreg=maxnreg,
+    return dict(rows=rows, block_n=block_n, warps=warps, maxnreg=maxnreg, split=split,
                 shared=k.metadata.shared,
                 compile_s=round(time.perf_counter() - start, 1), **_sass_stats(k.asm["cubin"]))
+
+
+def _compile_one(kernel, types: dict, constexprs: dict, arch: int, **options) -> dict:
+    """Compile one launch of `kernel`: `types` names its pointer and float arguments (the
+    others are i32), `constexprs` its constexpr arguments."""
+    sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
+    start = time.perf_counter()
+    k = compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
+                target=GPUTarget("cuda", arch, 32), options=options)
+    return dict(kernel=kernel.__name__, shared=k.metadata.shared,
+                compile_s=round(time.perf_counter() - start, 1), **_sass_stats(k.asm["cubin"]))
+
+
+def kernels_report(arch: int) -> list[dict]:
+    """Every Triton kernel of kvarn_torch, compiled once per kind of launch a model of 32/8
+    heads x 128 (fp16 and bf16) makes: what Triton's interpreter, which runs them on the
+    CPU in the tests, accepts but the GPU compiler would reject shows up here."""
+    rows = []
+    for rows_, block_n, warps in warmup.attention_variants(32, 8, 128, 128):
+        for split in (False, True):
+            row = attention_report(rows_, block_n, warps, arch, split=split)
+            rows.append(dict(kernel="_attention_kernel", **row))
+    rows.append(_compile_one(
+        triton_attention._merge_kernel,
+        dict(part_o_ptr="*fp32", part_ml_ptr="*fp32", out_ptr="*fp16"),
+        dict(GROUP=4, ROWS=16, D=128, LOG_D=7, INV_SQRT_D=128 ** -0.5,
+             SPLIT_CHUNK=triton_attention.MAX_SPLITS),
+        arch, num_warps=triton_attention.MERGE_WARPS))
+    rows.append(_compile_one(
+        triton_gather._gather_kernel,
+        dict(words_ptr="*i32", halves_ptr="*fp16", pool_k_ptr="*fp16", pool_v_ptr="*fp16",
+             block_table_ptr="*i32", block_to_slot_ptr="*i32", k_out_ptr="*fp16",
+             v_out_ptr="*fp16"),
+        dict(D=128, G=128, HK=8, TOKENS=triton_gather.TOKENS,
+             **_record_offsets("kvarn_k4v2_g128", 128)),
+        arch, num_warps=triton_gather.NUM_WARPS, enable_fp_fusion=False))
+    for kind, ty in ((KIND_FP16, "*fp16"), (KIND_BF16, "*i16"), (KIND_FP32, "*fp32")):
+        rows.append(_compile_one(
+            triton_rotate._rotate_kernel, dict(x_ptr=ty, out_ptr=ty),
+            dict(D=128, LOG_D=7, SCALE=128 ** -0.5, KIND=kind,
+                 BLOCK_ROWS=triton_rotate.BLOCK_ROWS),
+            arch, num_warps=triton_rotate.NUM_WARPS, enable_fp_fusion=False))
+        if kind == KIND_FP32:
+            continue  # the pool holds the model's dtype
+        for heads in (8, 3):
+            rows.append(_compile_one(
+                triton_write._write_kernel,
+                dict(k_ptr=ty, v_ptr=ty, pool_k_ptr=ty, pool_v_ptr=ty,
+                     slot_mapping_ptr="*i64", block_to_slot_ptr="*i32", dropped_ptr="*i32"),
+                dict(G=128, HEADS=heads, HEADS_P2=triton.next_power_of_2(heads), D=128,
+                     LOG_D=7, SCALE=128 ** -0.5, KIND=kind),
+                arch, num_warps=triton_write.NUM_WARPS, enable_fp_fusion=False))
+    for bf16 in (False, True):
+        rows += [dict(kernel="_quantize_kernel", **r)
+                 for r in report("kvarn_k4v2_g128", 128, bf16, arch)]
+    return rows
 
 
 def main() -> None:
@@ -135,10 +206,18 @@ def main() -> None:
     ap.add_argument("--head-dims", nargs="+", type=int, default=list(HEAD_DIMS))
     ap.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"])
     ap.add_argument("--attention", action="store_true", help="the decode attention kernel")
+    ap.add_argument("--all-kernels", action="store_true",
+                    help="compile every kernel once per kind of launch (a check, see "
+                         "kernels_report)")
     ap.add_argument("--attention-configs", nargs="+", default=["16,128,4", "16,64,4", "16,128,8"],
                     help="rows,block_n,num_warps[,max registers] launches to compile with "
                          "--attention")
     args = ap.parse_args()
+    if args.all_kernels:
+        for row in kernels_report(args.arch):
+            row.pop("loop_top")
+            print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+        return
     if args.attention:
         for config in args.attention_configs:
             rows, block_n, warps, *cap = (int(x) for x in config.split(","))
