@@ -47,14 +47,33 @@ def _fp16_field(ref, blk, h, offset: int, n: int):
     return lax.bitcast_convert_type(u, jnp.float16).astype(F32)
 
 
+# (bit pattern of 1.0, mantissa bits) of the dot operand dtypes
+_ONE_BITS = {jnp.dtype(jnp.float16): (0x3C00, 10), jnp.dtype(jnp.bfloat16): (0x3F80, 7)}
+
+
 def _codes(ref, blk, h, offset: int, rows: int, cols: int, bits: int, dtype):
-    """[rows, cols] codes of a record field packed LSB-first along cols, in `dtype`."""
+    """[rows, cols] codes c of a record field packed LSB-first along cols, as the `dtype`
+    value 1 + c / 2**bits: the code or-ed into the top of 1.0's mantissa, no int -> float
+    conversion (see `_code_dot` for the 1 and the 2**bits)."""
     per = 8 // bits
-    w = ref[blk, h, pl.ds(offset, rows * cols // per)].astype(jnp.uint32)
+    one, mantissa = _ONE_BITS[jnp.dtype(dtype)]
+    top = mantissa - bits  # code j of a byte moves to bit `top`: one shift per code
+    w = ref[blk, h, pl.ds(offset, rows * cols // per)].astype(jnp.uint32) << np.uint32(top)
     w = jnp.broadcast_to(w.reshape(rows, cols // per, 1), (rows, cols // per, per))
     shifts = lax.broadcasted_iota(jnp.uint32, (rows, cols // per, per), 2) * np.uint32(bits)
-    q = (w >> shifts) & np.uint32((1 << bits) - 1)
-    return q.reshape(rows, cols).astype(jnp.int32).astype(dtype)
+    x = (((w >> shifts) & np.uint32(((1 << bits) - 1) << top)) | np.uint32(one))
+    x = x.astype(jnp.uint16)
+    return lax.bitcast_convert_type(x.reshape(rows, cols), dtype)
+
+
+def _code_dot(y, scale, zero, codes, bits: int):
+    """sum_j y[r, j] * (scale[j] * c[j, n] + zero[j]) for y [R, J] float32 and codes
+    [J, N] = 1 + c / 2**bits: the dot's constant 1 comes back out of the zero point's
+    row sum, against the same rounded operand."""
+    ys = (y * scale[None, :]).astype(codes.dtype)
+    dot = pltr.dot(ys, codes).astype(F32)
+    bias = jnp.sum(y * zero[None, :] - ys.astype(F32) * (1 << bits), axis=1, keepdims=True)
+    return dot * (1 << bits) + bias
 
 
 def _attention_kernel(bt_ref, lens_ref, qlens_ref, b2s_ref, q_ref, pages_ref, pk_ref, pv_ref,
@@ -87,10 +106,7 @@ def _attention_kernel(bt_ref, lens_ref, qlens_ref, b2s_ref, q_ref, pages_ref, pk
             z_k = _fp16_field(pages_ref, blk, h, f["z_k"].offset, d)
             tau = _fp16_field(pages_ref, blk, h, f["tau_k"].offset, g)
             codes = _codes(pages_ref, blk, h, f["k_codes"].offset, d, g, p.k_bits, dt)
-            qf = q.astype(F32)
-            s = pltr.dot((qf * a_k[None, :]).astype(dt), codes).astype(F32)
-            s = s + jnp.sum(qf * z_k[None, :], axis=1, keepdims=True)
-            return s * tau[None, :]
+            return _code_dot(q.astype(F32), a_k, z_k, codes, p.k_bits) * tau[None, :]
 
         s = lax.cond(slot >= 0, pool_scores, record_scores)  # [R, G]
         pos = j * g + lax.broadcasted_iota(jnp.int32, (1, g), 1)
@@ -109,9 +125,7 @@ def _attention_kernel(bt_ref, lens_ref, qlens_ref, b2s_ref, q_ref, pages_ref, pk
             a_v = _fp16_field(pages_ref, blk, h, f["a_v"].offset, g)
             z_v = _fp16_field(pages_ref, blk, h, f["z_v"].offset, g)
             codes = _codes(pages_ref, blk, h, f["v_codes"].offset, g, d, p.v_bits, dt)
-            pv = pltr.dot((prob * a_v[None, :]).astype(dt), codes).astype(F32)
-            pv = pv + jnp.sum(prob * z_v[None, :], axis=1, keepdims=True)
-            return pv * sigma[None, :]
+            return _code_dot(prob, a_v, z_v, codes, p.v_bits) * sigma[None, :]
 
         acc = alpha * acc + lax.cond(slot >= 0, pool_values, record_values)
         return acc, l, m_new
