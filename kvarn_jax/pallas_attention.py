@@ -10,7 +10,7 @@ so the codes themselves go straight into the dots:
     s  = ((q * a_K) @ codes_K + q @ z_K) * tau_K
     pv = ((p * a_V) @ codes_V + p @ z_V) * sigma_V
 
-Online softmax per split, then a log-sum-exp merge of the splits in plain JAX. The query
+Online softmax (base 2) per split, then a log-sum-exp merge of the splits in plain JAX. The query
 is rotated in and the output rotated back outside the kernel. The exact reference is
 `kvarn_jax.attention_reference.attention`.
 """
@@ -36,6 +36,7 @@ NUM_WARPS = 4
 TARGET_PROGRAMS = 1056  # 8 programs per SM of an H100: enough warps to hide load latency
 MIN_BLOCKS_PER_SPLIT = 2
 MASK = -0.7 * float(np.finfo(np.float32).max)
+LOG2E = 1.4426950408889634
 F32 = jnp.float32
 
 
@@ -112,8 +113,8 @@ def _attention_kernel(bt_ref, lens_ref, qlens_ref, b2s_ref, q_ref, pages_ref, pk
         pos = j * g + lax.broadcasted_iota(jnp.int32, (1, g), 1)
         s = jnp.where(pos < limit, s, MASK)
         m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-        alpha = jnp.exp(m - m_new)
-        prob = jnp.exp(s - m_new)
+        alpha = jnp.exp2(m - m_new)
+        prob = jnp.exp2(s - m_new)
         l = alpha * l + jnp.sum(prob, axis=1, keepdims=True)
 
         def pool_values():
@@ -179,7 +180,7 @@ def _attention(q, cache, block_tables, seq_lens, query_lens, causal, scale, spli
     lay = layout(cache.preset, d)
     dt = cache.pool_k.dtype
     # Rotated, pre-scaled query rows of each KV head: row = token * group + head in group.
-    qr = reference.rotate(q.astype(F32)) * np.float32(scale)
+    qr = reference.rotate(q.astype(F32)) * np.float32(scale * LOG2E)  # softmax in base 2
     qr = qr.reshape(b, sq, hk, group, d).transpose(0, 2, 1, 3, 4).reshape(b, hk, sq * group, d)
     qr = jnp.pad(qr, ((0, 0), (0, 0), (0, rows - sq * group), (0, 0))).astype(dt)
     bps = -(-block_tables.shape[1] // splits)
@@ -207,7 +208,7 @@ def _attention(q, cache, block_tables, seq_lens, query_lens, causal, scale, spli
 
     # Log-sum-exp merge of the splits (a split with no tokens has l = 0).
     m_all = jnp.max(m, axis=2, keepdims=True)
-    w = jnp.exp(m - m_all)
+    w = jnp.exp2(m - m_all)
     out = jnp.sum(o * w, axis=2) / jnp.sum(l * w, axis=2)  # [B, Hk, rows, D]
     out = out[:, :, : sq * group].reshape(b, hk, sq, group, d).transpose(0, 2, 1, 3, 4)
     return reference.rotate(out.reshape(b, sq, hq, d)).astype(q.dtype)
