@@ -8,7 +8,9 @@ shared memory, SASS instructions of the main loop, barriers in it, compile secon
 split): per (rows, block_n, num_warps[, register cap]) of `--attention-configs`, the same
 columns and the loop's most frequent SASS instructions (its longest backward branch: the
 tile loop). `--all-kernels` compiles every kvarn_torch kernel once per kind of launch, a
-check the tests run (tests/test_triton_cross_compile.py).
+check the tests run (tests/test_triton_cross_compile.py). `--pallas-attention` reports the
+Pallas decode kernel the same way: JAX lowers it for CUDA (no GPU), its Triton IR is
+compiled here with this Triton (XLA's bundled Triton may schedule it differently).
 
 Uses Triton's own ptxas / cuobjdump and an empty Triton cache (cold compiles). Imports
 Triton compiled (TRITON_INTERPRET=0), so run it in its own process.
@@ -197,6 +199,61 @@ def kernels_report(arch: int) -> list[dict]:
     return rows
 
 
+def _mlir_string(escaped: str) -> bytes:
+    """The bytes of an MLIR string attribute as printed (\\XX hex escapes)."""
+    out, i = bytearray(), 0
+    while i < len(escaped):
+        if escaped[i] == "\\":
+            code = escaped[i + 1: i + 3]
+            if re.fullmatch(r"[0-9A-Fa-f]{2}", code):
+                out.append(int(code, 16))
+                i += 3
+                continue
+            out.append(ord(escaped[i + 1]))
+            i += 2
+            continue
+        out += escaped[i].encode()
+        i += 1
+    return bytes(out)
+
+
+def pallas_attention_report(arch: int) -> dict:
+    """The Pallas decode kernel (16 sequences, 32/8 heads, D=128, k4v2_g128, fp16, 4
+    splits) as JAX lowers it for CUDA: the Triton IR of its custom call, compiled here."""
+    import kvarn_jax  # noqa: F401  (before jax)
+    import jax
+    import jax.numpy as jnp
+    from jax._src.interpreters import mlir as jax_mlir
+    from jax._src.lib import triton as jax_triton
+    from jax._src.lib.mlir import ir as jax_ir
+
+    from kvarn_jax import cache as jcache
+    from kvarn_jax import pallas_attention
+
+    cache = jcache.init(64, 8, 128, pool_slots=8, dtype=jnp.float16, preset="kvarn_k4v2_g128")
+    args = (jnp.zeros((16, 1, 32, 128), jnp.float16), cache, jnp.zeros((16, 8), jnp.int32),
+            jnp.zeros((16,), jnp.int32))
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu",
+                                       num_cores=132)
+    fn = jax.jit(lambda q, c, bt, sl: pallas_attention.attention(q, c, bt, sl, splits=4,
+                                                                 interpret=False))
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=h100)):
+        hlo = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    bytecode = _mlir_string(re.search(r'ir = "((?:[^"\\]|\\.)*)"', hlo)[1])
+    ctx = jax_mlir.make_ir_context()
+    jax_triton.dialect.register_dialect(ctx)
+    with ctx:  # jax's MLIR bytecode -> text that this Triton parses
+        text = jax_ir.Module.parse(bytecode).operation.get_asm(enable_debug_info=False)
+    with tempfile.NamedTemporaryFile("w", suffix=".ttir") as f:
+        f.write(text)
+        f.flush()
+        start = time.perf_counter()
+        k = compile(f.name, target=GPUTarget("cuda", arch, 32),
+                    options={"num_warps": pallas_attention.NUM_WARPS, "num_stages": 2})
+    return dict(kernel="pallas _attention_kernel", shared=k.metadata.shared,
+                compile_s=round(time.perf_counter() - start, 1), **_sass_stats(k.asm["cubin"]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--arch", type=int, default=90)
@@ -206,6 +263,8 @@ def main() -> None:
     ap.add_argument("--head-dims", nargs="+", type=int, default=list(HEAD_DIMS))
     ap.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"])
     ap.add_argument("--attention", action="store_true", help="the decode attention kernel")
+    ap.add_argument("--pallas-attention", action="store_true",
+                    help="the Pallas decode attention kernel, as JAX lowers it for CUDA")
     ap.add_argument("--all-kernels", action="store_true",
                     help="compile every kernel once per kind of launch (a check, see "
                          "kernels_report)")
@@ -217,6 +276,12 @@ def main() -> None:
         for row in kernels_report(args.arch):
             row.pop("loop_top")
             print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+        return
+    if args.pallas_attention:
+        row = pallas_attention_report(args.arch)
+        top = row.pop("loop_top")
+        print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+        print("   loop:", " ".join(f"{op}={n}" for op, n in top), flush=True)
         return
     if args.attention:
         for config in args.attention_configs:
