@@ -220,8 +220,10 @@ def allocate(cache: KVarNCache, slot_mapping: Tensor) -> KVarNCache:
 
 def write(cache: KVarNCache, k: Tensor, v: Tensor, slot_mapping: Tensor,
           *, impl: codec.Impl = "auto") -> KVarNCache:
-    """Rotate k, v [T, num_kv_heads, D] into the pool slots `allocate` gave their blocks;
-    tokens whose block has no slot are counted in `dropped_tokens`. No host sync."""
+    """Rotate k, v [T, num_kv_heads, D] (the pool's dtype) into the pool slots `allocate`
+    gave their blocks; tokens whose block has no slot are counted in `dropped_tokens`. No
+    host sync. The Triton kernel (`triton_write`, one launch) where `impl` picks Triton;
+    the torch ops below are its reference, with the same bytes."""
     t = _check_tokens(cache, k, v, slot_mapping)
     if t == 0:
         return cache

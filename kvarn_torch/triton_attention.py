@@ -8,7 +8,9 @@ GQA group (row = query token * group + head in group; all of them for decode, pa
 a power of two >= 16 for tensor-core dots) and walks its share of the sequence's tiles of
 BLOCK_N tokens (BLOCK_N divides the block size G):
 
-* a tile of a block still in the tail pool is read as stored (rotated, model dtype);
+* a tile of a block still in the tail pool is read as stored (rotated, model dtype), in
+  a loop of its own after the quantized tiles (a few per sequence: the sink and the
+  blocks still being written);
 * a tile of a quantized block is read from its record and dequantized in registers, with
   the per-channel K scale folded into q and the per-token V scale into p, so the codes
   go straight into the tensor-core dots:
@@ -24,14 +26,14 @@ BLOCK_N tokens (BLOCK_N divides the block size G):
   is scaled per row into [-1, 1] first, so neither overflows nor loses bf16-level bits.
 
 Codes are read as int32 words (16-byte vector loads), the fp16 scales through an fp16
-view of the same pages. The loop over tiles is software-pipelined by hand: while tile t
-is computed, the record loads of tile t + 1 and the block-table lookups of tile t + 2 are
-in flight (a pool tile is read inside its branch; there are at most a few per sequence).
+view of the same pages. The loop over quantized tiles is software-pipelined by hand:
+while tile t is computed, the record loads of tile t + 1 and the block-table lookups of
+tile t + 2 are in flight.
 
 Online softmax in base 2 (log2(e) folded into the query scale). Without a split the
 program normalizes, rotates the output back and stores it; with splits, each writes its
-partial (acc, max, sum) and a second small kernel merges them by log-sum-exp and rotates
-back. The query is rotated in the kernel's prologue, so a call is one launch, or two with
+partial (acc, max, sum) and a second small kernel, one program per query row, merges
+them by log-sum-exp and rotates back. The query is rotated in the kernel's prologue, so a call is one launch, or two with
 split-KV, and never syncs with the host (CUDA-graph friendly).
 """
 
@@ -366,7 +368,7 @@ def _attention_kernel(
     for c in range(0, tiles_per_split, POOL_SCAN):
         if tile_lo + c < tile_hi:
             tt = tile_lo + c + tl.arange(0, POOL_SCAN)
-            blk, slots = _locate(bt_row, block_to_slot_ptr, tt, tile_hi, TILES_PER_BLOCK)
+            _, slots = _locate(bt_row, block_to_slot_ptr, tt, tile_hi, TILES_PER_BLOCK)
             pending = (tt < tile_hi) & (slots >= 0)
             while tl.max(pending.to(tl.int32)) > 0:
                 t = tl.min(tl.where(pending, tt, NO_TILE))

@@ -8,8 +8,8 @@ runtime ints and sliced table pointers are not specialized, see triton_attention
 attention programs `launch_config` can pick (16, 32 or 64 query rows), each split or
 not (split adds the merge kernel), the gather kernel of long prefill continuations, the
 rotation of their queries, the pool write of new tokens and the quantize kernel of a
-commit. `compile_kernels` launches each once on a
-scratch cache of two blocks; Triton keeps them in memory and on disk.
+commit. `compile_kernels` launches each once on a scratch cache of two blocks; Triton
+keeps them in memory and on disk.
 """
 
 from __future__ import annotations
