@@ -80,6 +80,15 @@ def _sass_stats(cubin: bytes) -> dict:
                 loop_shfl=loop_ops["SHFL"], loop_top=loop_full.most_common(8))
 
 
+def _compiled(src, arch: int, **options) -> dict:
+    """Compile `src` (an ASTSource or an IR file) for sm_`arch`: shared memory, compile
+    seconds and the SASS statistics."""
+    start = time.perf_counter()
+    k = compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    return dict(shared=k.metadata.shared, compile_s=round(time.perf_counter() - start, 1),
+                **_sass_stats(k.asm["cubin"]))
+
+
 def report(preset: str, head_dim: int, bf16: bool, arch: int) -> list[dict]:
     rows = []
     for half, params in zip("KV", triton_quantize.launch_params(preset, head_dim, bf16)):
@@ -91,12 +100,9 @@ def report(preset: str, head_dim: int, bf16: bool, arch: int) -> list[dict]:
         aligned = [["tt.divisibility", 16]]  # what a launch with torch tensors specializes
         src = ASTSource(fn=triton_quantize._quantize_kernel, signature=sig, constexprs=params,
                         attrs={(0,): aligned, (1,): aligned})
-        start = time.perf_counter()
-        k = compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-        seconds = time.perf_counter() - start
         rows.append(dict(preset=preset, head_dim=head_dim, dtype="bf16" if bf16 else "fp16",
-                         half=half, warps=options["num_warps"], shared=k.metadata.shared,
-                         compile_s=round(seconds, 1), **_sass_stats(k.asm["cubin"])))
+                         half=half, warps=options["num_warps"],
+                         **_compiled(src, arch, **options)))
     return rows
 
 
@@ -134,24 +140,18 @@ def attention_report(rows: int, block_n: int, warps: int, arch: int,
             if "stride" in name and name not in triton_attention._RUNTIME_INTS:
                 attrs[(i,)] = aligned  # every stride of a serving launch is a multiple of 16
     src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
-    start = time.perf_counter()
-    k = compile(src, target=GPUTarget("cuda", arch, 32),
-                options={"num_warps": warps, "num_stages": triton_attention.NUM_STAGES,
-                         "maxnreg": maxnreg})
     return dict(rows=rows, block_n=block_n, warps=warps, maxnreg=maxnreg, split=split,
-                shared=k.metadata.shared,
-                compile_s=round(time.perf_counter() - start, 1), **_sass_stats(k.asm["cubin"]))
+                **_compiled(src, arch, num_warps=warps,
+                            num_stages=triton_attention.NUM_STAGES, maxnreg=maxnreg))
 
 
 def _compile_one(kernel, types: dict, constexprs: dict, arch: int, **options) -> dict:
     """Compile one launch of `kernel`: `types` names its pointer and float arguments (the
     others are i32), `constexprs` its constexpr arguments."""
     sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
-    start = time.perf_counter()
-    k = compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
-                target=GPUTarget("cuda", arch, 32), options=options)
-    return dict(kernel=kernel.__name__, shared=k.metadata.shared,
-                compile_s=round(time.perf_counter() - start, 1), **_sass_stats(k.asm["cubin"]))
+    return dict(kernel=kernel.__name__,
+                **_compiled(ASTSource(fn=kernel, signature=sig, constexprs=constexprs), arch,
+                            **options))
 
 
 def kernels_report(arch: int) -> list[dict]:
@@ -247,11 +247,9 @@ def pallas_attention_report(arch: int) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".ttir") as f:
         f.write(text)
         f.flush()
-        start = time.perf_counter()
-        k = compile(f.name, target=GPUTarget("cuda", arch, 32),
-                    options={"num_warps": pallas_attention.NUM_WARPS, "num_stages": 2})
-    return dict(kernel="pallas _attention_kernel", shared=k.metadata.shared,
-                compile_s=round(time.perf_counter() - start, 1), **_sass_stats(k.asm["cubin"]))
+        return dict(kernel="pallas _attention_kernel",
+                    **_compiled(f.name, arch, num_warps=pallas_attention.NUM_WARPS,
+                                num_stages=2))
 
 
 def main() -> None:
