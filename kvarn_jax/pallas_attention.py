@@ -10,9 +10,12 @@ so the codes themselves go straight into the dots:
     s  = ((q * a_K) @ codes_K + q @ z_K) * tau_K
     pv = ((p * a_V) @ codes_V + p @ z_V) * sigma_V
 
-Online softmax (base 2) per split, then a log-sum-exp merge of the splits in plain JAX. The query
-is rotated in and the output rotated back outside the kernel. The exact reference is
-`kvarn_jax.attention_reference.attention`.
+A code c enters the dot as 1 + c / 2**bits, built in the mantissa of 1.0 (no int ->
+float conversion); the constant comes back out with the zero point's row sum.
+
+Online softmax (base 2) per split, then a log-sum-exp merge of the splits in plain JAX.
+The query is rotated in and the output rotated back outside the kernel. The exact
+reference is `kvarn_jax.attention_reference.attention`.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def _codes(ref, blk, h, offset: int, rows: int, cols: int, bits: int, dtype):
     w = ref[blk, h, pl.ds(offset, rows * cols // per)].astype(jnp.uint32) << np.uint32(top)
     w = jnp.broadcast_to(w.reshape(rows, cols // per, 1), (rows, cols // per, per))
     shifts = lax.broadcasted_iota(jnp.uint32, (rows, cols // per, per), 2) * np.uint32(bits)
-    x = (((w >> shifts) & np.uint32(((1 << bits) - 1) << top)) | np.uint32(one))
+    x = ((w >> shifts) & np.uint32(((1 << bits) - 1) << top)) | np.uint32(one)
     x = x.astype(jnp.uint16)
     return lax.bitcast_convert_type(x.reshape(rows, cols), dtype)
 
