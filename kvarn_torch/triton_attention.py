@@ -118,12 +118,14 @@ def _pair(words, J: tl.constexpr, BITS: tl.constexpr, UPCAST: tl.constexpr):
     TOP: tl.constexpr = 10 - BITS  # fp16 has 10 mantissa bits
     FIELD: tl.constexpr = (((1 << BITS) - 1) << TOP) * 0x10001  # in both halves
     if SHIFT >= TOP:
-        x = (words >> (SHIFT - TOP)) & FIELD
+        x = words >> (SHIFT - TOP)
     else:
-        x = (words << (TOP - SHIFT)) & FIELD
-    lo, hi = tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r",
-                                       [x | 0x3C003C00], dtype=(tl.float16, tl.float16),
-                                       is_pure=True, pack=1)
+        x = words << (TOP - SHIFT)
+    # (x & FIELD) | 1.0 in both halves: one LOP3 (0xEA: a & b | c), where the compiler
+    # would emit an and and an or.
+    lo, hi = tl.inline_asm_elementwise(
+        f"{{ .reg .b32 t; lop3.b32 t, $2, {FIELD}, 0x3C003C00, 0xEA; mov.b32 {{$0, $1}}, t; }}",
+        "=h,=h,r", [x], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
     return tl.join(lo, hi)
 
 
