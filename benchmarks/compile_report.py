@@ -6,8 +6,8 @@ shared memory, SASS instructions of the main loop, barriers in it, compile secon
 
 `--attention` reports the decode attention kernel instead (k4v2_g128, D=128, GQA 4, fp16,
 split): per (rows, block_n, num_warps[, register cap]) of `--attention-configs`, the same
-columns and the loop's most frequent SASS instructions (its longest backward branch: the
-tile loop). `--all-kernels` compiles every kvarn_torch kernel once per kind of launch, a
+columns and the loop's most frequent SASS instructions (the quantized-tile loop: the one
+with the most LOP3, which unpack the codes). `--all-kernels` compiles every kvarn_torch kernel once per kind of launch, a
 check the tests run (tests/test_triton_cross_compile.py). `--pallas-attention` reports the
 Pallas decode kernel the same way: JAX lowers it for CUDA (no GPU), its Triton IR is
 compiled here with this Triton (XLA's bundled Triton may schedule it differently).
@@ -54,7 +54,9 @@ def _opcode(instruction: str) -> str:
     return re.sub(r"^@!?U?P\w+ ", "", instruction).split()[0]
 
 
-def _sass_stats(cubin: bytes) -> dict:
+def _sass_stats(cubin: bytes, loop_op: str | None = None) -> dict:
+    """Resources and SASS counts of a cubin. Its main loop: the longest backward branch,
+    or with `loop_op` the loop with the most instructions of that opcode."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -66,11 +68,13 @@ def _sass_stats(cubin: bytes) -> dict:
     ins = [(int(a, 16), t.strip()) for a, t in
            re.findall(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", sass, re.M)]
     ops = collections.Counter(_opcode(t).split(".")[0] for _, t in ins)
-    loop = []  # the longest backward branch: the normalization loop
+    loops = []
     for addr, text in ins:
         b = re.search(r"BRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)", text)
-        if b and int(b[1], 16) < addr and addr - int(b[1], 16) > 16 * len(loop):
-            loop = [t for a, t in ins if int(b[1], 16) <= a <= addr]
+        if b and int(b[1], 16) < addr:
+            loops.append([t for a, t in ins if int(b[1], 16) <= a <= addr])
+    key = len if loop_op is None else (lambda lp: sum(_opcode(t) == loop_op for t in lp))
+    loop = max(loops, key=key, default=[])
     loop_full = collections.Counter(_opcode(t) for t in loop)  # with modifiers
     loop_ops = collections.Counter()
     for op, n in loop_full.items():
@@ -80,13 +84,13 @@ def _sass_stats(cubin: bytes) -> dict:
                 loop_shfl=loop_ops["SHFL"], loop_top=loop_full.most_common(8))
 
 
-def _compiled(src, arch: int, **options) -> dict:
+def _compiled(src, arch: int, loop_op: str | None = None, **options) -> dict:
     """Compile `src` (an ASTSource or an IR file) for sm_`arch`: shared memory, compile
     seconds and the SASS statistics."""
     start = time.perf_counter()
     k = compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     return dict(shared=k.metadata.shared, compile_s=round(time.perf_counter() - start, 1),
-                **_sass_stats(k.asm["cubin"]))
+                **_sass_stats(k.asm["cubin"], loop_op))
 
 
 def report(preset: str, head_dim: int, bf16: bool, arch: int) -> list[dict]:
@@ -141,7 +145,7 @@ def attention_report(rows: int, block_n: int, warps: int, arch: int,
                 attrs[(i,)] = aligned  # every stride of a serving launch is a multiple of 16
     src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
     return dict(rows=rows, block_n=block_n, warps=warps, maxnreg=maxnreg, split=split,
-                **_compiled(src, arch, num_warps=warps,
+                **_compiled(src, arch, loop_op="LOP3.LUT", num_warps=warps,
                             num_stages=triton_attention.NUM_STAGES, maxnreg=maxnreg))
 
 

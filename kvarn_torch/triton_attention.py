@@ -69,6 +69,7 @@ NUM_WARPS_SMALL = 4  # ROWS = 16 and head_dim <= 128
 NUM_WARPS_LARGE = 8  # ROWS = 32 or head_dim 256
 NUM_STAGES = 1  # loads are software-pipelined by hand in the kernel, not by Triton
 MERGE_WARPS = 4
+WARPGROUP = 4  # warps of one Hopper warpgroup MMA
 DEFAULT_SMS = 132  # an H100 SXM; the real count is read from the device when on CUDA
 PROGRAMS_PER_SM = 4  # split the context until about this many programs per SM
 MIN_TILES_PER_SPLIT = 2  # never split a sequence finer than this many tiles
@@ -150,16 +151,17 @@ def _unpack(words, BITS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
 
 @triton.jit
 def _code_dot(y, scale, zero, codes, BITS: tl.constexpr, UPCAST: tl.constexpr):
-    """sum_j y[r, j] * (scale[j] * c[j, n] + zero[j]) for y [R, J] float32 with |y| <= 1,
-    fp16 scale / zero [J] and codes [J, N] = 1 + c / 2**BITS.
+    """sum_j (scale[j] * c[n, j] + zero[j]) * y[j, r] for y [J, R] float32 with |y| <= 1,
+    fp16 scale / zero [J] and codes [N, J] = 1 + c / 2**BITS -> [N, R].
 
-    y * scale enters the fp16 tensor-core dot as is: |y| <= 1 bounds it by the fp16 scale,
-    so it cannot overflow. The constant 1 of the codes comes back out of the same per-row
-    reduction as the zero point's term, with the same rounded operand."""
-    xs = (y * scale.to(tl.float32)[None, :]).to(tl.float16)
-    dot = _dot(xs, codes, tl.zeros([y.shape[0], codes.shape[1]], tl.float32), UPCAST)
-    bias = tl.sum(y * zero.to(tl.float32)[None, :] - xs.to(tl.float32) * (1 << BITS), 1)
-    return dot * (1 << BITS) + bias[:, None]
+    The codes are the tall operand (M = N >= 64: a warpgroup MMA on Hopper), the query
+    rows the narrow one. y * scale enters the fp16 tensor-core dot as is: |y| <= 1 bounds
+    it by the fp16 scale, so it cannot overflow. The constant 1 of the codes comes back
+    out of the same per-row reduction as the zero point's term, with the same operand."""
+    xs = (y * scale.to(tl.float32)[:, None]).to(tl.float16)
+    dot = _dot(codes, xs, tl.zeros([codes.shape[0], y.shape[1]], tl.float32), UPCAST)
+    bias = tl.sum(y * zero.to(tl.float32)[:, None] - xs.to(tl.float32) * (1 << BITS), 0)
+    return dot * (1 << BITS) + bias[None, :]
 
 
 @triton.jit
@@ -225,20 +227,25 @@ def _load_record(words_ptr, halves_ptr, rec, n0, live, D: tl.constexpr, G: tl.co
 
 @triton.jit
 def _softmax_step(s, pos, limit, m_i, l_i):
-    """Online softmax (base 2) of one tile of scores s [ROWS, BLOCK_N] at sequence
+    """Online softmax (base 2) of one tile of scores s [BLOCK_N, ROWS] at sequence
     positions pos: row r sees positions < limit[r]. -> (p, alpha, new max, new sum)."""
-    visible = pos[None, :] < limit[:, None]
+    visible = pos[:, None] < limit[None, :]
     s = tl.where(visible, s, MASKED)
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, 0))
     alpha = tl.exp2(m_i - m_new)
-    p = tl.where(visible, tl.exp2(s - m_new[:, None]), 0.0)
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+    p = tl.where(visible, tl.exp2(s - m_new[None, :]), 0.0)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 0)
 
 
 @triton.jit
 def _pool_tile(q32, acc, m_i, l_i, pool_k_ptr, pool_v_ptr, base, offs_n, pos, limit, kv_end,
                pool_stride_tok, D: tl.constexpr, UPCAST: tl.constexpr):
-    """Attend to BLOCK_N tokens of a pool block, read as stored (rotated, model dtype)."""
+    """Attend to BLOCK_N tokens of a pool block, read as stored (rotated, model dtype).
+
+    Its dots keep the query rows as the tall operand (q32 [ROWS, D]); scores and output
+    are transposed to the record tiles' orientation. (Transposed like those, with both
+    operands in shared memory, Triton 3.6's warpgroup MMA gave wrong results at 16 rows
+    on an H200.)"""
     d = tl.arange(0, D)
     ptrs = base + offs_n[:, None] * pool_stride_tok + d[None, :]
     live = (pos < kv_end)[:, None]  # the rest of the block may hold stale data
@@ -246,25 +253,24 @@ def _pool_tile(q32, acc, m_i, l_i, pool_k_ptr, pool_v_ptr, base, offs_n, pos, li
     v = tl.load(pool_v_ptr + ptrs, mask=live, other=0.0)
     s = _dot(q32.to(k.dtype), tl.trans(k), tl.zeros([q32.shape[0], offs_n.shape[0]], tl.float32),
              UPCAST)
-    p, alpha, m_i, l_i = _softmax_step(s, pos, limit, m_i, l_i)
-    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
-    return acc, m_i, l_i
+    p, alpha, m_i, l_i = _softmax_step(tl.trans(s), pos, limit, m_i, l_i)
+    pv = _dot(tl.trans(p).to(v.dtype), v, tl.zeros([q32.shape[0], D], tl.float32), UPCAST)
+    return acc * alpha[None, :] + tl.trans(pv), m_i, l_i
 
 
 @triton.jit
 def _record_tile(q_unit, q_norm, acc, m_i, l_i, k_words, v_words, a_k, z_k, tau, sigma, a_v,
                  z_v, pos, limit, D: tl.constexpr, BLOCK_N: tl.constexpr, K_BITS: tl.constexpr,
                  V_BITS: tl.constexpr, UPCAST: tl.constexpr):
-    """Attend to BLOCK_N tokens of a quantized record (loaded by _load_record), with
-    q = q_norm * q_unit: s = q_norm * ((q_unit * a_K) @ codes_K + q_unit @ z_K) * tau_K,
-    pv = ((p * a_V) @ codes_V + p @ z_V) * sigma_V."""
-    codes_k = _unpack(k_words, K_BITS, D, BLOCK_N, UPCAST)  # [D, BLOCK_N]
+    """Attend to BLOCK_N tokens of a quantized record (loaded by _load_record), transposed:
+    q_unit [D, ROWS], acc [D, ROWS], scores [BLOCK_N, ROWS]."""
+    codes_k = tl.trans(_unpack(k_words, K_BITS, D, BLOCK_N, UPCAST))  # [BLOCK_N, D]
     s = _code_dot(q_unit, a_k, z_k, codes_k, K_BITS, UPCAST)
-    s = s * q_norm[:, None] * tau.to(tl.float32)[None, :]
+    s = s * q_norm[None, :] * tau.to(tl.float32)[:, None]
     p, alpha, m_i, l_i = _softmax_step(s, pos, limit, m_i, l_i)
-    codes_v = _unpack(v_words, V_BITS, BLOCK_N, D, UPCAST)  # [BLOCK_N, D]
-    pv = _code_dot(p, a_v, z_v, codes_v, V_BITS, UPCAST) * sigma.to(tl.float32)[None, :]
-    return acc * alpha[:, None] + pv, m_i, l_i
+    codes_v = tl.trans(_unpack(v_words, V_BITS, BLOCK_N, D, UPCAST))  # [D, BLOCK_N]
+    pv = _code_dot(p, a_v, z_v, codes_v, V_BITS, UPCAST) * sigma.to(tl.float32)[:, None]
+    return acc * alpha[None, :] + pv, m_i, l_i
 
 
 # ---------------------------------------------------------------- the kernels
@@ -314,7 +320,7 @@ def _attention_kernel(
     # q32 = q_norm * q_unit with |q_unit| <= 1: q_unit times an fp16 scale of a record
     # can never overflow fp16, so it enters the code dots without a per-tile rescale.
     q_norm = tl.maximum(tl.max(tl.abs(q32), 1), 1e-30)
-    q_unit = q32 / q_norm[:, None]
+    q_unit = tl.trans(q32 / q_norm[:, None])
 
     # Row i of the sequence's query sits at position seq_len - query_len + i.
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
@@ -332,7 +338,7 @@ def _attention_kernel(
 
     m_i = tl.zeros([ROWS], tl.float32) + MASKED
     l_i = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, D], tl.float32)
+    acc = tl.zeros([D, ROWS], tl.float32)
     bt_row = block_tables_ptr + b.to(tl.int64) * bt_stride_b
 
     # Software pipeline by hand: while tile t is computed, the record loads of tile t + 1
@@ -383,6 +389,7 @@ def _attention_kernel(
                                            offs_n, pos, limit, kv_end, pool_stride_tok, D,
                                            UPCAST)
 
+    acc = tl.trans(acc)
     if SPLIT:  # partials [B, Hk, row_blocks, splits, ...] for the merge kernel
         part = ((b.to(tl.int64) * tl.num_programs(1) + h) * tl.num_programs(2)
                 + tl.program_id(2))
@@ -464,7 +471,14 @@ def launch_config(head_dim: int, tile: int, n_rows: int,
                     else min(MAX_ROWS, max(MIN_ROWS, triton.next_power_of_2(n_rows))))
     block_n = min(tile, BLOCK_N_MAX if head_dim <= 128 else BLOCK_N_MAX // 2)
     warps = NUM_WARPS_LARGE if head_dim > 128 or rows == MAX_ROWS else NUM_WARPS_SMALL
-    return rows, block_n, warps
+    return rows, block_n, min(warps, max_warps(head_dim, block_n))
+
+
+def max_warps(head_dim: int, block_n: int) -> int:
+    """The tall operands of the record dots have min(block_n, head_dim) rows: Hopper's
+    warpgroup MMA (4 warps) takes 64 of them at a time, and with fewer per warpgroup
+    Triton 3.6 split the query rows between warpgroups and faulted on an H200."""
+    return WARPGROUP * max(1, min(head_dim, block_n) // 64)
 
 
 def _check_int_tensor(name: str, x: Tensor, shape: tuple[int, ...], device) -> None:
@@ -524,6 +538,9 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     if block_n < 16 or block_n & (block_n - 1) or g % block_n:
         raise ValueError(f"block_n must be a power of two >= 16 dividing the block size {g}; "
                          f"got {block_n}")
+    if num_warps > max_warps(d, block_n):
+        raise ValueError(f"num_warps must be <= {max_warps(d, block_n)} at head_dim {d} and "
+                         f"block_n {block_n} (64 tile rows per warpgroup); got {num_warps}")
     if cache.pages.stride(2) != 1 or cache.pool_k.stride(3) != 1 or cache.pool_v.stride(3) != 1:
         raise ValueError("pages and pool tensors must be contiguous along their last axis")
     if cache.pool_k.stride() != cache.pool_v.stride():
