@@ -13,10 +13,13 @@ BLOCK_N tokens (BLOCK_N divides the block size G):
   blocks still being written);
 * a tile of a quantized block is read from its record and dequantized in registers, with
   the per-channel K scale folded into q and the per-token V scale into p, so the codes
-  go straight into the tensor-core dots:
+  go straight into the tensor-core dots. The dots are transposed: the codes are the tall
+  operand (BLOCK_N or D >= 64 rows: a Hopper warpgroup MMA with the codes in registers)
+  and the ROWS query rows the narrow one, so scores, probabilities and the accumulator
+  are held as [tokens or channels, ROWS]:
 
-      s  = ((q * a_K) @ codes_K + q @ z_K) * tau_K
-      pv = ((p * a_V) @ codes_V + p @ z_V) * sigma_V
+      s^T  = tau_K * (codes_K^T @ (q * a_K)^T + (q @ z_K)^T)
+      pv^T = sigma_V * (codes_V^T @ (p * a_V)^T + (p @ z_V)^T)
 
   A code c enters the dot as the float 1 + c / 2**bits, built by or-ing the bits into
   the mantissa of 1.0 (no int -> float conversion); the constant 1 comes back out of the
@@ -320,7 +323,7 @@ def _attention_kernel(
     # q32 = q_norm * q_unit with |q_unit| <= 1: q_unit times an fp16 scale of a record
     # can never overflow fp16, so it enters the code dots without a per-tile rescale.
     q_norm = tl.maximum(tl.max(tl.abs(q32), 1), 1e-30)
-    q_unit = tl.trans(q32 / q_norm[:, None])
+    q_unit = tl.trans(q32 / q_norm[:, None])  # [D, ROWS], as the record dots take it
 
     # Row i of the sequence's query sits at position seq_len - query_len + i.
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
@@ -338,7 +341,7 @@ def _attention_kernel(
 
     m_i = tl.zeros([ROWS], tl.float32) + MASKED
     l_i = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([D, ROWS], tl.float32)
+    acc = tl.zeros([D, ROWS], tl.float32)  # transposed, as the record dots make it
     bt_row = block_tables_ptr + b.to(tl.int64) * bt_stride_b
 
     # Software pipeline by hand: while tile t is computed, the record loads of tile t + 1
@@ -389,7 +392,7 @@ def _attention_kernel(
                                            offs_n, pos, limit, kv_end, pool_stride_tok, D,
                                            UPCAST)
 
-    acc = tl.trans(acc)
+    acc = tl.trans(acc)  # [ROWS, D]
     if SPLIT:  # partials [B, Hk, row_blocks, splits, ...] for the merge kernel
         part = ((b.to(tl.int64) * tl.num_programs(1) + h) * tl.num_programs(2)
                 + tl.program_id(2))

@@ -478,6 +478,8 @@ def test_errors_name_the_fix():
         attention(q, cache, bt, sl, block_n=48)
     with pytest.raises(ValueError, match="rows must be a power of two"):
         attention(q, cache, bt, sl, rows=24)
+    with pytest.raises(ValueError, match=r"num_warps must be <= 4 at head_dim 64"):
+        attention(q, cache, bt, sl, num_warps=8)  # 64 tile rows: one warpgroup
     with pytest.raises(ValueError, match="splits"):
         attention(q, cache, bt, sl, splits=0)
     with pytest.raises(ValueError, match=r"k and v must be \[T, 2, 64\]"):
@@ -510,3 +512,16 @@ def test_recomputed_token_of_a_quantized_block_keeps_the_record():
     kc.append(c, k[-1:], k[-1:], torch.tensor([2 * 64 + 63], device=DEVICE))
     assert int(c.block_to_slot[2]) == -1 and int(c.dropped_tokens) == 0
     assert torch.equal(c.pages[2], record)
+
+
+@pytest.mark.parametrize("head_dim, tile, n_rows, want", [
+    (128, 128, 4, (16, 128, 4)),
+    (128, 128, 32, (32, 128, 8)),  # two warpgroups of 64 tile rows
+    (64, 64, 32, (32, 64, 4)),  # 64 tile rows: one warpgroup
+    (64, 128, 32, (32, 128, 4)),  # the V dot has head_dim = 64 rows
+    (256, 64, 4, (16, 64, 4)),
+])
+def test_launch_config_gives_each_warpgroup_64_tile_rows(head_dim, tile, n_rows, want):
+    rows, block_n, warps = triton_attention.launch_config(head_dim, tile, n_rows)
+    assert (rows, block_n, warps) == want
+    assert warps <= triton_attention.max_warps(head_dim, block_n)
