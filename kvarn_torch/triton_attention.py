@@ -69,7 +69,7 @@ CHUNK_ROWS = 64
 # 4 warps beat 64-token tiles and 8 warps at 16 x 32K and at 1 x 4K.
 BLOCK_N_MAX = 128  # tokens per tile (64 at head_dim 256)
 NUM_WARPS_SMALL = 4  # ROWS = 16 and head_dim <= 128
-NUM_WARPS_LARGE = 8  # ROWS = 32 or head_dim 256
+NUM_WARPS_LARGE = 8  # ROWS = 32 or head_dim 256, within max_warps
 NUM_STAGES = 1  # loads are software-pipelined by hand in the kernel, not by Triton
 MERGE_WARPS = 4
 WARPGROUP = 4  # warps of one Hopper warpgroup MMA
