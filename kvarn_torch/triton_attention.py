@@ -36,8 +36,9 @@ tile t + 2 are in flight.
 Online softmax in base 2 (log2(e) folded into the query scale). Without a split the
 program normalizes, rotates the output back and stores it; with splits, each writes its
 partial (acc, max, sum) and a second small kernel, one program per query row, merges
-them by log-sum-exp and rotates back. The query is rotated in the kernel's prologue, so a call is one launch, or two with
-split-KV, and never syncs with the host (CUDA-graph friendly).
+them by log-sum-exp and rotates back. The query is rotated in the kernel's prologue, so
+a call is one launch, or two with split-KV, and never syncs with the host (CUDA-graph
+friendly).
 """
 
 from __future__ import annotations
