@@ -38,6 +38,7 @@ neither a split nor a layout conversion of the tile.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -51,6 +52,7 @@ from kvarn_torch.triton_common import (
     as_kind,
     canonicalize,
     f32,
+    interpreted,
     runtime_int,
     store_fp16_bytes,
     to_fp16,
@@ -58,6 +60,9 @@ from kvarn_torch.triton_common import (
 )
 
 NUM_WARPS = 8  # per 128 x 128 tile, scaled with the tile: an 8 x 8 block per thread
+# Under Triton's interpreter, whose cost is per program and per operation (~0.4 s a tile
+# at D = 128, one tile per program) and hardly per element, a program takes as many
+# tiles as fit Triton's largest tensor (64 at 128 x 128).
 DEFAULT_ITERS = 8
 LOAD_VECTOR = 8  # fp16 / bf16 elements per 16-byte load (Triton's coalesced layout)
 STD_MIN, STD_MAX = tl.constexpr(f32(1e-3)), tl.constexpr(f32(1e3))
@@ -133,12 +138,20 @@ def _ratio(hi, lo):
 
 
 @triton.jit
-def _imbalance(s_col, s_row, LOG_C: tl.constexpr, LO_C: tl.constexpr, C_LO_AT: tl.constexpr):
-    """max/min ratio of the column stds plus that of the row stds (floored at 1e-8).
-    The column stds are reduced bit by bit: those axes are within a warp (no barrier)."""
-    col = _ratio(_bits_max(s_col, LOG_C, LO_C, 0, C_LO_AT, True),
-                 _bits_max(s_col, LOG_C, LO_C, 0, C_LO_AT, False))
-    return col + _ratio(tl.max(s_row), tl.min(s_row))
+def _imbalance(s_col, s_row, LOG_C: tl.constexpr, LO_C: tl.constexpr, C_HI_AT: tl.constexpr,
+               C_LO_AT: tl.constexpr, LOG_R: tl.constexpr, LO_R: tl.constexpr,
+               R_HI_AT: tl.constexpr, R_LO_AT: tl.constexpr):
+    """max/min ratio of the column stds plus that of the row stds (floored at 1e-8), per
+    tile. The column stds are reduced bit by bit: those axes are within a warp (no
+    barrier); the row stds, across warps, in one step when there is one tile."""
+    col = _ratio(_bits_max(s_col, LOG_C, LO_C, C_HI_AT, C_LO_AT, True),
+                 _bits_max(s_col, LOG_C, LO_C, C_HI_AT, C_LO_AT, False))
+    if s_row.shape[0] == 1:
+        row = _ratio(tl.max(s_row), tl.min(s_row))
+    else:
+        row = _ratio(_bits_max(s_row, LOG_R, LO_R, R_HI_AT, R_LO_AT, True),
+                     _bits_max(s_row, LOG_R, LO_R, R_HI_AT, R_LO_AT, False))
+    return col + row
 
 
 @triton.jit
@@ -151,34 +164,36 @@ def _quantize_kernel(
     tiles_ptr, out_ptr, iters, KIND: tl.constexpr, RECORD_BYTES: tl.constexpr,
     LOG_R: tl.constexpr, LOG_C: tl.constexpr, LO_R: tl.constexpr, LO_C: tl.constexpr,
     ROW_STRIDE: tl.constexpr,
-    COL_STRIDE: tl.constexpr, TILE_BITS: tl.constexpr, ROW_BITS: tl.constexpr,
-    COL_BITS: tl.constexpr,
+    COL_STRIDE: tl.constexpr, TILES: tl.constexpr, TILE_BITS: tl.constexpr,
+    ROW_BITS: tl.constexpr, COL_BITS: tl.constexpr, UNIT_BITS: tl.constexpr,
     INV_R: tl.constexpr, INV_RM1: tl.constexpr, INV_C: tl.constexpr, INV_CM1: tl.constexpr,
     BITS: tl.constexpr, INV_QMAX: tl.constexpr,
     CODES: tl.constexpr, ROW_SCALE: tl.constexpr, ROW_ZERO: tl.constexpr, COL_SCALE: tl.constexpr,
     RELOAD: tl.constexpr,
 ):
-    """Quantize each row of one tile viewed as X [R, C] (element (i, j) at
+    """Quantize each row of TILES tiles, each viewed as X [R, C] (element (i, j) at
     i * ROW_STRIDE + j * COL_STRIDE, one of the strides 1) and write its fields into the
     tile's record: codes [R, C] packed at CODES, fp16 row scale / zero [R] and column
-    scale [C]. TILE_BITS, ROW_BITS, COL_BITS: the bit-view shapes of the tile, of a row
-    vector (length 1 on the column bits) and of a column vector. RELOAD: re-read X at each
-    rescale instead of holding it in registers (for tiles with few registers per element)."""
+    scale [C]. TILE_BITS, ROW_BITS, COL_BITS, UNIT_BITS: the bit-view shapes of the tiles,
+    of a row vector (length 1 on the column bits), of a column vector and of a scalar per
+    tile; their axis 0 is the tile. RELOAD: re-read X at each rescale instead of holding it
+    in registers (for tiles with few registers per element)."""
     R: tl.constexpr = 1 << LOG_R
     C: tl.constexpr = 1 << LOG_C
     ROWS_CONTIGUOUS: tl.constexpr = ROW_STRIDE == 1
-    # Bit-view axes: column bits from LO_C up, row bits from LO_R up (high bits first), the
-    # strided index's low bits, the contiguous index's low bits (see module doc).
-    R_HI_AT: tl.constexpr = LOG_C - LO_C
+    # Bit-view axes: the tile, column bits from LO_C up, row bits from LO_R up (high bits
+    # first), the strided index's low bits, the contiguous index's low bits (module doc).
+    C_HI_AT: tl.constexpr = 1
+    R_HI_AT: tl.constexpr = C_HI_AT + LOG_C - LO_C
     STRIDED_LO_AT: tl.constexpr = R_HI_AT + LOG_R - LO_R
     R_LO_AT: tl.constexpr = STRIDED_LO_AT + LO_C if ROWS_CONTIGUOUS else STRIDED_LO_AT
     C_LO_AT: tl.constexpr = STRIDED_LO_AT if ROWS_CONTIGUOUS else STRIDED_LO_AT + LO_R
     QMAX: tl.constexpr = (1 << BITS) - 1
     PER_BYTE: tl.constexpr = 8 // BITS
     LOG_PER_BYTE: tl.constexpr = 3 - (BITS >> 1)  # BITS is 2 or 4
-    tile = tl.program_id(0).to(tl.int64)
-    tile_ptr = tiles_ptr + tile * R * C
-    rec_ptr = out_ptr + tile * RECORD_BYTES
+    tile = tl.program_id(0).to(tl.int64) * TILES + tl.arange(0, TILES)
+    tile_ptr = tiles_ptr + (tile * R * C)[:, None, None, None, None]
+    rec_ptr = out_ptr + tl.reshape(tile * RECORD_BYTES, UNIT_BITS, can_reorder=False)
 
     # The 4-D load view [column high, row high, strided low, contiguous low] -> bit view.
     LO_S: tl.constexpr = LO_C if ROWS_CONTIGUOUS else LO_R
@@ -193,29 +208,33 @@ def _quantize_kernel(
     else:
         rows = row_hi + strided_lo
         cols = col_hi + contig_lo
-    x_ptrs = tile_ptr + rows * ROW_STRIDE + cols * COL_STRIDE
+    x_ptrs = tile_ptr + (rows * ROW_STRIDE + cols * COL_STRIDE)[None, :, :, :, :]
     x = _load_x(x_ptrs, TILE_BITS, KIND, False)
-    rows = tl.reshape(rows, ROW_BITS, can_reorder=False)  # memory row index, row vector
-    cols = tl.reshape(cols, COL_BITS, can_reorder=False)
+    # The memory row index as a row vector, the column index as a column vector.
+    per_tile = tl.zeros([TILES, 1, 1, 1, 1], tl.int32)
+    rows = tl.reshape(rows[None, :, :, :, :] + per_tile, ROW_BITS, can_reorder=False)
+    cols = tl.reshape(cols[None, :, :, :, :] + per_tile, COL_BITS, can_reorder=False)
 
     # Variance normalization: keep the most balanced iterate, ties to the later one.
     c = tl.full(COL_BITS, 1.0, tl.float32)
     r = tl.full(ROW_BITS, 1.0, tl.float32)
     y = _rescale(x, c, r)
     s_col = _std(y, LOG_R, LO_R, R_HI_AT, R_LO_AT, INV_R, INV_RM1)
-    s_row = _std(y, LOG_C, LO_C, 0, C_LO_AT, INV_C, INV_CM1)
-    best = _imbalance(s_col, s_row, LOG_C, LO_C, C_LO_AT)
+    s_row = _std(y, LOG_C, LO_C, C_HI_AT, C_LO_AT, INV_C, INV_CM1)
+    best = _imbalance(s_col, s_row, LOG_C, LO_C, C_HI_AT, C_LO_AT, LOG_R, LO_R, R_HI_AT,
+                      R_LO_AT)
     best_c = c
     best_r = r
     for _ in range(iters):
         c = _clamp(c * _clamp(s_col, STD_MIN, STD_MAX), SCALE_MIN, SCALE_MAX)
         y = _rescale(_held_or_reloaded(x, x_ptrs, TILE_BITS, KIND, RELOAD), c, r)
-        s_row = _std(y, LOG_C, LO_C, 0, C_LO_AT, INV_C, INV_CM1)
+        s_row = _std(y, LOG_C, LO_C, C_HI_AT, C_LO_AT, INV_C, INV_CM1)
         r = _clamp(r * _clamp(s_row, STD_MIN, STD_MAX), SCALE_MIN, SCALE_MAX)
         y = _rescale(_held_or_reloaded(x, x_ptrs, TILE_BITS, KIND, RELOAD), c, r)
         s_col = _std(y, LOG_R, LO_R, R_HI_AT, R_LO_AT, INV_R, INV_RM1)
-        s_row = _std(y, LOG_C, LO_C, 0, C_LO_AT, INV_C, INV_CM1)
-        imb = _imbalance(s_col, s_row, LOG_C, LO_C, C_LO_AT)
+        s_row = _std(y, LOG_C, LO_C, C_HI_AT, C_LO_AT, INV_C, INV_CM1)
+        imb = _imbalance(s_col, s_row, LOG_C, LO_C, C_HI_AT, C_LO_AT, LOG_R, LO_R, R_HI_AT,
+                         R_LO_AT)
         keep = imb <= best
         best = tl.where(keep, imb, best)
         best_c = tl.where(keep, c, best_c)
@@ -223,8 +242,8 @@ def _quantize_kernel(
 
     # Asymmetric RTN per row; round-half-even from floor (no rint in Triton's core ops).
     b = _rescale(_held_or_reloaded(x, x_ptrs, TILE_BITS, KIND, RELOAD), best_c, best_r)
-    lo = _bits_max(b, LOG_C, LO_C, 0, C_LO_AT, False)
-    hi = _bits_max(b, LOG_C, LO_C, 0, C_LO_AT, True)
+    lo = _bits_max(b, LOG_C, LO_C, C_HI_AT, C_LO_AT, False)
+    hi = _bits_max(b, LOG_C, LO_C, C_HI_AT, C_LO_AT, True)
     delta = tl.maximum((hi - lo) * INV_QMAX, DELTA_MIN)
     v = tl.div_rn(b - lo, delta)
     f = tl.floor(v)
@@ -237,17 +256,18 @@ def _quantize_kernel(
     # The fields are disjoint, so summing over the low column bits is their OR.
     packed = q << ((cols & (PER_BYTE - 1)) * BITS)
     byte = rows * (C // PER_BYTE) + (cols >> LOG_PER_BYTE)
-    packed = _pair_sum(packed, LOG_PER_BYTE, LO_C, 0, C_LO_AT)
-    byte = _bits_max(byte, LOG_PER_BYTE, LO_C, 0, C_LO_AT, True)
+    packed = _pair_sum(packed, LOG_PER_BYTE, LO_C, C_HI_AT, C_LO_AT)
+    byte = _bits_max(byte, LOG_PER_BYTE, LO_C, C_HI_AT, C_LO_AT, True)
     tl.store(rec_ptr + CODES + byte, packed.to(tl.uint8))
     store_fp16_bytes(rec_ptr + ROW_SCALE + 2 * rows, to_fp16(best_r * delta))
     store_fp16_bytes(rec_ptr + ROW_ZERO + 2 * rows, to_fp16(best_r * lo))
     store_fp16_bytes(rec_ptr + COL_SCALE + 2 * cols, to_fp16(best_c))
 
 
-def _view(r: int, c: int, rows_contiguous: bool):
-    """(num_warps, LO_R, LO_C, tile / row vector / column vector bit-view shapes) of an
-    [r, c] tile: an 8 x (elements per thread / 8) block per thread (module doc)."""
+def _view(r: int, c: int, rows_contiguous: bool, tiles: int):
+    """(num_warps, LO_R, LO_C, tile / row vector / column vector / per-tile scalar
+    bit-view shapes) of `tiles` [r, c] tiles: an 8 x (elements per thread / 8) block per
+    thread (module doc)."""
     num_warps = max(1, NUM_WARPS * r * c // (128 * 128))
     lo_x = LOAD_VECTOR.bit_length() - 1
     lo_s = (r * c // (32 * num_warps * LOAD_VECTOR)).bit_length() - 1
@@ -258,14 +278,15 @@ def _view(r: int, c: int, rows_contiguous: bool):
 
     def shape(row: int, col: int):
         lo = ((col,) * lo_c + (row,) * lo_r) if rows_contiguous else ((row,) * lo_r + (col,) * lo_c)
-        return (col,) * (log_c - lo_c) + (row,) * (log_r - lo_r) + lo
+        return (tiles,) + (col,) * (log_c - lo_c) + (row,) * (log_r - lo_r) + lo
 
-    return num_warps, lo_r, lo_c, shape(2, 2), shape(2, 1), shape(1, 2)
+    return num_warps, lo_r, lo_c, shape(2, 2), shape(2, 1), shape(1, 2), shape(1, 1)
 
 
-def launch_params(preset: str, head_dim: int, bf16: bool) -> list[dict]:
+def launch_params(preset: str, head_dim: int, bf16: bool, tiles: int = 1) -> list[dict]:
     """The constexpr arguments and num_warps of the two launches (K half, V half) of
-    _quantize_kernel for one preset, head_dim and dtype (also for compile reports)."""
+    _quantize_kernel for one preset, head_dim and dtype, `tiles` tiles per program (also
+    for compile reports)."""
     lay = layout(preset, head_dim)
     p, g, d = lay.preset, lay.preset.tile, head_dim
     # K rows are channels (the stored [G, D] tile read as [D, G]), V rows are tokens.
@@ -275,7 +296,8 @@ def launch_params(preset: str, head_dim: int, bf16: bool) -> list[dict]:
     ]
     params = []
     for r, c, row_stride, col_stride, bits, codes, row_scale, row_zero, col_scale in halves:
-        num_warps, lo_r, lo_c, tile_bits, row_bits, col_bits = _view(r, c, row_stride == 1)
+        num_warps, lo_r, lo_c, tile_bits, row_bits, col_bits, unit_bits = _view(
+            r, c, row_stride == 1, tiles)
         # X, Y and the tree temporaries need ~3 registers per element: re-read X when a
         # thread has fewer (65536 per SM; 128 x 256 tiles at 16 warps).
         per_thread = r * c // (32 * num_warps)
@@ -284,7 +306,8 @@ def launch_params(preset: str, head_dim: int, bf16: bool) -> list[dict]:
             KIND=KIND_BF16 if bf16 else KIND_FP16, RECORD_BYTES=lay.record_bytes,
             LOG_R=r.bit_length() - 1, LOG_C=c.bit_length() - 1, LO_R=lo_r, LO_C=lo_c,
             ROW_STRIDE=row_stride, COL_STRIDE=col_stride,
-            TILE_BITS=tile_bits, ROW_BITS=row_bits, COL_BITS=col_bits,
+            TILES=tiles, TILE_BITS=tile_bits, ROW_BITS=row_bits, COL_BITS=col_bits,
+            UNIT_BITS=unit_bits,
             INV_R=f32(1.0 / r), INV_RM1=f32(1.0 / (r - 1)),
             INV_C=f32(1.0 / c), INV_CM1=f32(1.0 / (c - 1)),
             BITS=bits, INV_QMAX=f32(1.0 / ((1 << bits) - 1)),
@@ -304,11 +327,18 @@ def quantize(
     if k_rot.device != v_rot.device:
         raise ValueError(f"k and v are on different devices: {k_rot.device} vs {v_rot.device}")
     n, _, d = k_rot.shape
-    out = torch.zeros((n, lay.record_bytes), dtype=torch.uint8, device=k_rot.device)
     if n == 0:
-        return out
-    k, v = (as_kind(t.contiguous()) for t in (k_rot, v_rot))
+        return torch.zeros((0, lay.record_bytes), dtype=torch.uint8, device=k_rot.device)
+    per_program = 1
+    if interpreted(_quantize_kernel):
+        largest = tl.TRITON_MAX_TENSOR_NUMEL // k_rot[0].numel()
+        per_program = min(largest, triton.next_power_of_2(n))
+    programs = triton.cdiv(n, per_program)
+    pad = programs * per_program - n  # zero tiles, quantized and dropped
+    k, v = (as_kind(F.pad(t, (0, 0, 0, 0, 0, pad)).contiguous()) for t in (k_rot, v_rot))
+    out = torch.zeros((n + pad, lay.record_bytes), dtype=torch.uint8, device=k_rot.device)
     # One launch per half of the record (each half compiles to half the code).
-    for tiles, params in zip((k, v), launch_params(preset, d, k_rot.dtype == torch.bfloat16)):
-        _quantize_kernel[(n,)](tiles, out, runtime_int(_quantize_kernel, iters), **params)
-    return out
+    params = launch_params(preset, d, k_rot.dtype == torch.bfloat16, per_program)
+    for tiles, half in zip((k, v), params):
+        _quantize_kernel[(programs,)](tiles, out, runtime_int(_quantize_kernel, iters), **half)
+    return out[:n]

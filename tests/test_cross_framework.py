@@ -15,11 +15,6 @@ from kvarn.format import layout
 
 REFERENCE_TILES = 2000
 KERNEL_TILES = 200
-# The Triton interpreter takes ~0.5 s per tile (70% of it re-patching triton.language on
-# every call of a @triton.jit helper); 200 tiles x 36 cases would take over an hour of CI.
-# It sees a few random tiles plus the whole adversarial set here; compiled kernels on a GPU
-# see KERNEL_TILES (and `kvarn check --tiles 20000`).
-TRITON_INTERPRETED_TILES = 4
 SEED = 2026
 
 IMPLEMENTATIONS, MISSING = check.load_implementations()
@@ -39,8 +34,7 @@ def _rows(n: int, total: int) -> np.ndarray:
 def _compare(impl, case, k, k_rot, v_rot, records, oracle_dequantized) -> list[str]:
     """What `impl` gets wrong on this case (nothing when every byte matches)."""
     lay = layout(case.preset, case.head_dim)
-    n = (REFERENCE_TILES if "reference" in impl.name
-         else TRITON_INTERPRETED_TILES if impl.name == "torch-triton[interpret]" else KERNEL_TILES)
+    n = REFERENCE_TILES if "reference" in impl.name else KERNEL_TILES
     rows = _rows(n, len(k_rot))
     errors = []
     if check.mismatched_bytes(impl.rotate(k[:n]), k_rot[:n]):
