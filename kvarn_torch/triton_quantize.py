@@ -1,5 +1,5 @@
 """Triton kernel: rotated K/V tiles -> KVarN records (kvarn.oracle.quantize), one tile per
-program, one launch per half (K, V) of the records.
+program (many under Triton's interpreter), one launch per half (K, V) of the records.
 
 Both halves of a record come from one kernel, launched once per half: it quantizes each
 row of an [R, C] view of a stored tile, the K tile read as [D channels, G tokens], the V
@@ -8,7 +8,9 @@ normalization (oracle.normalize), rescale, round-to-nearest-even codes (oracle.r
 absorption of the row scale into the fp16 step and zero, packing, byte stores.
 
 The bit view. The tile is held as a tensor with one axis of length 2 per bit of its row
-and column indices (R * C = 2^14 elements -> 14 axes). Every level of the oracle's pair
+and column indices (R * C = 2^14 elements -> 14 axes), after a leading axis of the
+program's tiles (length 1 compiled; under the interpreter, whose cost is per operation,
+as many tiles as fit one tensor). Every level of the oracle's pair
 tree ((x0 + x1) + (x2 + x3)) + ... adds the two halves of one such axis: level k of a
 row sum is tl.sum over the axis of column bit k. A sum of two terms is one IEEE addition
 on every backend, so these sums are exact (tl.sum over a longer axis is not: its order
