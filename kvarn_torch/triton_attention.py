@@ -54,7 +54,7 @@ from torch import Tensor
 
 from kvarn.format import layout
 from kvarn_torch.cache import KVarNCache
-from kvarn_torch.triton_common import hadamard, interpreted, runtime_int
+from kvarn_torch.triton_common import check_pool_layout, hadamard, interpreted, runtime_int
 
 MIN_ROWS = 16  # tensor-core dots need M >= 16
 MAX_ROWS = 32  # query rows per program, in row blocks past that
@@ -545,10 +545,9 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     if num_warps > max_warps(d, block_n):
         raise ValueError(f"num_warps must be <= {max_warps(d, block_n)} at head_dim {d} and "
                          f"block_n {block_n} (64 tile rows per warpgroup); got {num_warps}")
-    if cache.pages.stride(2) != 1 or cache.pool_k.stride(3) != 1 or cache.pool_v.stride(3) != 1:
-        raise ValueError("pages and pool tensors must be contiguous along their last axis")
-    if cache.pool_k.stride() != cache.pool_v.stride():
-        raise ValueError("pool_k and pool_v must have the same strides")
+    if cache.pages.stride(2) != 1:
+        raise ValueError("cache.pages must be contiguous along its last axis")
+    check_pool_layout(cache.pool_k, cache.pool_v)
     if q.stride(3) != 1:
         q = q.contiguous()
 

@@ -59,6 +59,13 @@ def as_kind(x: torch.Tensor) -> torch.Tensor:
     return x.view(torch.int16) if x.dtype == torch.bfloat16 else x
 
 
+def check_pool_layout(pool_k: torch.Tensor, pool_v: torch.Tensor) -> None:
+    """The kernels address the K and V tail pools with one set of strides, unit along D."""
+    if pool_k.stride() != pool_v.stride() or pool_k.stride(-1) != 1:
+        raise ValueError("pool_k and pool_v must have the same strides and a contiguous last "
+                         f"axis; got {pool_k.stride()} and {pool_v.stride()}")
+
+
 @triton.jit
 def widen_f32(raw, KIND: tl.constexpr):
     """Loaded fp16 / bf16-bits (int16) / fp32 values -> float32, exactly."""

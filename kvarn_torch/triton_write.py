@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kvarn_torch.triton_common import as_kind, f32, rotate_rows, storage_kind
+from kvarn_torch.triton_common import as_kind, check_pool_layout, f32, rotate_rows, storage_kind
 
 NUM_WARPS = 4
 
@@ -71,8 +71,7 @@ def write(k: Tensor, v: Tensor, slot_mapping: Tensor, block_to_slot: Tensor, poo
     if t == 0:
         return
     k, v = (x if x.stride(2) == 1 else x.contiguous() for x in (k, v))
-    if pool_k.stride() != pool_v.stride() or pool_k.stride(3) != 1:
-        raise ValueError("pool_k and pool_v must have the same strides, contiguous last axis")
+    check_pool_layout(pool_k, pool_v)
     g = pool_k.shape[1]
     strides = pool_k.stride()
     _write_kernel[(t,)](

@@ -10,6 +10,7 @@
 * the errors of bad inputs.
 """
 
+import dataclasses
 import os
 
 import torch
@@ -480,6 +481,10 @@ def test_errors_name_the_fix():
         attention(q, cache, bt, sl, rows=24)
     with pytest.raises(ValueError, match=r"num_warps must be <= 4 at head_dim 64"):
         attention(q, cache, bt, sl, num_warps=8)  # 64 tile rows: one warpgroup
+    strided = dataclasses.replace(cache, pool_v=cache.pool_v.transpose(1, 2).contiguous()
+                                  .transpose(1, 2))
+    with pytest.raises(ValueError, match="pool_k and pool_v must have the same strides"):
+        attention(q, strided, bt, sl)
     with pytest.raises(ValueError, match="splits"):
         attention(q, cache, bt, sl, splits=0)
     with pytest.raises(ValueError, match=r"k and v must be \[T, 2, 64\]"):
