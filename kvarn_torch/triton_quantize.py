@@ -10,8 +10,8 @@ absorption of the row scale into the fp16 step and zero, packing, byte stores.
 The bit view. The tile is held as a tensor with one axis of length 2 per bit of its row
 and column indices (R * C = 2^14 elements -> 14 axes), after a leading axis of the
 program's tiles (length 1 compiled; under the interpreter, whose cost is per operation,
-as many tiles as fit one tensor). Every level of the oracle's pair
-tree ((x0 + x1) + (x2 + x3)) + ... adds the two halves of one such axis: level k of a
+as many tiles as fit one tensor). Every level of the oracle's pair tree
+((x0 + x1) + (x2 + x3)) + ... adds the two halves of one such axis: level k of a
 row sum is tl.sum over the axis of column bit k. A sum of two terms is one IEEE addition
 on every backend, so these sums are exact (tl.sum over a longer axis is not: its order
 differs between the GPU and the interpreter). Row and column vectors (means, stds,
@@ -62,9 +62,6 @@ from kvarn_torch.triton_common import (
 )
 
 NUM_WARPS = 8  # per 128 x 128 tile, scaled with the tile: an 8 x 8 block per thread
-# Under Triton's interpreter, whose cost is per program and per operation (~0.4 s a tile
-# at D = 128, one tile per program) and hardly per element, a program takes as many
-# tiles as fit Triton's largest tensor (64 at 128 x 128).
 DEFAULT_ITERS = 8
 LOAD_VECTOR = 8  # fp16 / bf16 elements per 16-byte load (Triton's coalesced layout)
 STD_MIN, STD_MAX = tl.constexpr(f32(1e-3)), tl.constexpr(f32(1e3))
@@ -332,12 +329,14 @@ def quantize(
     if n == 0:
         return torch.zeros((0, lay.record_bytes), dtype=torch.uint8, device=k_rot.device)
     per_program = 1
-    if interpreted(_quantize_kernel):
+    if interpreted(_quantize_kernel):  # its cost is per program (~0.4 s at D = 128), not
+        # per element: as many tiles as fit Triton's largest tensor (64 at 128 x 128)
         largest = tl.TRITON_MAX_TENSOR_NUMEL // k_rot[0].numel()
         per_program = min(largest, triton.next_power_of_2(n))
     programs = triton.cdiv(n, per_program)
     pad = programs * per_program - n  # zero tiles, quantized and dropped
-    k, v = (as_kind(F.pad(t, (0, 0, 0, 0, 0, pad)).contiguous()) for t in (k_rot, v_rot))
+    k, v = (as_kind((F.pad(t, (0, 0, 0, 0, 0, pad)) if pad else t).contiguous())
+            for t in (k_rot, v_rot))
     out = torch.zeros((n + pad, lay.record_bytes), dtype=torch.uint8, device=k_rot.device)
     # One launch per half of the record (each half compiles to half the code).
     params = launch_params(preset, d, k_rot.dtype == torch.bfloat16, per_program)
