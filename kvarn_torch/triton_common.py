@@ -32,6 +32,16 @@ def interpreted(kernel) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
+def per_program(kernel, n: int, item_numel: int, compiled: int) -> int:
+    """Items (tiles, rows) per program of `kernel` for `n` items of `item_numel` elements:
+    `compiled` on a GPU. Triton's interpreter costs per program and per operation, hardly
+    per element (~0.4 s a program of the quantize kernel), so there a program takes as many
+    items as fit Triton's largest tensor (a power of two, no more than n needs)."""
+    if not interpreted(kernel):
+        return compiled
+    return min(tl.TRITON_MAX_TENSOR_NUMEL // item_numel, triton.next_power_of_2(n))
+
+
 def runtime_int(kernel, x: int) -> int | np.int32:
     """A runtime int argument for `kernel`. The interpreter wraps a Python int in a
     1-element array, which numpy >= 2.5 refuses as a range() bound; a numpy int passes."""

@@ -54,7 +54,7 @@ from kvarn_torch.triton_common import (
     as_kind,
     canonicalize,
     f32,
-    interpreted,
+    per_program,
     runtime_int,
     store_fp16_bytes,
     to_fp16,
@@ -328,18 +328,14 @@ def quantize(
     n, _, d = k_rot.shape
     if n == 0:
         return torch.zeros((0, lay.record_bytes), dtype=torch.uint8, device=k_rot.device)
-    per_program = 1
-    if interpreted(_quantize_kernel):  # its cost is per program (~0.4 s at D = 128), not
-        # per element: as many tiles as fit Triton's largest tensor (64 at 128 x 128)
-        largest = tl.TRITON_MAX_TENSOR_NUMEL // k_rot[0].numel()
-        per_program = min(largest, triton.next_power_of_2(n))
-    programs = triton.cdiv(n, per_program)
-    pad = programs * per_program - n  # zero tiles, quantized and dropped
+    tiles = per_program(_quantize_kernel, n, k_rot[0].numel(), compiled=1)
+    programs = triton.cdiv(n, tiles)
+    pad = programs * tiles - n  # zero tiles, quantized and dropped
     k, v = (as_kind((F.pad(t, (0, 0, 0, 0, 0, pad)) if pad else t).contiguous())
             for t in (k_rot, v_rot))
     out = torch.zeros((n + pad, lay.record_bytes), dtype=torch.uint8, device=k_rot.device)
     # One launch per half of the record (each half compiles to half the code).
-    params = launch_params(preset, d, k_rot.dtype == torch.bfloat16, per_program)
-    for tiles, half in zip((k, v), params):
-        _quantize_kernel[(programs,)](tiles, out, runtime_int(_quantize_kernel, iters), **half)
+    params = launch_params(preset, d, k_rot.dtype == torch.bfloat16, tiles)
+    for x, half in zip((k, v), params):
+        _quantize_kernel[(programs,)](x, out, runtime_int(_quantize_kernel, iters), **half)
     return out[:n]

@@ -14,10 +14,9 @@ import triton.language as tl
 from torch import Tensor
 
 from kvarn.checks import check_rotate_input
-from kvarn_torch.triton_common import as_kind, f32, interpreted, rotate_rows, storage_kind
+from kvarn_torch.triton_common import as_kind, f32, per_program, rotate_rows, storage_kind
 
 BLOCK_ROWS = 16  # rows per program: 16 x 256 floats at most, 16 per thread at 8 warps
-# (Triton's interpreter, whose cost is per program, takes up to its largest tensor.)
 NUM_WARPS = 8
 
 
@@ -42,9 +41,7 @@ def rotate(x: Tensor) -> Tensor:
     out = torch.empty_like(rows)
     n_rows = rows.shape[0]
     if n_rows:
-        block_rows = BLOCK_ROWS
-        if interpreted(_rotate_kernel):
-            block_rows = min(tl.TRITON_MAX_TENSOR_NUMEL // d, triton.next_power_of_2(n_rows))
+        block_rows = per_program(_rotate_kernel, n_rows, d, compiled=BLOCK_ROWS)
         grid = (triton.cdiv(n_rows, block_rows),)
         _rotate_kernel[grid](
             as_kind(rows), as_kind(out), n_rows,
