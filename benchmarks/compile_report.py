@@ -99,6 +99,7 @@ def report(preset: str, head_dim: int, bf16: bool, arch: int) -> list[dict]:
     for half, params in zip("KV", triton_quantize.launch_params(preset, head_dim, bf16)):
         params = dict(params)
         options = {"num_warps": params.pop("num_warps"), "num_stages": 1,
+                   "maxnreg": params.pop("maxnreg"),
                    "enable_fp_fusion": params.pop("enable_fp_fusion")}
         sig = {"tiles_ptr": "*i16" if bf16 else "*fp16", "out_ptr": "*u8", "iters": "i32"}
         sig |= {name: "constexpr" for name in params}

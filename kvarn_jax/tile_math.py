@@ -114,9 +114,12 @@ def _clamp(x, lo, hi):
     return jnp.minimum(jnp.maximum(x, lo), hi)
 
 
-def rescale(x: jax.Array, rc: jax.Array, rr: jax.Array) -> jax.Array:
-    """Y = X * rcp(c)[col] * rcp(r)[row] with the reciprocals given; flush below normal."""
+def rescale(x: jax.Array, rc: jax.Array, rr: jax.Array, flush: bool) -> jax.Array:
+    """Y = X * rcp(c)[col] * rcp(r)[row] with the reciprocals given; flush below normal
+    (`flush` False: the caller knows nothing gets there, see `record_fields`)."""
     y = (x * rc) * rr
+    if not flush:
+        return y
     return jnp.where(jnp.abs(y) < oracle.F32_MIN_NORMAL, F32(0), y)
 
 
@@ -133,7 +136,7 @@ def _stats(y: jax.Array, *, gpu: bool):
     return s_col, s_row, _ratio(s_col, gpu=gpu) + _ratio(s_row, gpu=gpu)
 
 
-def normalize(x: jax.Array, iters: int, *, gpu: bool):
+def normalize(x: jax.Array, iters: int, flush: bool, *, gpu: bool):
     """Variance normalization of X [R, C]: (c [1, C], r [R, 1]) of the most balanced
     iterate, the identity included, ties going to the later one."""
     rows, cols = x.shape
@@ -146,10 +149,10 @@ def normalize(x: jax.Array, iters: int, *, gpu: bool):
         c = _clamp(c * _clamp(s_col, oracle.STD_MIN, oracle.STD_MAX),
                    oracle.SCALE_MIN, oracle.SCALE_MAX)
         rc = div_rn(one, c, gpu=gpu)
-        y = rescale(x, rc, div_rn(one, r, gpu=gpu))
+        y = rescale(x, rc, div_rn(one, r, gpu=gpu), flush)
         r = _clamp(r * _clamp(std_last(y, gpu=gpu), oracle.STD_MIN, oracle.STD_MAX),
                    oracle.SCALE_MIN, oracle.SCALE_MAX)
-        y = rescale(x, rc, div_rn(one, r, gpu=gpu))
+        y = rescale(x, rc, div_rn(one, r, gpu=gpu), flush)
         s_col, _, imb = _stats(y, gpu=gpu)
         keep = imb <= best
         return (c, r, s_col, jnp.where(keep, imb, best),
@@ -186,12 +189,12 @@ def fp16_bytes(x: jax.Array) -> jax.Array:
     return jnp.stack([lo, hi], axis=-1).reshape(2 * x.shape[0])
 
 
-def quantize_rows(x: jax.Array, bits: int, iters: int, *, gpu: bool):
+def quantize_rows(x: jax.Array, bits: int, iters: int, flush: bool, *, gpu: bool):
     """Quantize X [R, C] along its rows: (packed codes, a [2R], z [2R], c [2C]) as bytes."""
     rows, cols = x.shape
-    c, r = normalize(x, iters, gpu=gpu)
+    c, r = normalize(x, iters, flush, gpu=gpu)
     one = F32(1)
-    b = rescale(x, div_rn(one, c, gpu=gpu), div_rn(one, r, gpu=gpu))
+    b = rescale(x, div_rn(one, c, gpu=gpu), div_rn(one, r, gpu=gpu), flush)
     lo = jnp.min(b, axis=1, keepdims=True)
     hi = jnp.max(b, axis=1, keepdims=True)
     delta = jnp.maximum((hi - lo) * np.float32(1.0 / ((1 << bits) - 1)), oracle.DELTA_MIN)
@@ -204,6 +207,9 @@ def quantize_rows(x: jax.Array, bits: int, iters: int, *, gpu: bool):
 def record_fields(k_tile: jax.Array, v_tile: jax.Array, k_bits: int, v_bits: int,
                   iters: int, *, gpu: bool) -> list[jax.Array]:
     """Rotated K and V tiles [G, D] -> the record's fields as byte vectors, in order."""
-    kc, a_k, z_k, tau_k = quantize_rows(canonicalize(k_tile).T, k_bits, iters, gpu=gpu)
-    vc, a_v, z_v, sigma_v = quantize_rows(canonicalize(v_tile), v_bits, iters, gpu=gpu)
+    # A nonzero fp16 is at least 2^-24 and each scale at least exp(-10) > 2^-15, so a
+    # rescaled fp16 tile never comes near the subnormals; a bf16 one can (down to 2^-100).
+    flush = k_tile.dtype != jnp.float16 or v_tile.dtype != jnp.float16
+    kc, a_k, z_k, tau_k = quantize_rows(canonicalize(k_tile).T, k_bits, iters, flush, gpu=gpu)
+    vc, a_v, z_v, sigma_v = quantize_rows(canonicalize(v_tile), v_bits, iters, flush, gpu=gpu)
     return [kc, a_k, z_k, tau_k, vc, sigma_v, a_v, z_v]
