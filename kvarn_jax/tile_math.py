@@ -144,22 +144,23 @@ def normalize(x: jax.Array, iters: int, flush: bool, *, gpu: bool):
     c, r = jnp.ones((1, cols), F32), jnp.ones((rows, 1), F32)
     s_col, _, imb = _stats(x, gpu=gpu)
 
-    def step(_, carry):
-        c, r, s_col, best, best_c, best_r = carry
+    def step(_, carry):  # rr: rcp(r), carried over
+        c, r, rr, s_col, best, best_c, best_r = carry
         c = _clamp(c * _clamp(s_col, oracle.STD_MIN, oracle.STD_MAX),
                    oracle.SCALE_MIN, oracle.SCALE_MAX)
         rc = div_rn(one, c, gpu=gpu)
-        y = rescale(x, rc, div_rn(one, r, gpu=gpu), flush)
+        y = rescale(x, rc, rr, flush)
         r = _clamp(r * _clamp(std_last(y, gpu=gpu), oracle.STD_MIN, oracle.STD_MAX),
                    oracle.SCALE_MIN, oracle.SCALE_MAX)
-        y = rescale(x, rc, div_rn(one, r, gpu=gpu), flush)
+        rr = div_rn(one, r, gpu=gpu)
+        y = rescale(x, rc, rr, flush)
         s_col, _, imb = _stats(y, gpu=gpu)
         keep = imb <= best
-        return (c, r, s_col, jnp.where(keep, imb, best),
+        return (c, r, rr, s_col, jnp.where(keep, imb, best),
                 jnp.where(keep, c, best_c), jnp.where(keep, r, best_r))
 
-    carry = lax.fori_loop(0, iters, step, (c, r, s_col, imb, c, r))
-    return carry[4], carry[5]
+    carry = lax.fori_loop(0, iters, step, (c, r, r, s_col, imb, c, r))
+    return carry[5], carry[6]
 
 
 def round_half_even(v: jax.Array) -> jax.Array:

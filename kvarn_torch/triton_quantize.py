@@ -118,11 +118,15 @@ def _std(x, LOG: tl.constexpr, LO: tl.constexpr, HI_AT: tl.constexpr, LO_AT: tl.
 
 
 @triton.jit
-def _rescale(x, c, r, FLUSH: tl.constexpr):
-    """X * rcp(c)[col] * rcp(r)[row], values below the smallest normal flushed to +0
-    (FLUSH False: the caller knows there are none)."""
-    y = x * tl.div_rn(tl.full(c.shape, 1.0, tl.float32), c)
-    y = y * tl.div_rn(tl.full(r.shape, 1.0, tl.float32), r)
+def _rcp(x):
+    return tl.div_rn(tl.full(x.shape, 1.0, tl.float32), x)
+
+
+@triton.jit
+def _rescale(x, rc, rr, FLUSH: tl.constexpr):
+    """X * rc[col] * rr[row] (reciprocal scales), values below the smallest normal flushed
+    to +0 (FLUSH False: the caller knows there are none)."""
+    y = x * rc * rr
     if FLUSH:
         y = tl.where(tl.abs(y) < F32_MIN_NORMAL, 0.0, y)
     return y
@@ -212,21 +216,25 @@ def _quantize_kernel(
     cols = tl.reshape(cols[None, :, :, :, :] + per_tile, COL_BITS, can_reorder=False)
 
     # Variance normalization: keep the most balanced iterate, ties to the later one.
+    # The first iterate is X itself (unit scales); the reciprocal of r is carried over
+    # from one iteration to the next.
     c = tl.full(COL_BITS, 1.0, tl.float32)
     r = tl.full(ROW_BITS, 1.0, tl.float32)
-    y = _rescale(x, c, r, FLUSH)
-    s_col = _std(y, LOG_R, LO_R, R_HI_AT, R_LO_AT, INV_R, INV_RM1)
-    s_row = _std(y, LOG_C, LO_C, C_HI_AT, C_LO_AT, INV_C, INV_CM1)
+    rr = r
+    s_col = _std(x, LOG_R, LO_R, R_HI_AT, R_LO_AT, INV_R, INV_RM1)
+    s_row = _std(x, LOG_C, LO_C, C_HI_AT, C_LO_AT, INV_C, INV_CM1)
     best = _imbalance(s_col, s_row, LOG_C, LO_C, C_HI_AT, C_LO_AT, LOG_R, LO_R, R_HI_AT,
                       R_LO_AT)
     best_c = c
     best_r = r
     for _ in range(iters):
         c = _clamp(c * _clamp(s_col, STD_MIN, STD_MAX), SCALE_MIN, SCALE_MAX)
-        y = _rescale(x, c, r, FLUSH)
+        rc = _rcp(c)
+        y = _rescale(x, rc, rr, FLUSH)
         s_row = _std(y, LOG_C, LO_C, C_HI_AT, C_LO_AT, INV_C, INV_CM1)
         r = _clamp(r * _clamp(s_row, STD_MIN, STD_MAX), SCALE_MIN, SCALE_MAX)
-        y = _rescale(x, c, r, FLUSH)
+        rr = _rcp(r)
+        y = _rescale(x, rc, rr, FLUSH)
         s_col = _std(y, LOG_R, LO_R, R_HI_AT, R_LO_AT, INV_R, INV_RM1)
         s_row = _std(y, LOG_C, LO_C, C_HI_AT, C_LO_AT, INV_C, INV_CM1)
         imb = _imbalance(s_col, s_row, LOG_C, LO_C, C_HI_AT, C_LO_AT, LOG_R, LO_R, R_HI_AT,
@@ -237,7 +245,7 @@ def _quantize_kernel(
         best_r = tl.where(keep, r, best_r)
 
     # Asymmetric RTN per row; round-half-even from floor (no rint in Triton's core ops).
-    b = _rescale(x, best_c, best_r, FLUSH)
+    b = _rescale(x, _rcp(best_c), _rcp(best_r), FLUSH)
     lo = _bits_max(b, LOG_C, LO_C, C_HI_AT, C_LO_AT, False)
     hi = _bits_max(b, LOG_C, LO_C, C_HI_AT, C_LO_AT, True)
     delta = tl.maximum((hi - lo) * INV_QMAX, DELTA_MIN)
