@@ -131,3 +131,33 @@ def test_errors_name_the_fix():
         oracle.dequantize(np.zeros((2, 13824), np.int8), "kvarn_k4v2_g128", 128)
     with pytest.raises(TypeError, match="cast first"):
         oracle.rotate(np.zeros((4, 128), np.int32))
+
+
+def test_rescaled_fp16_tiles_never_reach_the_subnormals(monkeypatch):
+    """The kernels skip the rescale's subnormal flush for fp16 tiles (it cannot fire):
+    the bound, and the oracle run on the tiles that push it hardest."""
+    smallest = np.float32(np.finfo(np.float16).smallest_subnormal)  # 2^-24
+    rcp_max = np.float32(1) / oracle.SCALE_MAX
+    assert smallest * rcp_max * rcp_max >= np.float32(2.0**-60) > oracle.F32_MIN_NORMAL
+
+    g = d = 128
+    perm = np.random.default_rng(2).permutation(d)
+    extreme = np.full((g, d), smallest, np.float32)  # a 65504 in every row and column
+    extreme[np.arange(g), perm] = 65504.0
+    tiles = [*adversarial_tiles(g, d, "float16").values(), extreme.astype(np.float16),
+             random_tiles(np.random.default_rng(3), 64, g, d, "float16")]
+    x = np.concatenate([t.reshape(-1, g, d) for t in tiles])
+    smallest_y, largest_scale = [], []
+
+    def rescale(x, c, r):
+        y = x * (np.float32(1) / c) * (np.float32(1) / r)
+        smallest_y.append(np.abs(y[y != 0]).min(initial=np.inf))
+        largest_scale.append(max(c.max(), r.max()))
+        return oracle_rescale(x, c, r)
+
+    oracle_rescale = oracle.rescale
+    monkeypatch.setattr(oracle, "rescale", rescale)
+    for k_or_v in (np.swapaxes(x, 1, 2), x):  # rows = channels (K), rows = tokens (V)
+        oracle.normalize(oracle.canonicalize(k_or_v))
+    assert max(largest_scale) == oracle.SCALE_MAX  # the extreme tile reached the cap
+    assert min(smallest_y) >= oracle.F32_MIN_NORMAL
