@@ -113,6 +113,14 @@ def rescale(x: np.ndarray, c: np.ndarray, r: np.ndarray) -> np.ndarray:
     return y
 
 
+def rescale_can_underflow(dtype: str) -> bool:
+    """Whether `rescale` can meet values below the smallest normal for tiles stored as
+    `dtype` ("float16" or "bfloat16"); the kernels skip its flush when not. A nonzero fp16
+    is at least 2^-24 and each scale at most exp(10) < 2^15, so a rescaled fp16 value is
+    at least ~2^-55; a bf16 input can be as small as TINY_INPUT."""
+    return dtype != "float16"
+
+
 def imbalance(std_col: np.ndarray, std_row: np.ndarray) -> np.ndarray:
     def ratio(s):
         hi = np.maximum(s.max(axis=(-2, -1)), IMB_FLOOR)

@@ -208,9 +208,7 @@ def quantize_rows(x: jax.Array, bits: int, iters: int, flush: bool, *, gpu: bool
 def record_fields(k_tile: jax.Array, v_tile: jax.Array, k_bits: int, v_bits: int,
                   iters: int, *, gpu: bool) -> list[jax.Array]:
     """Rotated K and V tiles [G, D] -> the record's fields as byte vectors, in order."""
-    # A nonzero fp16 is at least 2^-24 and each scale at least exp(-10) > 2^-15, so a
-    # rescaled fp16 tile never comes near the subnormals; a bf16 one can (down to 2^-100).
-    flush = k_tile.dtype != jnp.float16 or v_tile.dtype != jnp.float16
+    flush = oracle.rescale_can_underflow(k_tile.dtype.name)  # K and V share a dtype
     kc, a_k, z_k, tau_k = quantize_rows(canonicalize(k_tile).T, k_bits, iters, flush, gpu=gpu)
     vc, a_v, z_v, sigma_v = quantize_rows(canonicalize(v_tile), v_bits, iters, flush, gpu=gpu)
     return [kc, a_k, z_k, tau_k, vc, sigma_v, a_v, z_v]

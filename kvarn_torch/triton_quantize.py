@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kvarn import oracle
 from kvarn.checks import check_iters, check_tiles
 from kvarn.format import layout
 from kvarn_torch.triton_common import (
@@ -299,8 +300,6 @@ def launch_params(preset: str, head_dim: int, bf16: bool, tiles: int = 1) -> lis
         (g, d, d, 1, p.v_bits, lay.v_codes, lay.a_v, lay.z_v, lay.sigma_v),
     ]
     params = []
-    # A nonzero fp16 is at least 2^-24 and each scale at least exp(-10) > 2^-15, so a
-    # rescaled fp16 tile never comes near the subnormals; a bf16 one can (down to 2^-100).
     for r, c, row_stride, col_stride, bits, codes, row_scale, row_zero, col_scale in halves:
         num_warps, lo_r, lo_c, tile_bits, row_bits, col_bits, unit_bits = _view(
             r, c, row_stride == 1, tiles)
@@ -314,7 +313,8 @@ def launch_params(preset: str, head_dim: int, bf16: bool, tiles: int = 1) -> lis
             INV_C=f32(1.0 / c), INV_CM1=f32(1.0 / (c - 1)),
             BITS=bits, INV_QMAX=f32(1.0 / ((1 << bits) - 1)),
             CODES=codes.offset, ROW_SCALE=row_scale.offset, ROW_ZERO=row_zero.offset,
-            COL_SCALE=col_scale.offset, FLUSH=bf16,
+            COL_SCALE=col_scale.offset,
+            FLUSH=oracle.rescale_can_underflow("bfloat16" if bf16 else "float16"),
             num_warps=num_warps, maxnreg=MAX_REGISTERS,
             enable_fp_fusion=False,
         ))

@@ -136,6 +136,8 @@ def test_errors_name_the_fix():
 def test_rescaled_fp16_tiles_never_reach_the_subnormals(monkeypatch):
     """The kernels skip the rescale's subnormal flush for fp16 tiles (it cannot fire):
     the bound, and the oracle run on the tiles that push it hardest."""
+    assert not oracle.rescale_can_underflow("float16")
+    assert oracle.rescale_can_underflow("bfloat16")
     smallest = np.float32(np.finfo(np.float16).smallest_subnormal)  # 2^-24
     rcp_max = np.float32(1) / oracle.SCALE_MAX
     assert smallest * rcp_max * rcp_max >= np.float32(2.0**-60) > oracle.F32_MIN_NORMAL
