@@ -254,8 +254,9 @@ def pallas_attention_report(arch: int) -> dict:
         f.write(text)
         f.flush()
         return dict(kernel="pallas _attention_kernel",
-                    **_compiled(f.name, arch, num_warps=pallas_attention.NUM_WARPS,
-                                num_stages=2))
+                    **_compiled(f.name, arch, loop_op="LOP3.LUT",
+                                num_warps=pallas_attention.num_warps(128, 128),
+                                num_stages=pallas_attention.NUM_STAGES))
 
 
 def main() -> None:

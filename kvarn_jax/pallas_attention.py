@@ -1,21 +1,35 @@
 """Pallas kernel: attention over a paged KVarN cache (decode and multi-query rows).
 
+The JAX twin of `kvarn_torch.triton_attention`, built the same way; the exact reference
+it is tested against is `kvarn_jax.attention_reference.attention`.
+
 Grid (batch, kv_head, split). A program owns every query row of one KV head's GQA group
 (all Sq x Hq/Hk rows, padded to a power of two >= 16 for tensor-core dots) and walks its
-share of the sequence's blocks: a block still in the tail pool is read as stored
-(rotated, model dtype); a quantized block is read from its record and dequantized in
-registers, with the per-channel K scale folded into q and the per-token V scale into p,
-so the codes themselves go straight into the dots:
+share of the sequence's blocks, one block (tile) per iteration:
 
-    s  = ((q * a_K) @ codes_K + q @ z_K) * tau_K
-    pv = ((p * a_V) @ codes_V + p @ z_V) * sigma_V
+* a quantized block is read from its record and dequantized in registers, with the
+  per-channel K scale folded into q and the per-token V scale into p, so the codes go
+  straight into the tensor-core dots. The dots are transposed: the codes are the tall
+  operand (G or D >= 64 rows: on Hopper a warpgroup MMA that takes them from registers)
+  and the query rows the narrow one, so scores, probabilities and the accumulator are
+  held as [tokens or channels, rows]:
 
-A code c enters the dot as 1 + c / 2**bits, built in the mantissa of 1.0 (no int ->
-float conversion); the constant comes back out with the zero point's row sum.
+      s^T  = tau_K * (codes_K^T @ (q * a_K)^T + (q @ z_K)^T)
+      pv^T = sigma_V * (codes_V^T @ (p * a_V)^T + (p @ z_V)^T)
 
-Online softmax (base 2) per split, then a log-sum-exp merge of the splits in plain JAX.
-The query is rotated in and the output rotated back outside the kernel. The exact
-reference is `kvarn_jax.attention_reference.attention`.
+  A code c enters the dot as the float16 1 + c / 2**bits, or-ed into the mantissa of 1.0
+  (no int -> float conversion; on the GPU one LOP3 makes two); the constant 1 comes back
+  out of the per-row bias term, and the 2**bits folds into the scale. The other operand
+  is the query (or p) scaled into [-1, 1] first, so the fp16 dot neither overflows nor
+  loses bf16-level bits;
+* a block still in the tail pool (the sink and the blocks being written: a few per
+  sequence) is read as stored (rotated, model dtype) in a loop of its own after the
+  quantized blocks, their slots looked up POOL_SCAN blocks per vector load.
+
+The record loop is software-pipelined by hand: while block j is computed, the record
+loads of block j + 1 and the table lookups of block j + 2 are in flight. Online softmax
+in base 2 per split, then a log-sum-exp merge of the splits in plain JAX; the query is
+rotated in and the output rotated back outside the kernel.
 """
 
 from __future__ import annotations
@@ -35,110 +49,197 @@ from kvarn_jax import reference
 from kvarn_jax.cache import KVarNCache
 
 MIN_ROWS = 16  # tensor-core dots need M >= 16
-NUM_WARPS = 4
+WARPGROUP = 4  # warps of one Hopper warpgroup MMA: 64 rows of the codes operand each
+NUM_STAGES = 1  # the record loads are pipelined by hand in the kernel
 TARGET_PROGRAMS = 1056  # 8 programs per SM of an H100: enough warps to hide load latency
 MIN_BLOCKS_PER_SPLIT = 2
-MASK = -0.7 * float(np.finfo(np.float32).max)
+POOL_SCAN = 64  # blocks whose pool slots one vector load looks up
+NO_BLOCK = 2**31 - 1
+MASK = -0.7 * float(np.finfo(np.float32).max)  # exp2 turns it into 0, no NaN
 LOG2E = 1.4426950408889634
 F32 = jnp.float32
+F16 = jnp.float16
 
 
-def _fp16_field(ref, blk, h, offset: int, n: int):
-    """n little-endian fp16 values of a record, as float32."""
-    raw = ref[blk, h, pl.ds(offset, 2 * n)].astype(jnp.uint16).reshape(n, 2)
-    lo, hi = jnp.split(raw, 2, axis=-1)
-    u = (lo | (hi << 8)).reshape(n)
-    return lax.bitcast_convert_type(u, jnp.float16).astype(F32)
+def num_warps(head_dim: int, tile: int) -> int:
+    """One warpgroup (a 128 x 128 tile runs best at 4 warps in the Triton twin), two for
+    128-token tiles of head_dim 256, whose codes would not fit one warpgroup's registers."""
+    return 2 * WARPGROUP if head_dim > 128 and tile > 64 else WARPGROUP
 
 
-# (bit pattern of 1.0, mantissa bits) of the dot operand dtypes
-_ONE_BITS = {jnp.dtype(jnp.float16): (0x3C00, 10), jnp.dtype(jnp.bfloat16): (0x3F80, 7)}
+# ---------------------------------------------------------------- record fields
 
 
-def _codes(ref, blk, h, offset: int, rows: int, cols: int, bits: int, dtype):
-    """[rows, cols] codes c of a record field packed LSB-first along cols, as the `dtype`
-    value 1 + c / 2**bits: the code or-ed into the top of 1.0's mantissa, no int -> float
-    conversion (see `_code_dot` for the 1 and the 2**bits)."""
-    per = 8 // bits
-    one, mantissa = _ONE_BITS[jnp.dtype(dtype)]
-    top = mantissa - bits  # code j of a byte moves to bit `top`: one shift per code
-    w = ref[blk, h, pl.ds(offset, rows * cols // per)].astype(jnp.uint32) << np.uint32(top)
-    w = jnp.broadcast_to(w.reshape(rows, cols // per, 1), (rows, cols // per, per))
-    shifts = lax.broadcasted_iota(jnp.uint32, (rows, cols // per, per), 2) * np.uint32(bits)
-    x = ((w >> shifts) & np.uint32(((1 << bits) - 1) << top)) | np.uint32(one)
-    x = x.astype(jnp.uint16)
-    return lax.bitcast_convert_type(x.reshape(rows, cols), dtype)
+def _words(ref, blk, h, offset: int, rows: int, cols: int):
+    """[rows, cols] little-endian uint32 words of a record field (the pages are bytes:
+    XLA would copy the whole cache to hand the kernel a uint32 view)."""
+    x = ref[blk, h, pl.ds(offset, 4 * rows * cols)].astype(jnp.uint32)
+    b02, b13 = jnp.unstack(x.reshape(rows, cols, 2, 2), axis=-1)
+    b0, b2 = jnp.unstack(b02, axis=-1)
+    b1, b3 = jnp.unstack(b13, axis=-1)
+    return b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)
+
+
+def _halves(ref, blk, h, offset: int, n: int):
+    """n little-endian fp16 values of a record field, as float32."""
+    lo, hi = jnp.unstack(ref[blk, h, pl.ds(offset, 2 * n)].astype(jnp.uint16).reshape(n, 2),
+                         axis=-1)
+    return lax.bitcast_convert_type(lo | (hi << 8), F16).astype(F32)
+
+
+def _load_record(pages_ref, blk, h, lay: Layout):
+    """Every field of the record of (block, KV head) that attention reads: K code words
+    [D, G * k_bits / 32] (a channel's codes run along tokens), V code words
+    [G, D * v_bits / 32] (a token's codes run along channels), the fp16 scales."""
+    g, d, p, f = lay.preset.tile, lay.head_dim, lay.preset, lay.fields
+    return (_words(pages_ref, blk, h, f["k_codes"].offset, d, g * p.k_bits // 32),
+            _words(pages_ref, blk, h, f["v_codes"].offset, g, d * p.v_bits // 32),
+            *(_halves(pages_ref, blk, h, f[name].offset, n)
+              for name, n in (("a_k", d), ("z_k", d), ("tau_k", g), ("sigma_v", d),
+                              ("a_v", g), ("z_v", g))))
+
+
+# ---------------------------------------------------------------- codes and dots
+
+
+def _pair(words, j: int, bits: int, gpu: bool):
+    """Codes j and j + 16 / bits of every word, stacked on a new last axis, as float16
+    1 + code / 2**bits: one shift and one and-or make both (one in each 16-bit half)."""
+    top = 10 - bits  # fp16 has 10 mantissa bits
+    shift = j * bits
+    x = words >> (shift - top) if shift >= top else words << (top - shift)
+    field = (((1 << bits) - 1) << top) * 0x10001  # in both halves
+    if gpu:  # (x & field) | 1.0 in both halves: one LOP3 where the compiler emits two ops
+        y, = pltr.elementwise_inline_asm(  # (Triton's integers are signless: int32)
+            f"lop3.b32 $0, $1, {field}, 0x3C003C00, 0xEA;",
+            args=[lax.bitcast_convert_type(x, jnp.int32)], constraints="=r,r", pack=1,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.int32)])
+        y = lax.bitcast_convert_type(y, jnp.uint32)
+    else:  # the interpreter runs no PTX
+        y = (x & np.uint32(field)) | np.uint32(0x3C003C00)
+    lo, hi = (lax.bitcast_convert_type(half.astype(jnp.uint16), F16)
+              for half in (y & np.uint32(0xFFFF), y >> np.uint32(16)))
+    return jnp.stack([lo, hi], axis=-1)
+
+
+def _unpack(words, bits: int, rows: int, cols: int, gpu: bool):
+    """[rows, cols * bits / 32] words of codes packed LSB-first along the last axis ->
+    [rows, cols] float16 1 + c / 2**bits. The codes of a word are stacked in bit-reversed
+    order of their index, so that the stacked axes flatten to word * (32 / bits) + index."""
+    p = functools.partial(_pair, words, bits=bits, gpu=gpu)
+    st = lambda a, b: jnp.stack([a, b], axis=-1)  # noqa: E731
+    if bits == 4:
+        c = st(st(p(0), p(2)), st(p(1), p(3)))
+    else:  # bits == 2
+        c = st(st(st(p(0), p(4)), st(p(2), p(6))), st(st(p(1), p(5)), st(p(3), p(7))))
+    return c.reshape(rows, cols)
 
 
 def _code_dot(y, scale, zero, codes, bits: int):
-    """sum_j y[r, j] * (scale[j] * c[j, n] + zero[j]) for y [R, J] float32 and codes
-    [J, N] = 1 + c / 2**bits: the dot's constant 1 comes back out of the zero point's
-    row sum, against the same rounded operand."""
-    ys = (y * scale[None, :]).astype(codes.dtype)
-    dot = pltr.dot(ys, codes).astype(F32)
-    bias = jnp.sum(y * zero[None, :] - ys.astype(F32) * (1 << bits), axis=1, keepdims=True)
+    """sum_j (scale[j] * c[j, n] + zero[j]) * y[j, r] for y [J, R] float32 with |y| <= 1,
+    scale / zero [J] and codes [J, N] = 1 + c / 2**bits -> [N, R]. y * scale enters the
+    fp16 dot as is (|y| <= 1 bounds it by the fp16 scale); the codes' constant 1 comes
+    back out of the zero point's row sum, against the same rounded operand."""
+    ys = (y * scale[:, None]).astype(F16)
+    dot = pltr.dot(codes, ys, trans_a=True)
+    bias = jnp.sum(y * zero[:, None] - ys.astype(F32) * (1 << bits), axis=0, keepdims=True)
     return dot * (1 << bits) + bias
+
+
+def _softmax_step(s, pos, limit, m, l):
+    """Online softmax (base 2) of scores s [G, R] at sequence positions pos [G, 1]: row r
+    sees positions < limit[0, r]. -> (p, alpha, new max, new sum), all [1, R] but p."""
+    visible = pos < limit
+    s = jnp.where(visible, s, MASK)
+    m_new = jnp.maximum(m, jnp.max(s, axis=0, keepdims=True))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.where(visible, jnp.exp2(s - m_new), 0.0)
+    return p, alpha, m_new, l * alpha + jnp.sum(p, axis=0, keepdims=True)
+
+
+# ---------------------------------------------------------------- the kernel
 
 
 def _attention_kernel(bt_ref, lens_ref, qlens_ref, b2s_ref, q_ref, pages_ref, pk_ref, pv_ref,
                       o_ref, l_ref, m_ref, *, lay: Layout, group: int, blocks_per_split: int,
-                      causal: bool):
+                      causal: bool, gpu: bool):
     b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     g, d, p = lay.preset.tile, lay.head_dim, lay.preset
-    f = lay.fields
-    q = q_ref[...]  # [R, D] rotated, scaled, model dtype
+    max_blocks = bt_ref.shape[1]
+    q = q_ref[...]  # [R, D] float32, rotated and scaled (softmax scale * log2 e)
     rows = q.shape[0]
-    dt = q.dtype
+    # q = q_norm * q_unit with |q_unit| <= 1 (see _code_dot), transposed for the dots.
+    q_norm = jnp.maximum(jnp.max(jnp.abs(q), axis=1, keepdims=True), 1e-30).T  # [1, R]
+    q_unit = q.T / q_norm  # [D, R]
+
     seq_len = lens_ref[b]
-    row_pos = seq_len - qlens_ref[b] + lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // group
-    limit = row_pos + 1 if causal else jnp.full((rows, 1), seq_len, jnp.int32)
+    row = lax.broadcasted_iota(jnp.int32, (1, rows), 1)
+    if causal:
+        limit = jnp.minimum(seq_len - qlens_ref[b] + row // group + 1, seq_len)
+    else:
+        limit = jnp.full((1, rows), seq_len, jnp.int32)
     n_blocks = (seq_len + g - 1) // g
     start = split * blocks_per_split
     stop = jnp.minimum(start + blocks_per_split, n_blocks)
 
-    def block(j, carry):
-        acc, l, m = carry
-        blk = bt_ref[b, j]
-        slot = b2s_ref[blk]
+    def locate(j):  # physical block and pool slot (-1: quantized), in bounds past the end
+        blk = jnp.maximum(bt_ref[b, jnp.clip(j, 0, max_blocks - 1)], 0)
+        return blk, b2s_ref[blk]
 
-        def pool_scores():
-            k = pk_ref[slot, :, h, :]  # [G, D]
-            return pltr.dot(q, k, trans_b=True).astype(F32)
+    def record_block(j, carry):
+        acc, m, l, blk_next, slot, slot_next, rec = carry
+        blk_after, slot_after = locate(j + 2)
+        rec_next = _load_record(pages_ref, blk_next, h, lay)
 
-        def record_scores():
-            a_k = _fp16_field(pages_ref, blk, h, f["a_k"].offset, d)
-            z_k = _fp16_field(pages_ref, blk, h, f["z_k"].offset, d)
-            tau = _fp16_field(pages_ref, blk, h, f["tau_k"].offset, g)
-            codes = _codes(pages_ref, blk, h, f["k_codes"].offset, d, g, p.k_bits, dt)
-            return _code_dot(q.astype(F32), a_k, z_k, codes, p.k_bits) * tau[None, :]
+        def attend(acc, m, l):
+            k_words, v_words, a_k, z_k, tau, sigma, a_v, z_v = rec
+            pos = j * g + lax.broadcasted_iota(jnp.int32, (g, 1), 0)
+            codes_k = _unpack(k_words, p.k_bits, d, g, gpu)  # [D, G]
+            s = _code_dot(q_unit, a_k, z_k, codes_k, p.k_bits) * q_norm * tau[:, None]
+            prob, alpha, m, l = _softmax_step(s, pos, limit, m, l)
+            codes_v = _unpack(v_words, p.v_bits, g, d, gpu)  # [G, D]
+            pv = _code_dot(prob, a_v, z_v, codes_v, p.v_bits) * sigma[:, None]
+            return acc * alpha + pv, m, l
 
-        s = lax.cond(slot >= 0, pool_scores, record_scores)  # [R, G]
-        pos = j * g + lax.broadcasted_iota(jnp.int32, (1, g), 1)
-        s = jnp.where(pos < limit, s, MASK)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-        alpha = jnp.exp2(m - m_new)
-        prob = jnp.exp2(s - m_new)
-        l = alpha * l + jnp.sum(prob, axis=1, keepdims=True)
+        acc, m, l = lax.cond(slot < 0, attend, lambda *c: c, acc, m, l)
+        return acc, m, l, blk_after, slot_next, slot_after, rec_next
 
-        def pool_values():
-            v = pv_ref[slot, :, h, :]  # [G, D]
-            return pltr.dot(prob.astype(dt), v).astype(F32)
+    def pool_block(j, slot, acc, m, l):  # keeps the query rows tall, transposes its results
+        pos = j * g + lax.broadcasted_iota(jnp.int32, (g, 1), 0)
+        live = pos < seq_len  # the rest of the block may hold stale data
+        k = jnp.where(live, pk_ref[slot, :, h, :], 0)  # [G, D]
+        v = jnp.where(live, pv_ref[slot, :, h, :], 0)
+        s = pltr.dot(q.astype(k.dtype), k, trans_b=True).T  # [G, R]
+        prob, alpha, m, l = _softmax_step(s, pos, limit, m, l)
+        pv = pltr.dot(prob.T.astype(v.dtype), v).T  # [D, R]
+        return acc * alpha + pv, m, l
 
-        def record_values():
-            sigma = _fp16_field(pages_ref, blk, h, f["sigma_v"].offset, d)
-            a_v = _fp16_field(pages_ref, blk, h, f["a_v"].offset, g)
-            z_v = _fp16_field(pages_ref, blk, h, f["z_v"].offset, g)
-            codes = _codes(pages_ref, blk, h, f["v_codes"].offset, g, d, p.v_bits, dt)
-            return _code_dot(prob, a_v, z_v, codes, p.v_bits) * sigma[None, :]
+    def pool_scan(c, carry):
+        js = start + c * POOL_SCAN + lax.broadcasted_iota(jnp.int32, (POOL_SCAN,), 0)
+        blks = jnp.maximum(bt_ref[b, jnp.minimum(js, max_blocks - 1)], 0)
+        slots = b2s_ref[blks]
+        pending = (js < stop) & (slots >= 0)
 
-        acc = alpha * acc + lax.cond(slot >= 0, pool_values, record_values)
-        return acc, l, m_new
+        def next_pool_block(state):
+            pending, acc, m, l = state
+            j = jnp.min(jnp.where(pending, js, NO_BLOCK))
+            slot = jnp.max(jnp.where(js == j, slots, -1))
+            return (pending & (js != j),) + pool_block(j, slot, acc, m, l)
 
-    init = (jnp.zeros((rows, d), F32), jnp.zeros((rows, 1), F32), jnp.full((rows, 1), MASK, F32))
-    acc, l, m = lax.fori_loop(start, stop, block, init)
-    o_ref[...] = acc
-    l_ref[...] = l
-    m_ref[...] = m
+        state = lax.while_loop(lambda s: jnp.max(s[0].astype(jnp.int32)) > 0, next_pool_block,
+                               (pending,) + carry)
+        return state[1:]
+
+    blk0, slot0 = locate(start)
+    blk1, slot1 = locate(start + 1)
+    init = (jnp.zeros((d, rows), F32), jnp.full((1, rows), MASK, F32), jnp.zeros((1, rows), F32))
+    acc, m, l, *_ = lax.fori_loop(start, stop, record_block,
+                                  init + (blk1, slot0, slot1, _load_record(pages_ref, blk0, h, lay)))
+    acc, m, l = lax.fori_loop(0, (stop - start + POOL_SCAN - 1) // POOL_SCAN, pool_scan,
+                              (acc, m, l))
+    o_ref[...] = acc.T
+    l_ref[...] = l.T
+    m_ref[...] = m.T
 
 
 def num_splits(batch: int, kv_heads: int, max_blocks: int) -> int:
@@ -181,15 +282,14 @@ def _attention(q, cache, block_tables, seq_lens, query_lens, causal, scale, spli
     hk, group = cache.num_kv_heads, hq // cache.num_kv_heads
     rows = max(MIN_ROWS, 1 << math.ceil(math.log2(sq * group)))
     lay = layout(cache.preset, d)
-    dt = cache.pool_k.dtype
     # Rotated, pre-scaled query rows of each KV head: row = token * group + head in group.
     qr = reference.rotate(q.astype(F32)) * np.float32(scale * LOG2E)  # softmax in base 2
     qr = qr.reshape(b, sq, hk, group, d).transpose(0, 2, 1, 3, 4).reshape(b, hk, sq * group, d)
-    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, rows - sq * group), (0, 0))).astype(dt)
+    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, rows - sq * group), (0, 0)))
     bps = -(-block_tables.shape[1] // splits)
 
     kernel = functools.partial(_attention_kernel, lay=lay, group=group, blocks_per_split=bps,
-                               causal=causal)
+                               causal=causal, gpu=not interpret)
     whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)  # noqa: E731
     part = lambda *shape: pl.BlockSpec((None, None, None, *shape),  # noqa: E731
                                        lambda i, j, s: (i, j, s) + (0,) * len(shape))
@@ -205,7 +305,8 @@ def _attention(q, cache, block_tables, seq_lens, query_lens, causal, scale, spli
         + [whole(cache.pages), whole(cache.pool_k), whole(cache.pool_v)],
         out_specs=[part(rows, d), part(rows, 1), part(rows, 1)],
         out_shape=out_shapes,
-        compiler_params=pltr.CompilerParams(num_warps=NUM_WARPS, num_stages=2),
+        compiler_params=pltr.CompilerParams(num_warps=num_warps(d, lay.preset.tile),
+                                            num_stages=NUM_STAGES),
         interpret=interpret,
     )(*inputs, qr, cache.pages, cache.pool_k, cache.pool_v)
 

@@ -7,37 +7,40 @@ import pytest
 
 import kvarn_jax  # noqa: F401
 from kvarn import oracle
+from kvarn.format import layout
 from kvarn_jax import attention_reference, cache, pallas_attention
 
 G, D = 64, 64
 PRESET = "kvarn_k4v2_g64"
 
 
-def slot_mapping(table, start, n):
+def slot_mapping(table, start, n, g=G):
     pos = np.arange(start, start + n)
-    return (np.asarray(table)[pos // G] * G + pos % G).astype(np.int32)
+    return (np.asarray(table)[pos // g] * g + pos % g).astype(np.int32)
 
 
 class Sequences:
     """A tiny scheduler: sequences with block tables, appending tokens step by step."""
 
-    def __init__(self, tables, hk=2, dtype=np.float16, seed=0, **cache_kw):
+    def __init__(self, tables, hk=2, dtype=np.float16, seed=0, d=D, num_blocks=32, **cache_kw):
         kw = dict(pool_slots=8, preset=PRESET, dtype=dtype) | cache_kw
-        self.cache = cache.init(32, hk, D, **kw)
+        self.cache = cache.init(num_blocks, hk, d, **kw)
+        self.g = self.cache.tile
         self.tables = np.array(tables, np.int32)
         self.lens = np.zeros(len(tables), np.int32)
         self.rng = np.random.default_rng(seed)
-        self.k = [np.zeros((0, hk, D), dtype) for _ in tables]
-        self.v = [np.zeros((0, hk, D), dtype) for _ in tables]
+        self.k = [np.zeros((0, hk, d), dtype) for _ in tables]
+        self.v = [np.zeros((0, hk, d), dtype) for _ in tables]
         self.hk, self.dtype = hk, dtype
 
     def step(self, counts, commit=True, impl="auto"):
         """Append counts[b] tokens to each sequence, then commit as a scheduler would."""
         ks, vs, maps = [], [], []
         for b, n in enumerate(counts):
-            k = self.rng.standard_normal((n, self.hk, D)).astype(self.dtype)
-            v = self.rng.standard_normal((n, self.hk, D)).astype(self.dtype)
-            ks.append(k), vs.append(v), maps.append(slot_mapping(self.tables[b], self.lens[b], n))
+            k = self.rng.standard_normal((n, self.hk, self.cache.head_dim)).astype(self.dtype)
+            v = self.rng.standard_normal((n, self.hk, self.cache.head_dim)).astype(self.dtype)
+            ks.append(k), vs.append(v)
+            maps.append(slot_mapping(self.tables[b], self.lens[b], n, self.g))
             self.k[b] = np.concatenate([self.k[b], k])
             self.v[b] = np.concatenate([self.v[b], v])
         self.lens = self.lens + np.array(counts, np.int32)
@@ -207,6 +210,56 @@ def test_multi_query_rows(causal):
     s.step([5, 3], commit=False)  # verify rows: 5 and 3 new tokens, not accepted yet
     q = np.random.default_rng(11).standard_normal((2, 5, 4, D)).astype(np.float16)
     _kernel_vs_reference(s, q, [5, 3], causal, 2, atol=0.03)
+
+
+KERNEL_CASES = [
+    # preset, head_dim, dtype, KV heads, GQA group, sequence lengths
+    ("kvarn_k4v2_g128", 128, jnp.bfloat16, 1, 16, (300, 129)),
+    ("kvarn_k4v4_g64", 256, jnp.float16, 1, 1, (130,)),
+    ("kvarn_k4v4_g128", 256, jnp.bfloat16, 1, 4, (260,)),
+    ("kvarn_k2v2_g128", 128, jnp.float16, 1, 4, (257,)),
+    ("kvarn_k4v4_g128", 64, jnp.float16, 2, 8, (260, 5)),
+    ("kvarn_k2v2_g64", 64, jnp.bfloat16, 2, 2, (200, 64)),
+]
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES,
+                         ids=lambda c: f"{c[0]}-d{c[1]}-{jnp.dtype(c[2]).name}-gqa{c[4]}")
+def test_decode_kernel_every_preset_head_dim_and_dtype(case):
+    preset, d, dtype, hk, group, lens = case
+    g = layout(preset, d).preset.tile
+    width = max(-(-(n + 1) // g) for n in lens)  # blocks of the longest sequence
+    tables = np.arange(len(lens) * width, dtype=np.int32).reshape(len(lens), width)[:, ::-1]
+    s = Sequences(tables.copy(), hk=hk, dtype=dtype, d=d, preset=preset, seed=12,
+                  num_blocks=tables.size, pool_slots=tables.size)
+    s.step(list(lens))
+    s.step([1] * len(lens))  # the prompts are accepted: full blocks past the sink quantized
+    slots = [s.slot(b, j) for b, n in enumerate(lens) for j in range(-(-(n + 1) // g))]
+    assert min(slots) == -1 and max(slots) >= 0, "both kinds of blocks"
+    q = np.random.default_rng(13).standard_normal((len(lens), 1, hk * group, d)).astype(dtype)
+    for splits in (1, 2):
+        _kernel_vs_reference(s, q, [1] * len(lens), True, splits, atol=0.03)
+
+
+def test_decode_kernel_pool_only_and_more_splits_than_blocks():
+    s = Sequences([[3, 5, 7, -1], [1, 9, -1, -1]], seed=14)
+    s.step([170, 90], commit=False)  # nothing accepted yet: every block in the pool
+    assert all(s.slot(b, j) >= 0 for b, j in ((0, 0), (0, 1), (0, 2), (1, 0), (1, 1)))
+    q = np.random.default_rng(15).standard_normal((2, 1, 4, D)).astype(np.float16)
+    for splits in (1, 7):
+        _kernel_vs_reference(s, q, [1, 1], True, splits, atol=0.03)
+
+
+def test_decode_kernel_pool_block_past_the_first_slot_scan():
+    """The sink in the first POOL_SCAN blocks of the split, the tail past them."""
+    n = pallas_attention.POOL_SCAN + 3
+    s = Sequences([np.arange(n)[::-1]], hk=1, seed=16, num_blocks=n, pool_slots=n)
+    s.step([(n - 1) * G + 5])
+    s.step([1])
+    assert s.slot(0, 0) >= 0 and s.slot(0, n - 2) == -1 and s.slot(0, n - 1) >= 0
+    # Queries along the last token's key: the tail block dominates the output.
+    q = np.broadcast_to(s.k[0][-1], (1, 1, 4, D)).astype(np.float16)
+    _kernel_vs_reference(s, q, [1], True, 1, atol=0.03)
 
 
 @pytest.mark.parametrize("preset,d", [("kvarn_k4v2_g128", 128), ("kvarn_k2v2_g64", 64),
