@@ -51,8 +51,14 @@ from kvarn_jax.cache import KVarNCache
 MIN_ROWS = 16  # tensor-core dots need M >= 16
 WARPGROUP = 4  # warps of one Hopper warpgroup MMA: 64 rows of the codes operand each
 NUM_STAGES = 1  # the record loads are pipelined by hand in the kernel
-TARGET_PROGRAMS = 1056  # 8 programs per SM of an H100: enough warps to hide load latency
-MIN_BLOCKS_PER_SPLIT = 2
+# Split-KV: from timing split counts on an H200 (32/8 heads, D = 128): at batch 1 the most
+# splits up to 32, down to one block each (4K: 35.7 us at 32 vs 39.1 at 16 and 41.5 at
+# 8), at 16 x 4K two (106 us vs 119 at 4 and 123 at 8): about two programs per SM (255
+# registers a thread), as many as fit one wave.
+DEFAULT_SMS = 132  # an H100 SXM; the real count is read from the device on a GPU
+PROGRAMS_PER_SM = 2
+MIN_BLOCKS_PER_SPLIT = 1
+MAX_SPLITS = 32
 POOL_SCAN = 64  # blocks whose pool slots one vector load looks up
 NO_BLOCK = 2**31 - 1
 MASK = -0.7 * float(np.finfo(np.float32).max)  # exp2 turns it into 0, no NaN
@@ -242,10 +248,21 @@ def _attention_kernel(bt_ref, lens_ref, qlens_ref, b2s_ref, q_ref, pages_ref, pk
     m_ref[...] = m.T
 
 
-def num_splits(batch: int, kv_heads: int, max_blocks: int) -> int:
-    """Split the context only when batch x heads leaves the GPU short of programs."""
-    want = max(1, TARGET_PROGRAMS // max(1, batch * kv_heads))
-    return max(1, min(want, max_blocks // MIN_BLOCKS_PER_SPLIT))
+def num_splits(batch: int, kv_heads: int, max_blocks: int, num_sms: int = DEFAULT_SMS) -> int:
+    """Split the context only when batch x heads leaves the GPU's SMs short of programs:
+    then aim at PROGRAMS_PER_SM programs per SM."""
+    programs = batch * kv_heads
+    if programs >= num_sms:
+        return 1
+    want = PROGRAMS_PER_SM * num_sms // programs  # rounded down: no partial last wave
+    return max(1, min(want, max_blocks // MIN_BLOCKS_PER_SPLIT, MAX_SPLITS))
+
+
+@functools.cache
+def _num_sms() -> int:
+    device = jax.devices()[0]
+    return getattr(device, "core_count", 0) or DEFAULT_SMS if device.platform == "gpu" \
+        else DEFAULT_SMS
 
 
 def attention(q: jax.Array, cache: KVarNCache, block_tables: jax.Array, seq_lens: jax.Array,
@@ -270,7 +287,7 @@ def attention(q: jax.Array, cache: KVarNCache, block_tables: jax.Array, seq_lens
         query_lens = jnp.full((b,), sq, jnp.int32)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    splits = splits or num_splits(b, hk, block_tables.shape[1])
+    splits = splits or num_splits(b, hk, block_tables.shape[1], _num_sms())
     scale = softmax_scale if softmax_scale is not None else d ** -0.5
     return _attention(q, cache, block_tables.astype(jnp.int32), seq_lens.astype(jnp.int32),
                       query_lens.astype(jnp.int32), causal, float(scale), splits, interpret)
