@@ -28,8 +28,9 @@ share of the sequence's blocks, one block (tile) per iteration:
 
 The record loop is software-pipelined by hand: while block j is computed, the record
 loads of block j + 1 and the table lookups of block j + 2 are in flight. Online softmax
-in base 2 per split, then a log-sum-exp merge of the splits in plain JAX; the query is
-rotated in and the output rotated back outside the kernel.
+in base 2 per split; the query is rotated in the kernel's prologue. A second small
+kernel, one program per query row, merges the splits by log-sum-exp, normalizes and
+rotates the output back: a call is the two launches and a pad of the query rows.
 """
 
 from __future__ import annotations
@@ -45,10 +46,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from kvarn.format import Layout, layout
-from kvarn_jax import reference
+from kvarn_jax import tile_math
 from kvarn_jax.cache import KVarNCache
 
 MIN_ROWS = 16  # tensor-core dots need M >= 16
+MERGE_WARPS = 4
 WARPGROUP = 4  # warps of one Hopper warpgroup MMA: 64 rows of the codes operand each
 NUM_STAGES = 1  # the record loads are pipelined by hand in the kernel
 # Split-KV: from timing split counts on an H200 (32/8 heads, D = 128): at batch 1 the most
@@ -168,11 +170,12 @@ def _softmax_step(s, pos, limit, m, l):
 
 def _attention_kernel(bt_ref, lens_ref, qlens_ref, b2s_ref, q_ref, pages_ref, pk_ref, pv_ref,
                       o_ref, l_ref, m_ref, *, lay: Layout, group: int, blocks_per_split: int,
-                      causal: bool, gpu: bool):
+                      causal: bool, q_scale: float, gpu: bool):
     b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     g, d, p = lay.preset.tile, lay.head_dim, lay.preset
     max_blocks = bt_ref.shape[1]
-    q = q_ref[...]  # [R, D] float32, rotated and scaled (softmax scale * log2 e)
+    # The query rows [R, D], rotated and scaled (softmax scale * log2 e / sqrt(D)).
+    q = tile_math.fwht_last(q_ref[...].astype(F32)) * np.float32(q_scale)
     rows = q.shape[0]
     # q = q_norm * q_unit with |q_unit| <= 1 (see _code_dot), transposed for the dots.
     q_norm = jnp.maximum(jnp.max(jnp.abs(q), axis=1, keepdims=True), 1e-30).T  # [1, R]
@@ -248,6 +251,22 @@ def _attention_kernel(bt_ref, lens_ref, qlens_ref, b2s_ref, q_ref, pages_ref, pk
     m_ref[...] = m.T
 
 
+def _merge_kernel(o_ref, l_ref, m_ref, out_ref, *, splits: int):
+    """One query row: merge the partials of its splits by log-sum-exp (a split that saw
+    no token has sum 0 and max MASK; rows past `splits` are padding), normalize (0 where
+    no split saw a token), rotate back to the model's frame and store."""
+    valid = lax.broadcasted_iota(jnp.int32, l_ref.shape, 0) < splits  # [S, 1]
+    m = jnp.where(valid, m_ref[...], MASK)
+    l = jnp.where(valid, l_ref[...], 0.0)
+    w = jnp.exp2(m - jnp.max(m, axis=0, keepdims=True))
+    acc = jnp.sum(jnp.where(valid, o_ref[...], 0.0) * w, axis=0, keepdims=True)  # [1, D]
+    total = jnp.sum(l * w, axis=0, keepdims=True)
+    out = acc / jnp.where(total > 0, total, 1.0)
+    d = out.shape[-1]
+    out = tile_math.fwht_last(out) * np.float32(1 / math.sqrt(d))
+    out_ref[...] = out.reshape(d).astype(out_ref.dtype)
+
+
 def num_splits(batch: int, kv_heads: int, max_blocks: int, num_sms: int = DEFAULT_SMS) -> int:
     """Split the context only when batch x heads leaves the GPU's SMs short of programs:
     then aim at PROGRAMS_PER_SM programs per SM."""
@@ -299,20 +318,20 @@ def _attention(q, cache, block_tables, seq_lens, query_lens, causal, scale, spli
     hk, group = cache.num_kv_heads, hq // cache.num_kv_heads
     rows = max(MIN_ROWS, 1 << math.ceil(math.log2(sq * group)))
     lay = layout(cache.preset, d)
-    # Rotated, pre-scaled query rows of each KV head: row = token * group + head in group.
-    qr = reference.rotate(q.astype(F32)) * np.float32(scale * LOG2E)  # softmax in base 2
-    qr = qr.reshape(b, sq, hk, group, d).transpose(0, 2, 1, 3, 4).reshape(b, hk, sq * group, d)
+    # The query rows of each KV head (row = token * group + head in group), padded.
+    qr = q.reshape(b, sq, hk, group, d).transpose(0, 2, 1, 3, 4).reshape(b, hk, sq * group, d)
     qr = jnp.pad(qr, ((0, 0), (0, 0), (0, rows - sq * group), (0, 0)))
     bps = -(-block_tables.shape[1] // splits)
+    splits_p2 = 1 << math.ceil(math.log2(splits))  # the merge loads a power of two
+    params = dict(interpret=interpret)
 
     kernel = functools.partial(_attention_kernel, lay=lay, group=group, blocks_per_split=bps,
-                               causal=causal, gpu=not interpret)
+                               causal=causal, q_scale=scale * LOG2E / math.sqrt(d),
+                               gpu=not interpret)
     whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)  # noqa: E731
     part = lambda *shape: pl.BlockSpec((None, None, None, *shape),  # noqa: E731
                                        lambda i, j, s: (i, j, s) + (0,) * len(shape))
-    out_shapes = [jax.ShapeDtypeStruct((b, hk, splits, rows, d), F32),
-                  jax.ShapeDtypeStruct((b, hk, splits, rows, 1), F32),
-                  jax.ShapeDtypeStruct((b, hk, splits, rows, 1), F32)]
+    partials = [jax.ShapeDtypeStruct((b, hk, splits_p2, rows, n), F32) for n in (d, 1, 1)]
     inputs = (block_tables, seq_lens, query_lens, cache.block_to_slot)
     o, l, m = pl.pallas_call(
         kernel,
@@ -321,15 +340,22 @@ def _attention(q, cache, block_tables, seq_lens, query_lens, causal, scale, spli
         + [pl.BlockSpec((None, None, rows, d), lambda i, j, s: (i, j, 0, 0))]
         + [whole(cache.pages), whole(cache.pool_k), whole(cache.pool_v)],
         out_specs=[part(rows, d), part(rows, 1), part(rows, 1)],
-        out_shape=out_shapes,
+        out_shape=partials,
         compiler_params=pltr.CompilerParams(num_warps=num_warps(d, lay.preset.tile),
                                             num_stages=NUM_STAGES),
-        interpret=interpret,
+        **params,
     )(*inputs, qr, cache.pages, cache.pool_k, cache.pool_v)
 
-    # Log-sum-exp merge of the splits (a split with no tokens has l = 0).
-    m_all = jnp.max(m, axis=2, keepdims=True)
-    w = jnp.exp2(m - m_all)
-    out = jnp.sum(o * w, axis=2) / jnp.sum(l * w, axis=2)  # [B, Hk, rows, D]
-    out = out[:, :, : sq * group].reshape(b, hk, sq, group, d).transpose(0, 2, 1, 3, 4)
-    return reference.rotate(out.reshape(b, sq, hq, d)).astype(q.dtype)
+    # One program per real query row merges its splits and stores it rotated back.
+    row = lambda n: pl.BlockSpec((None, None, splits_p2, None, n),  # noqa: E731
+                                 lambda i, j, r: (i, j, 0, r, 0))
+    return pl.pallas_call(
+        functools.partial(_merge_kernel, splits=splits),
+        grid=(b, hk, sq * group),
+        in_specs=[row(d), row(1), row(1)],
+        out_specs=pl.BlockSpec((None, None, None, d),
+                               lambda i, j, r: (i, r // group, j * group + r % group, 0)),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=pltr.CompilerParams(num_warps=MERGE_WARPS, num_stages=1),
+        **params,
+    )(o, l, m)

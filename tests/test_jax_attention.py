@@ -262,6 +262,15 @@ def test_decode_kernel_pool_block_past_the_first_slot_scan():
     _kernel_vs_reference(s, q, [1], True, 1, atol=0.03)
 
 
+def test_decode_kernel_empty_sequence_gives_zeros():
+    s = Sequences([[3, 5, -1, -1], [1, 9, -1, -1]], seed=18)
+    s.step([70, 0])
+    q = np.random.default_rng(19).standard_normal((2, 1, 4, D)).astype(np.float16)
+    out = pallas_attention.attention(jnp.asarray(q), s.cache, jnp.asarray(s.tables),
+                                     jnp.asarray(s.lens), splits=3)
+    assert np.all(np.asarray(out[1]) == 0) and np.all(np.isfinite(np.asarray(out[0])))
+
+
 @pytest.mark.parametrize("preset,d", [("kvarn_k4v2_g128", 128), ("kvarn_k2v2_g64", 64),
                                       ("kvarn_k4v4_g64", 256)])
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
