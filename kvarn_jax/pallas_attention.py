@@ -241,9 +241,9 @@ def _attention_kernel(bt_ref, lens_ref, qlens_ref, b2s_ref, q_ref, pages_ref, pk
 
     blk0, slot0 = locate(start)
     blk1, slot1 = locate(start + 1)
-    init = (jnp.zeros((d, rows), F32), jnp.full((1, rows), MASK, F32), jnp.zeros((1, rows), F32))
-    acc, m, l, *_ = lax.fori_loop(start, stop, record_block,
-                                  init + (blk1, slot0, slot1, _load_record(pages_ref, blk0, h, lay)))
+    init = (jnp.zeros((d, rows), F32), jnp.full((1, rows), MASK, F32), jnp.zeros((1, rows), F32),
+            blk1, slot0, slot1, _load_record(pages_ref, blk0, h, lay))
+    acc, m, l, *_ = lax.fori_loop(start, stop, record_block, init)
     acc, m, l = lax.fori_loop(0, (stop - start + POOL_SCAN - 1) // POOL_SCAN, pool_scan,
                               (acc, m, l))
     o_ref[...] = acc.T
