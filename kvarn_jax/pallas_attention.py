@@ -304,6 +304,14 @@ def attention(q: jax.Array, cache: KVarNCache, block_tables: jax.Array, seq_lens
                          f"{block_tables.shape}, {seq_lens.shape}")
     if query_lens is None:
         query_lens = jnp.full((b,), sq, jnp.int32)
+    if query_lens.shape != (b,):
+        raise ValueError(f"query_lens must be [B={b}]; got {query_lens.shape}")
+    for name, x in (("block_tables", block_tables), ("seq_lens", seq_lens),
+                    ("query_lens", query_lens)):
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise TypeError(f"{name} must hold integers (int32); got {x.dtype}")
+    if splits is not None and (not isinstance(splits, int) or splits < 1):
+        raise ValueError(f"splits must be a positive int or None (automatic); got {splits!r}")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     splits = splits or num_splits(b, hk, block_tables.shape[1], _num_sms())

@@ -297,6 +297,16 @@ def test_attention_shape_errors():
     with pytest.raises(ValueError, match="block_tables must be"):
         pallas_attention.attention(jnp.zeros((2, 1, 4, D), jnp.float16), s.cache,
                                    jnp.asarray(s.tables), jnp.asarray(s.lens))
+    q = jnp.zeros((1, 1, 4, D), jnp.float16)
+    with pytest.raises(TypeError, match="block_tables must hold integers"):
+        pallas_attention.attention(q, s.cache, jnp.asarray(s.tables, jnp.float32),
+                                   jnp.asarray(s.lens))
+    with pytest.raises(ValueError, match="query_lens must be"):
+        pallas_attention.attention(q, s.cache, jnp.asarray(s.tables), jnp.asarray(s.lens),
+                                   jnp.ones((2,), jnp.int32))
+    with pytest.raises(ValueError, match="splits must be a positive int"):
+        pallas_attention.attention(q, s.cache, jnp.asarray(s.tables), jnp.asarray(s.lens),
+                                   splits=0)
 
 
 def test_cache_ops_jit_with_donation():
