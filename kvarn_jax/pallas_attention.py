@@ -280,8 +280,9 @@ def num_splits(batch: int, kv_heads: int, max_blocks: int, num_sms: int = DEFAUL
 @functools.cache
 def _num_sms() -> int:
     device = jax.devices()[0]
-    return getattr(device, "core_count", 0) or DEFAULT_SMS if device.platform == "gpu" \
-        else DEFAULT_SMS
+    if device.platform != "gpu":
+        return DEFAULT_SMS
+    return getattr(device, "core_count", 0) or DEFAULT_SMS
 
 
 def attention(q: jax.Array, cache: KVarNCache, block_tables: jax.Array, seq_lens: jax.Array,
@@ -331,7 +332,6 @@ def _attention(q, cache, block_tables, seq_lens, query_lens, causal, scale, spli
     qr = jnp.pad(qr, ((0, 0), (0, 0), (0, rows - sq * group), (0, 0)))
     bps = -(-block_tables.shape[1] // splits)
     splits_p2 = 1 << math.ceil(math.log2(splits))  # the merge loads a power of two
-    params = dict(interpret=interpret)
 
     kernel = functools.partial(_attention_kernel, lay=lay, group=group, blocks_per_split=bps,
                                causal=causal, q_scale=scale * LOG2E / math.sqrt(d),
@@ -351,7 +351,7 @@ def _attention(q, cache, block_tables, seq_lens, query_lens, causal, scale, spli
         out_shape=partials,
         compiler_params=pltr.CompilerParams(num_warps=num_warps(d, lay.preset.tile),
                                             num_stages=NUM_STAGES),
-        **params,
+        interpret=interpret,
     )(*inputs, qr, cache.pages, cache.pool_k, cache.pool_v)
 
     # One program per real query row merges its splits and stores it rotated back.
@@ -365,5 +365,5 @@ def _attention(q, cache, block_tables, seq_lens, query_lens, causal, scale, spli
                                lambda i, j, r: (i, r // group, j * group + r % group, 0)),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=pltr.CompilerParams(num_warps=MERGE_WARPS, num_stages=1),
-        **params,
+        interpret=interpret,
     )(o, l, m)
