@@ -225,7 +225,8 @@ def _mlir_string(escaped: str) -> bytes:
 
 def pallas_attention_report(arch: int) -> dict:
     """The Pallas decode kernel (16 sequences, 32/8 heads, D=128, k4v2_g128, fp16, 4
-    splits) as JAX lowers it for CUDA: the Triton IR of its custom call, compiled here."""
+    splits) as JAX lowers it for CUDA: the Triton IR of its attention custom call (not the
+    merge's), compiled here."""
     import kvarn_jax  # noqa: F401  (before jax)
     import jax
     import jax.numpy as jnp
@@ -245,7 +246,9 @@ def pallas_attention_report(arch: int) -> dict:
                                                                  interpret=False))
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=h100)):
         hlo = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    bytecode = _mlir_string(re.search(r'ir = "((?:[^"\\]|\\.)*)"', hlo)[1])
+    # The call's custom calls (attention, merge) each carry their IR, then their name.
+    ir = re.search(r'ir = "((?:[^"\\]|\\.)*)", name = "_attention_kernel"', hlo)[1]
+    bytecode = _mlir_string(ir)
     ctx = jax_mlir.make_ir_context()
     jax_triton.dialect.register_dialect(ctx)
     with ctx:  # jax's MLIR bytecode -> text that this Triton parses
