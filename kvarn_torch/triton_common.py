@@ -8,7 +8,8 @@ GPU and in the Triton interpreter (TRITON_INTERPRET=1, numpy):
 * sums are the oracle's adjacent-pair tree, never tl.sum over more than two terms
   (its order differs between the GPU and the interpreter): see triton_quantize;
 * division and square root use tl.div_rn / tl.sqrt_rn (plain `/` and tl.sqrt are
-  approximate on the GPU), and launches pass enable_fp_fusion=False.
+  approximate on the GPU; triton_quantize emits their fast paths alone, as inline PTX,
+  where its operands are in range), and launches pass enable_fp_fusion=False.
 """
 
 from __future__ import annotations

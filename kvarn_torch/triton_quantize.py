@@ -35,6 +35,18 @@ thread's registers, so Triton 3.6 moves whole rows into every thread, and reduct
 results in slice-of-linear layouts broadcast back against the tile give layouts with
 whole tiles per thread (1024 registers; compiles that never finish). The bit view needs
 neither a split nor a layout conversion of the tile.
+
+Rounded division and square root without their slow paths. tl.div_rn / tl.sqrt_rn
+compile to PTX div.rn.f32 / sqrt.rn.f32, which ptxas expands to a short fast path behind
+a range test and a branch to a slow-path call (~10 instructions a value, paid for each
+scale and std of the 8 rows and 8 columns a thread holds and for each of its 64 RTN
+quotients). Every operand here lies in the fast range, so _rcp, _sqrt and _div emit the
+fast path alone, as inline PTX: the same instructions, so the same bits (each helper says
+why its range is met; tests/test_triton_fast_math.py checks them against tl.div_rn /
+tl.sqrt_rn on a GPU); the RTN quotients share one reciprocal per row. An fp16 tile is
+held as fp16 and widened at each use (_widen). Inline PTX does not run in Triton's
+interpreter: there (PTX False) the helpers are tl.div_rn, tl.sqrt_rn and a plain
+conversion.
 """
 
 from __future__ import annotations
@@ -55,6 +67,7 @@ from kvarn_torch.triton_common import (
     as_kind,
     canonicalize,
     f32,
+    interpreted,
     per_program,
     runtime_int,
     store_fp16_bytes,
@@ -66,7 +79,9 @@ NUM_WARPS = 8  # per 128 x 128 tile, scaled with the tile: an 8 x 8 block per th
 # Registers per thread: 128 lets two 8-warp programs share an SM (65,536 registers), whose
 # latency hiding (the kernel waits on shuffles and shared memory) outweighs the spills:
 # 0.77 -> 0.87 M tile pairs/s for k4v2_g128, D = 128 on an H200; as fast or faster at
-# every head_dim and tile than no cap, or than re-reading X instead of holding it.
+# every head_dim and tile than no cap, or than re-reading X instead of holding it. With the
+# fast paths (fp16, benchmarks/results/quantize_variants_h200.txt): uncapped 1.017 vs 1.002 M
+# with the float32 tile, but 1.036 with the fp16 tile at 128 (not measured uncapped).
 MAX_REGISTERS = 128
 DEFAULT_ITERS = 8
 LOAD_VECTOR = 8  # fp16 / bf16 elements per 16-byte load (Triton's coalesced layout)
@@ -75,13 +90,17 @@ SCALE_MIN = tl.constexpr(f32(0.7408182206817179))  # float32(exp(-0.3))
 SCALE_MAX = tl.constexpr(f32(22026.465794806718))  # float32(exp(10))
 IMB_FLOOR = tl.constexpr(f32(1e-8))
 DELTA_MIN = tl.constexpr(f32(1e-10))
+VAR_FLOOR = tl.constexpr(f32(2.0**-100))  # variances are floored here before the sqrt (_sqrt)
 
 
 @triton.jit
-def _load_x(ptrs, TILE_BITS: tl.constexpr, KIND: tl.constexpr):
-    """The canonical float32 tile X at ptrs (4-D view) in the bit view."""
-    x = widen_f32(tl.load(ptrs), KIND)
-    return tl.reshape(canonicalize(x), TILE_BITS, can_reorder=False)
+def _load_x(ptrs, TILE_BITS: tl.constexpr, KIND: tl.constexpr, HOLD16: tl.constexpr):
+    """The canonical tile X at ptrs (4-D view) in the bit view: float32, or with HOLD16
+    (fp16 tiles) float16, exactly: canonicalizing an fp16 value gives an fp16 value."""
+    x = canonicalize(widen_f32(tl.load(ptrs), KIND))
+    if HOLD16:
+        x = x.to(tl.float16)
+    return tl.reshape(x, TILE_BITS, can_reorder=False)
 
 
 @triton.jit
@@ -110,24 +129,101 @@ def _bits_max(x, LOG: tl.constexpr, LO: tl.constexpr, HI_AT: tl.constexpr,
 
 
 @triton.jit
+def _rcp(x, PTX: tl.constexpr):
+    """1 / x correctly rounded, for x of biased exponent 1..252 (module doc: fast paths).
+
+    In that range ptxas computes rcp.rn.f32 as MUFU.RCP refined by one Newton step, the
+    code below; outside it, a slow path. Callers pass scales clamped to [SCALE_MIN,
+    SCALE_MAX] (exponents 126..141) and RTN steps in [DELTA_MIN, 2^17) (93..143). ptxas
+    forms the error term as -(x t - 1), here as 1 - x t: the same value under
+    round-to-nearest, up to the sign of an exact zero, which t + t e does not see."""
+    if PTX:
+        return tl.inline_asm_elementwise(
+            "{ .reg .f32 t, e, n; rcp.approx.ftz.f32 t, $1; neg.f32 n, $1; "
+            "fma.rn.f32 e, n, t, 0f3F800000; fma.rn.f32 $0, t, e, t; }",
+            "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.div_rn(tl.full(x.shape, 1.0, tl.float32), x)
+
+
+@triton.jit
+def _sqrt(var, PTX: tl.constexpr):
+    """sqrt(max(var, 2^-100)), correctly rounded: a std from a variance.
+
+    ptxas computes sqrt.rn.f32 by the code below (MUFU.RSQ, two FMUL, two FFMA) for x in
+    [2^-101, FLT_MAX], by a slow path otherwise. The floor cannot change a byte: it only
+    moves stds below 2^-50, and a std is only used clamped to [STD_MIN, STD_MAX] (scale
+    updates) or, after min / max, floored at IMB_FLOOR = 1e-8 (_ratio); the floor commutes
+    with min and max, so every std below 1e-8 acts as 1e-8 whatever its value."""
+    x = tl.maximum(var, VAR_FLOOR)
+    if PTX:
+        return tl.inline_asm_elementwise(
+            "{ .reg .f32 r, s, h, e, n; rsqrt.approx.ftz.f32 r, $1; mul.ftz.f32 s, $1, r; "
+            "mul.ftz.f32 h, r, 0f3F000000; neg.f32 n, s; fma.rn.f32 e, n, s, $1; "
+            "fma.rn.f32 $0, e, h, s; }",
+            "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
+def _div(a, d, rd, PTX: tl.constexpr):
+    """a / d correctly rounded, given rd = _rcp(d), for d in [DELTA_MIN, 2^17) and a / d
+    in [0, 15.5] (the RTN quotients (b - lo) / delta: at most QMAX, plus rounding).
+
+    ptxas computes div.rn.f32 as rd (MUFU.RCP, 2 FFMA), q = a rd, then q + rd (a - d q)
+    (FMUL, 2 FFMA: the code below), unless FCHK flags the operands for a slow path. The
+    sequence is Markstein's correction, correctly rounded as long as no step over- or
+    underflows, and FCHK is that range test (its exact form is undocumented). Here d is
+    normal and a < 2^18: nothing overflows; the remainder a - d q, a multiple of
+    ulp(d) ulp(q) >= 2^-48 a, is exact for a >= 2^-100. A smaller a (bf16 tiles only)
+    gives a / d < 2^-66: code 0 whatever its last bit. rd is one reciprocal per row, where
+    div.rn.f32 recomputes it for every element."""
+    if PTX:
+        return tl.inline_asm_elementwise(
+            "{ .reg .f32 q, e, n; mul.rn.f32 q, $1, $3; neg.f32 n, $2; "
+            "fma.rn.f32 e, n, q, $1; fma.rn.f32 $0, $3, e, q; }",
+            "=f,f,f,f", [a, d, rd], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.div_rn(a, d)
+
+
+@triton.jit
+def _widen(x, PTX: tl.constexpr):
+    """The held tile X as float32 (exact), at each use when it is held as fp16.
+
+    Holding an fp16 tile as fp16 halves its registers (two values a 32-bit register: 32
+    for a thread's 64 elements), which under the 128-register cap go to the loop instead
+    of spills (H200, k4v2_g128, D = 128: 1.002 -> 1.036 M tile pairs/s on top of the fast
+    paths). The PTX conversion is marked impure so that LLVM can neither hoist it out of
+    the loop, which would bring the float32 tile back, nor share it between rescales;
+    pack=2 hands it both halves of a register."""
+    if x.dtype != tl.float16:
+        return x
+    elif PTX:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.f32.f16 $0, lo; "
+            "cvt.f32.f16 $1, hi; }",
+            "=r,=r,r", [x], dtype=tl.float32, is_pure=False, pack=2)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
 def _std(x, LOG: tl.constexpr, LO: tl.constexpr, HI_AT: tl.constexpr, LO_AT: tl.constexpr,
-         INV_N: tl.constexpr, INV_NM1: tl.constexpr):
-    """Two-pass Bessel-corrected std of x over one tile index (as _pair_sum), axes kept."""
+         INV_N: tl.constexpr, INV_NM1: tl.constexpr, PTX: tl.constexpr):
+    """Two-pass Bessel-corrected std of x over one tile index (as _pair_sum), axes kept;
+    variances below 2^-100 floored (_sqrt)."""
     mean = _pair_sum(x, LOG, LO, HI_AT, LO_AT) * INV_N
     d = x - mean
-    return tl.sqrt_rn(_pair_sum(d * d, LOG, LO, HI_AT, LO_AT) * INV_NM1)
+    return _sqrt(_pair_sum(d * d, LOG, LO, HI_AT, LO_AT) * INV_NM1, PTX)
 
 
 @triton.jit
-def _rcp(x):
-    return tl.div_rn(tl.full(x.shape, 1.0, tl.float32), x)
-
-
-@triton.jit
-def _rescale(x, rc, rr, FLUSH: tl.constexpr):
+def _rescale(x, rc, rr, FLUSH: tl.constexpr, PTX: tl.constexpr):
     """X * rc[col] * rr[row] (reciprocal scales), values below the smallest normal flushed
     to +0 (FLUSH False: the caller knows there are none)."""
-    y = x * rc * rr
+    y = _widen(x, PTX) * rc * rr
     if FLUSH:
         y = tl.where(tl.abs(y) < F32_MIN_NORMAL, 0.0, y)
     return y
@@ -170,7 +266,7 @@ def _quantize_kernel(
     INV_R: tl.constexpr, INV_RM1: tl.constexpr, INV_C: tl.constexpr, INV_CM1: tl.constexpr,
     BITS: tl.constexpr, INV_QMAX: tl.constexpr,
     CODES: tl.constexpr, ROW_SCALE: tl.constexpr, ROW_ZERO: tl.constexpr, COL_SCALE: tl.constexpr,
-    FLUSH: tl.constexpr,
+    FLUSH: tl.constexpr, HOLD16: tl.constexpr, PTX: tl.constexpr,
 ):
     """Quantize each row of TILES tiles, each viewed as X [R, C] (element (i, j) at
     i * ROW_STRIDE + j * COL_STRIDE, one of the strides 1) and write its fields into the
@@ -178,7 +274,8 @@ def _quantize_kernel(
     scale [C]. TILE_BITS, ROW_BITS, COL_BITS, UNIT_BITS: the bit-view shapes of the tiles,
     of a row vector (length 1 on the column bits), of a column vector and of a scalar per
     tile; their axis 0 is the tile. FLUSH: whether rescaled values can fall below the
-    smallest normal (and must be flushed to +0 as the oracle does)."""
+    smallest normal (and must be flushed to +0 as the oracle does). HOLD16: hold the
+    (fp16) tile as fp16. PTX: use the inline-PTX fast paths (False in the interpreter)."""
     R: tl.constexpr = 1 << LOG_R
     C: tl.constexpr = 1 << LOG_C
     ROWS_CONTIGUOUS: tl.constexpr = ROW_STRIDE == 1
@@ -210,7 +307,7 @@ def _quantize_kernel(
         rows = row_hi + strided_lo
         cols = col_hi + contig_lo
     x_ptrs = tile_ptr + (rows * ROW_STRIDE + cols * COL_STRIDE)[None, :, :, :, :]
-    x = _load_x(x_ptrs, TILE_BITS, KIND)
+    x = _load_x(x_ptrs, TILE_BITS, KIND, HOLD16)
     # The memory row index as a row vector, the column index as a column vector.
     per_tile = tl.zeros([TILES, 1, 1, 1, 1], tl.int32)
     rows = tl.reshape(rows[None, :, :, :, :] + per_tile, ROW_BITS, can_reorder=False)
@@ -222,22 +319,23 @@ def _quantize_kernel(
     c = tl.full(COL_BITS, 1.0, tl.float32)
     r = tl.full(ROW_BITS, 1.0, tl.float32)
     rr = r
-    s_col = _std(x, LOG_R, LO_R, R_HI_AT, R_LO_AT, INV_R, INV_RM1)
-    s_row = _std(x, LOG_C, LO_C, C_HI_AT, C_LO_AT, INV_C, INV_CM1)
+    x0 = x.to(tl.float32)  # the first iterate: X widened once, outside the loop
+    s_col = _std(x0, LOG_R, LO_R, R_HI_AT, R_LO_AT, INV_R, INV_RM1, PTX)
+    s_row = _std(x0, LOG_C, LO_C, C_HI_AT, C_LO_AT, INV_C, INV_CM1, PTX)
     best = _imbalance(s_col, s_row, LOG_C, LO_C, C_HI_AT, C_LO_AT, LOG_R, LO_R, R_HI_AT,
                       R_LO_AT)
     best_c = c
     best_r = r
     for _ in range(iters):
         c = _clamp(c * _clamp(s_col, STD_MIN, STD_MAX), SCALE_MIN, SCALE_MAX)
-        rc = _rcp(c)
-        y = _rescale(x, rc, rr, FLUSH)
-        s_row = _std(y, LOG_C, LO_C, C_HI_AT, C_LO_AT, INV_C, INV_CM1)
+        rc = _rcp(c, PTX)
+        y = _rescale(x, rc, rr, FLUSH, PTX)
+        s_row = _std(y, LOG_C, LO_C, C_HI_AT, C_LO_AT, INV_C, INV_CM1, PTX)
         r = _clamp(r * _clamp(s_row, STD_MIN, STD_MAX), SCALE_MIN, SCALE_MAX)
-        rr = _rcp(r)
-        y = _rescale(x, rc, rr, FLUSH)
-        s_col = _std(y, LOG_R, LO_R, R_HI_AT, R_LO_AT, INV_R, INV_RM1)
-        s_row = _std(y, LOG_C, LO_C, C_HI_AT, C_LO_AT, INV_C, INV_CM1)
+        rr = _rcp(r, PTX)
+        y = _rescale(x, rc, rr, FLUSH, PTX)
+        s_col = _std(y, LOG_R, LO_R, R_HI_AT, R_LO_AT, INV_R, INV_RM1, PTX)
+        s_row = _std(y, LOG_C, LO_C, C_HI_AT, C_LO_AT, INV_C, INV_CM1, PTX)
         imb = _imbalance(s_col, s_row, LOG_C, LO_C, C_HI_AT, C_LO_AT, LOG_R, LO_R, R_HI_AT,
                          R_LO_AT)
         keep = imb <= best
@@ -246,11 +344,11 @@ def _quantize_kernel(
         best_r = tl.where(keep, r, best_r)
 
     # Asymmetric RTN per row; round-half-even from floor (no rint in Triton's core ops).
-    b = _rescale(x, _rcp(best_c), _rcp(best_r), FLUSH)
+    b = _rescale(x, _rcp(best_c, PTX), _rcp(best_r, PTX), FLUSH, PTX)
     lo = _bits_max(b, LOG_C, LO_C, C_HI_AT, C_LO_AT, False)
     hi = _bits_max(b, LOG_C, LO_C, C_HI_AT, C_LO_AT, True)
     delta = tl.maximum((hi - lo) * INV_QMAX, DELTA_MIN)
-    v = tl.div_rn(b - lo, delta)
+    v = _div(b - lo, delta, _rcp(delta, PTX), PTX)
     f = tl.floor(v)
     frac = v - f
     q = f.to(tl.int32)
@@ -315,6 +413,7 @@ def launch_params(preset: str, head_dim: int, bf16: bool, tiles: int = 1) -> lis
             CODES=codes.offset, ROW_SCALE=row_scale.offset, ROW_ZERO=row_zero.offset,
             COL_SCALE=col_scale.offset,
             FLUSH=oracle.rescale_can_underflow("bfloat16" if bf16 else "float16"),
+            HOLD16=not bf16, PTX=not interpreted(_quantize_kernel),
             num_warps=num_warps, maxnreg=MAX_REGISTERS,
             enable_fp_fusion=False,
         ))
