@@ -11,7 +11,8 @@ with the most LOP3, which unpack the codes). `--all-kernels` compiles every kvar
 kernel once per kind of launch, a check the tests run (tests/test_triton_cross_compile.py).
 `--pallas-attention` reports the Pallas decode kernel the same way: JAX lowers it for CUDA
 (no GPU), its Triton IR is compiled here with this Triton (XLA's bundled Triton may
-schedule it differently).
+schedule it differently). `--gluon-attention`: the Gluon kernel of the quantized records
+(one warp a program, the loop is one whole record).
 
 Uses Triton's own ptxas / cuobjdump and an empty Triton cache (cold compiles). Imports
 Triton compiled (TRITON_INTERPRET=0), so run it in its own process.
@@ -32,6 +33,7 @@ os.environ["TRITON_INTERPRET"] = "0"  # a real JITFunction even without a GPU
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="kvarn_compile_report_")  # cold
 
 from kvarn_torch import (  # noqa: E402  (before triton)
+    gluon_attention,
     triton_attention,
     triton_gather,
     triton_quantize,
@@ -44,6 +46,7 @@ from kvarn_torch.triton_common import KIND_BF16, KIND_FP16, KIND_FP32  # noqa: E
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, compile  # noqa: E402
+from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 
 from kvarn.format import HEAD_DIMS, PRESETS, layout  # noqa: E402
 
@@ -126,7 +129,7 @@ def attention_report(rows: int, block_n: int, warps: int, arch: int,
     """One decode launch of the attention kernel as `triton_attention.attention` makes it."""
     kernel = triton_attention._attention_kernel
     consts = dict(GROUP=4, ROWS=rows, D=128, LOG_D=7, G=128, BLOCK_N=block_n, CAUSAL=True,
-                  SPLIT=split, UPCAST=False, INV_SQRT_D=128 ** -0.5,
+                  SPLIT=split, UPCAST=False, INV_SQRT_D=128 ** -0.5, POOL_ONLY=False,
                   **_record_offsets("kvarn_k4v2_g128", 128))
     pointers = dict(q_ptr="*fp16", out_ptr="*fp16", part_o_ptr="*fp32", part_ml_ptr="*fp32",
                     words_ptr="*i32", halves_ptr="*fp16", pool_k_ptr="*fp16",
@@ -149,6 +152,25 @@ def attention_report(rows: int, block_n: int, warps: int, arch: int,
     return dict(rows=rows, block_n=block_n, warps=warps, maxnreg=maxnreg, split=split,
                 **_compiled(src, arch, loop_op="LOP3.LUT", num_warps=warps,
                             num_stages=triton_attention.NUM_STAGES, maxnreg=maxnreg))
+
+
+def gluon_attention_report(arch: int) -> dict:
+    """The Gluon decode kernel of the quantized records (k4v2_g128, D=128) as
+    `gluon_attention.attention` launches it: one warp a program."""
+    kernel = gluon_attention._record_kernel
+    consts = {k: v for k, v in _record_offsets("kvarn_k4v2_g128", 128).items()
+              if k not in ("K_BITS", "V_BITS")} | dict(GROUP=4)
+    pointers = dict(q_ptr="*fp16", part_o_ptr="*fp32", part_ml_ptr="*fp32", words_ptr="*i32",
+                    codes16_ptr="*i16", halves_ptr="*fp16", block_tables_ptr="*i32",
+                    seq_lens_ptr="*i32", block_to_slot_ptr="*i32")
+    sig = {n: "constexpr" if n in consts else pointers.get(n, "fp32" if n == "qk_scale" else "i32")
+           for n in kernel.arg_names}
+    aligned = [["tt.divisibility", 16]]
+    attrs = {(i,): aligned for i, n in enumerate(kernel.arg_names)
+             if n in pointers or "stride" in n}
+    return dict(kernel="_record_kernel",
+                **_compiled(GluonASTSource(kernel, sig, consts, attrs), arch, loop_op="LOP3.LUT",
+                            num_warps=gluon_attention.NUM_WARPS))
 
 
 def _compile_one(kernel, types: dict, constexprs: dict, arch: int, **options) -> dict:
@@ -202,6 +224,7 @@ def kernels_report(arch: int) -> list[dict]:
     for bf16 in (False, True):
         rows += [dict(kernel="_quantize_kernel", **r)
                  for r in report("kvarn_k4v2_g128", 128, bf16, arch)]
+    rows.append(gluon_attention_report(arch))
     return rows
 
 
@@ -271,6 +294,8 @@ def main() -> None:
     ap.add_argument("--head-dims", nargs="+", type=int, default=list(HEAD_DIMS))
     ap.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"])
     ap.add_argument("--attention", action="store_true", help="the decode attention kernel")
+    ap.add_argument("--gluon-attention", action="store_true",
+                    help="the Gluon decode kernel of the quantized records")
     ap.add_argument("--pallas-attention", action="store_true",
                     help="the Pallas decode attention kernel, as JAX lowers it for CUDA")
     ap.add_argument("--all-kernels", action="store_true",
@@ -285,8 +310,9 @@ def main() -> None:
             row.pop("loop_top")
             print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
         return
-    if args.pallas_attention:
-        row = pallas_attention_report(args.arch)
+    if args.pallas_attention or args.gluon_attention:
+        row = (pallas_attention_report if args.pallas_attention
+               else gluon_attention_report)(args.arch)
         top = row.pop("loop_top")
         print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
         print("   loop:", " ".join(f"{op}={n}" for op, n in top), flush=True)

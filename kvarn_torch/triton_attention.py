@@ -283,7 +283,8 @@ def _record_tile(q_unit, q_norm, acc, m_i, l_i, k_words, v_words, a_k, z_k, tau,
 # and per-request slices of the step's tables (pointers 4-byte aligned only): Triton would
 # compile a new variant for each divisibility and alignment class it meets, seconds each
 # in the middle of a step. One variant per set of constexprs instead.
-_RUNTIME_INTS = ["num_query_tokens", "splits", "tiles_per_split", "max_tiles", "bt_stride_b"]
+_RUNTIME_INTS = ["num_query_tokens", "splits", "tiles_per_split", "max_tiles", "bt_stride_b",
+                 "part_splits", "part_first"]
 _SLICED_POINTERS = ["block_tables_ptr", "seq_lens_ptr", "query_lens_ptr"]
 
 
@@ -292,7 +293,7 @@ def _attention_kernel(
     q_ptr, out_ptr, part_o_ptr, part_ml_ptr,
     words_ptr, halves_ptr, pool_k_ptr, pool_v_ptr,
     block_tables_ptr, seq_lens_ptr, query_lens_ptr, block_to_slot_ptr,
-    num_query_tokens, qk_scale, splits, tiles_per_split, max_tiles,
+    num_query_tokens, qk_scale, splits, tiles_per_split, max_tiles, part_splits, part_first,
     q_stride_b, q_stride_s, q_stride_h,
     out_stride_b, out_stride_s, out_stride_h,
     page_stride_block, page_stride_head,
@@ -303,8 +304,11 @@ def _attention_kernel(
     K_CODES: tl.constexpr, A_K: tl.constexpr, Z_K: tl.constexpr, TAU_K: tl.constexpr,
     V_CODES: tl.constexpr, SIGMA_V: tl.constexpr, A_V: tl.constexpr, Z_V: tl.constexpr,
     CAUSAL: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
-    INV_SQRT_D: tl.constexpr,
+    INV_SQRT_D: tl.constexpr, POOL_ONLY: tl.constexpr,
 ):
+    """Partials go to split part_first + split of part_splits per row block (the other
+    splits may come from another kernel: see gluon_attention). POOL_ONLY: attend to the
+    pool tiles only (the quantized ones are another kernel's)."""
     TILES_PER_BLOCK: tl.constexpr = G // BLOCK_N
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -345,34 +349,35 @@ def _attention_kernel(
     acc = tl.zeros([D, ROWS], tl.float32)  # transposed, as the record dots make it
     bt_row = block_tables_ptr + b.to(tl.int64) * bt_stride_b
 
-    # Software pipeline by hand: while tile t is computed, the record loads of tile t + 1
-    # are in flight and the block-table lookups of tile t + 2.
-    blk0, slot0 = _locate(bt_row, block_to_slot_ptr, tile_lo, tile_hi, TILES_PER_BLOCK)
-    blk1, slot1 = _locate(bt_row, block_to_slot_ptr, tile_lo + 1, tile_hi, TILES_PER_BLOCK)
-    k_words, v_words, a_k, z_k, tau, sigma, a_v, z_v = _load_record(
-        words_ptr, halves_ptr, blk0 * page_stride_block + h * page_stride_head,
-        (tile_lo % TILES_PER_BLOCK) * BLOCK_N, (tile_lo < tile_hi) & (slot0 < 0),
-        D, G, BLOCK_N, K_BITS, V_BITS, K_CODES, A_K, Z_K, TAU_K, V_CODES, SIGMA_V, A_V, Z_V)
-    for i in range(0, tiles_per_split):
-        t = tile_lo + i
-        if t < tile_hi:
-            blk2, slot2 = _locate(bt_row, block_to_slot_ptr, t + 2, tile_hi, TILES_PER_BLOCK)
-            k_next, v_next, a_k_next, z_k_next, tau_next, sigma_next, a_v_next, z_v_next = \
-                _load_record(words_ptr, halves_ptr,
-                             blk1 * page_stride_block + h * page_stride_head,
-                             ((t + 1) % TILES_PER_BLOCK) * BLOCK_N,
-                             (t + 1 < tile_hi) & (slot1 < 0), D, G, BLOCK_N, K_BITS, V_BITS,
-                             K_CODES, A_K, Z_K, TAU_K, V_CODES, SIGMA_V, A_V, Z_V)
+    if not POOL_ONLY:
+        # Software pipeline by hand: while tile t is computed, the record loads of tile t + 1
+        # are in flight and the block-table lookups of tile t + 2.
+        blk0, slot0 = _locate(bt_row, block_to_slot_ptr, tile_lo, tile_hi, TILES_PER_BLOCK)
+        blk1, slot1 = _locate(bt_row, block_to_slot_ptr, tile_lo + 1, tile_hi, TILES_PER_BLOCK)
+        k_words, v_words, a_k, z_k, tau, sigma, a_v, z_v = _load_record(
+            words_ptr, halves_ptr, blk0 * page_stride_block + h * page_stride_head,
+            (tile_lo % TILES_PER_BLOCK) * BLOCK_N, (tile_lo < tile_hi) & (slot0 < 0),
+            D, G, BLOCK_N, K_BITS, V_BITS, K_CODES, A_K, Z_K, TAU_K, V_CODES, SIGMA_V, A_V, Z_V)
+        for i in range(0, tiles_per_split):
+            t = tile_lo + i
+            if t < tile_hi:
+                blk2, slot2 = _locate(bt_row, block_to_slot_ptr, t + 2, tile_hi, TILES_PER_BLOCK)
+                k_next, v_next, a_k_next, z_k_next, tau_next, sigma_next, a_v_next, z_v_next = \
+                    _load_record(words_ptr, halves_ptr,
+                                 blk1 * page_stride_block + h * page_stride_head,
+                                 ((t + 1) % TILES_PER_BLOCK) * BLOCK_N,
+                                 (t + 1 < tile_hi) & (slot1 < 0), D, G, BLOCK_N, K_BITS, V_BITS,
+                                 K_CODES, A_K, Z_K, TAU_K, V_CODES, SIGMA_V, A_V, Z_V)
 
-            if slot0 < 0:  # pool tiles come after this loop
-                pos = t * BLOCK_N + tl.arange(0, BLOCK_N)  # in the sequence
-                acc, m_i, l_i = _record_tile(q_unit, q_norm, acc, m_i, l_i, k_words, v_words,
-                                             a_k, z_k, tau, sigma, a_v, z_v, pos, limit, D,
-                                             BLOCK_N, K_BITS, V_BITS, UPCAST)
+                if slot0 < 0:  # pool tiles come after this loop
+                    pos = t * BLOCK_N + tl.arange(0, BLOCK_N)  # in the sequence
+                    acc, m_i, l_i = _record_tile(q_unit, q_norm, acc, m_i, l_i, k_words, v_words,
+                                                 a_k, z_k, tau, sigma, a_v, z_v, pos, limit, D,
+                                                 BLOCK_N, K_BITS, V_BITS, UPCAST)
 
-            slot0, blk1, slot1 = slot1, blk2, slot2
-            k_words, v_words, a_k, z_k = k_next, v_next, a_k_next, z_k_next
-            tau, sigma, a_v, z_v = tau_next, sigma_next, a_v_next, z_v_next
+                slot0, blk1, slot1 = slot1, blk2, slot2
+                k_words, v_words, a_k, z_k = k_next, v_next, a_k_next, z_k_next
+                tau, sigma, a_v, z_v = tau_next, sigma_next, a_v_next, z_v_next
 
     # The pool tiles (sink and tail blocks: a few per sequence) in a loop of their own, the
     # slots of POOL_SCAN tiles looked up at once: in the record loop, the pool path's
@@ -395,8 +400,8 @@ def _attention_kernel(
 
     acc = tl.trans(acc)  # [ROWS, D]
     if SPLIT:  # partials [B, Hk, row_blocks, splits, ...] for the merge kernel
-        part = ((b.to(tl.int64) * tl.num_programs(1) + h) * tl.num_programs(2)
-                + tl.program_id(2))
+        part = (((b.to(tl.int64) * tl.num_programs(1) + h) * (tl.num_programs(2) // splits)
+                 + row_block) * part_splits + part_first + split)
         r = tl.arange(0, ROWS)
         tl.store(part_o_ptr + part * ROWS * D + r[:, None] * D + d[None, :], acc)
         tl.store(part_ml_ptr + part * 2 * ROWS + r, m_i)
@@ -499,7 +504,8 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
               softmax_scale: float | None = None, splits: int | None = None, *,
               rows: int | None = None, block_n: int | None = None,
               num_warps: int | None = None, num_stages: int = NUM_STAGES,
-              max_registers: int | None = None) -> Tensor:
+              max_registers: int | None = None,
+              pool_partials: tuple[Tensor, Tensor, int] | None = None) -> Tensor | None:
     """q [B, Sq, Hq, D] (Sq = 1: decode; Sq > 1: the last query_lens[b] tokens of each
     sequence, already appended) -> out [B, Sq, Hq, D] in q's dtype (rows past
     query_lens[b] hold don't-care values).
@@ -510,6 +516,10 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     two >= 16), `block_n` (tokens per tile, a power of two >= 16 dividing the block size),
     `num_warps`, `num_stages` and `max_registers` (a per-thread register cap: more
     programs per SM, spills past it) are tuning knobs with defaults from `launch_config`.
+
+    pool_partials (part_o, part_ml, first): attend to the pool tiles only and write their
+    split-KV partial as split `first` of these buffers ([B, Hk, row blocks, splits, ...],
+    another kernel writes the quantized tiles' splits: `gluon_attention`); returns None.
     """
     if q.dim() != 4:
         raise ValueError(f"q must be [B, Sq, Hq, D]; got shape {list(q.shape)}")
@@ -563,7 +573,14 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     tiles_per_split = triton.cdiv(max_tiles, splits)
 
     out = torch.empty_like(q)
-    if split:
+    part_splits, part_first = splits, 0
+    if pool_partials is not None:
+        part_o, part_ml, part_first = pool_partials
+        part_splits, split = part_o.shape[3], True
+        if splits != 1 or part_o.shape != (b, hk, row_blocks, part_splits, rows, d):
+            raise ValueError(f"pool_partials must be [B, Hk, {row_blocks}, splits, {rows}, {d}] "
+                             f"buffers, with splits=1; got {list(part_o.shape)}, {splits}")
+    elif split:
         part_o = torch.empty((b, hk, row_blocks, splits, rows, d), dtype=torch.float32,
                              device=q.device)
         part_ml = torch.empty((b, hk, row_blocks, splits, 2, rows), dtype=torch.float32,
@@ -581,7 +598,7 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
         cache.pool_v,
         block_tables, seq_lens, query_lens, cache.block_to_slot,
         sq, float(scale * LOG2E / math.sqrt(d)), splits,
-        runtime_int(_attention_kernel, tiles_per_split), max_tiles,
+        runtime_int(_attention_kernel, tiles_per_split), max_tiles, part_splits, part_first,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         cache.pages.stride(0), cache.pages.stride(1),
@@ -592,9 +609,12 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
         TAU_K=lay.tau_k.offset, V_CODES=lay.v_codes.offset, SIGMA_V=lay.sigma_v.offset,
         A_V=lay.a_v.offset, Z_V=lay.z_v.offset,
         CAUSAL=bool(causal), SPLIT=split, UPCAST=upcast,
+        POOL_ONLY=pool_partials is not None,
         num_warps=num_warps, num_stages=num_stages, **common,
         **({} if max_registers is None else {"maxnreg": max_registers}),
     )
+    if pool_partials is not None:
+        return None
     if split:
         _merge_kernel[(b, hk, row_blocks * rows)](
             part_o, part_ml, out, sq, splits,

@@ -1,4 +1,4 @@
-"""Every Triton kernel of kvarn_torch compiles for an H100 (sm_90) on the CPU.
+"""Every Triton and Gluon kernel of kvarn_torch compiles for an H100 (sm_90) on the CPU.
 
 The CPU tests run the kernels in Triton's interpreter, which accepts code that the GPU
 compiler rejects (a non-constexpr global read inside a kernel, an op without a lowering).
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 KERNELS = ("_attention_kernel", "_merge_kernel", "_gather_kernel", "_rotate_kernel",
-           "_write_kernel", "_quantize_kernel")
+           "_write_kernel", "_quantize_kernel", "_record_kernel")
 
 
 def test_every_kernel_compiles_for_sm90():
@@ -23,4 +23,5 @@ def test_every_kernel_compiles_for_sm90():
     assert run.returncode == 0, run.stderr[-3000:]
     compiled = [line.split()[0].removeprefix("kernel=") for line in run.stdout.splitlines()]
     assert set(compiled) == set(KERNELS), run.stdout
-    assert len(compiled) == 19  # 6 attention launches, merge, gather, 3 rotate, 4 write, 4 quantize
+    # 6 attention launches, merge, gather, 3 rotate, 4 write, 4 quantize, the Gluon kernel
+    assert len(compiled) == 20

@@ -1,0 +1,110 @@
+"""kvarn_torch.gluon_attention: the Gluon decode kernel of the quantized records (with the
+Triton kernel for the pool blocks and the merge) against the exact float32 attention.
+
+Gluon kernels have no interpreter: the numerical tests need a CUDA GPU (sm_80+); on the
+CPU the wrapper's input checks run, and tests/test_triton_cross_compile.py compiles the
+kernel for sm_90."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # the Triton kernels must be defined under the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kvarn_torch import attention_reference, gluon_attention, triton_attention  # noqa: E402
+from kvarn_torch import triton_quantize  # noqa: E402
+from kvarn_torch.cache import KVarNCache  # noqa: E402
+
+PRESET = "kvarn_k4v2_g128"
+G, D = 128, 128
+TOL = {torch.float16: 4e-3, torch.bfloat16: 2e-2}  # as tests/test_torch_attention.py
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def serving_cache(lens: list[int], hk: int, dtype: torch.dtype, seed: int = 0):
+    """Sequences of `lens` tokens over shuffled physical blocks: their first (sink) and
+    partial last blocks in the pool, every other block a quantized record of K/V-like
+    tiles (per-channel scales, an outlier channel) -> (cache, block tables, seq_lens)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    need = [max(1, -(-n // G)) for n in lens]
+    n_blocks = sum(need) + 3
+    scale = torch.exp(0.5 * torch.randn(1, 1, D, device="cuda", generator=gen))
+    tiles = torch.randn(2, n_blocks * hk, G, D, device="cuda", generator=gen) * scale
+    tiles[:, :, :, 3] *= 8.0
+    recs = triton_quantize.quantize(tiles[0].to(dtype), (0.5 * tiles[1]).to(dtype), PRESET)
+    pages = recs.view(n_blocks, hk, -1)
+    ids = torch.randperm(n_blocks, device="cuda", generator=gen).to(torch.int32)
+    table = torch.full((len(lens), max(need) + 1), -1, dtype=torch.int32, device="cuda")
+    b2s = torch.full((n_blocks,), -1, dtype=torch.int32, device="cuda")
+    pooled, start = [], 0
+    for i, nb in enumerate(need):
+        blocks = ids[start:start + nb]
+        table[i, :nb] = blocks
+        pooled += sorted({int(blocks[0]), int(blocks[-1])})  # sink and tail
+        start += nb
+    b2s[torch.tensor(pooled, device="cuda").long()] = torch.arange(
+        len(pooled), dtype=torch.int32, device="cuda")
+    pool = torch.randn(len(pooled), G, hk, D, device="cuda", generator=gen).to(dtype)
+    cache = KVarNCache(pages=pages, pool_k=pool, pool_v=0.5 * pool, block_to_slot=b2s,
+                       slot_to_block=torch.tensor(pooled, dtype=torch.int32, device="cuda"),
+                       dropped_tokens=torch.zeros((), dtype=torch.int32, device="cuda"),
+                       preset=PRESET, sink_blocks=1)
+    return cache, table, torch.tensor(lens, dtype=torch.int32, device="cuda")
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want).abs().max() / want.abs().max())
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hq,hk", [(8, 8), (32, 8), (16, 2)])
+@pytest.mark.parametrize("splits", [None, 1, 5])
+def test_matches_exact_attention(dtype, hq, hk, splits):
+    lens = [1, 127, 128, 129, 1000, 4097, 300]
+    cache, table, seq_lens = serving_cache(lens, hk, dtype)
+    q = torch.randn(len(lens), 1, hq, D, device="cuda", dtype=dtype)
+    want = attention_reference.attention(q, cache, table, seq_lens)
+    got = gluon_attention.attention(q, cache, table, seq_lens, splits=splits)
+    assert got.dtype == dtype and got.shape == q.shape
+    assert rel_err(got, want) < TOL[dtype]
+
+
+@gpu
+def test_quantized_only_and_empty_sequences():
+    """No pool block at all in one sequence, none at all in another (length 0: zeros, as
+    the Triton kernel gives)."""
+    cache, table, seq_lens = serving_cache([2048, 2048], 8, torch.float16)
+    cache.block_to_slot[table[0, 0].long()] = -1  # its sink quantized too (any record)
+    seq_lens[1] = 0
+    q = torch.randn(2, 1, 32, D, device="cuda", dtype=torch.float16)
+    got = gluon_attention.attention(q, cache, table, seq_lens)
+    want = attention_reference.attention(q[:1], cache, table[:1], seq_lens[:1])
+    assert rel_err(got[:1], want) < TOL[torch.float16]
+    assert torch.equal(got[1], torch.zeros_like(got[1]))
+    triton = triton_attention.attention(q, cache, table, seq_lens)
+    assert rel_err(got[:1], triton[:1].float()) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("shape,preset,why", [
+    ((2, 2, 32, 128), PRESET, "decode"),
+    ((2, 1, 32, 128), "kvarn_k4v4_g128", "k4v2"),
+    ((2, 1, 32, 128), "kvarn_k4v2_g64", "128-token"),
+    ((2, 1, 32, 64), PRESET, "decode queries"),
+    ((2, 1, 32, 128), PRESET, "GQA groups <= 8"),
+])
+def test_rejects_what_it_does_not_handle(shape, preset, why):
+    hk = 2 if "GQA" in why else 8
+    d = shape[3]
+    g = 64 if "g64" in preset else G
+    pool = torch.zeros(1, g, hk, d)
+    cache = KVarNCache(pages=torch.zeros(4, hk, 16, dtype=torch.uint8), pool_k=pool,
+                       pool_v=pool, block_to_slot=torch.full((4,), -1, dtype=torch.int32),
+                       slot_to_block=torch.zeros(1, dtype=torch.int32),
+                       dropped_tokens=torch.zeros((), dtype=torch.int32), preset=preset)
+    q = torch.zeros(shape)
+    with pytest.raises(ValueError, match="the Gluon kernel takes"):
+        gluon_attention.attention(q, cache, torch.zeros(2, 4, dtype=torch.int32),
+                                  torch.zeros(2, dtype=torch.int32))
