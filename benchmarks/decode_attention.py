@@ -1,6 +1,7 @@
 """Paged decode attention on one GPU, all implementations in one process on the same shapes:
-KVarN Triton (torch), KVarN Pallas (JAX), FlashAttention-3 fp16 and fp8 from vLLM 0.26,
-and the time to commit the tiles one decode step completes (B blocks x Hk heads).
+KVarN Triton and Gluon (torch; Gluon at D=128 only), KVarN Pallas (JAX), FlashAttention-3
+fp16 and fp8 from vLLM 0.26, and the time to commit the tiles one decode step completes
+(B blocks x Hk heads).
 
     PYTHONPATH=/tmp/vsite:$PWD python benchmarks/decode_attention.py --json out.json
 
@@ -53,12 +54,15 @@ def shapes(args):
     out = []
     for hq, hk in ((32, 8), (9, 3)):
         for d in (128, 64):
-            for b in (1, 16, 64):
+            for b in args.batches or (1, 16, 64):
                 for ctx in (4096, 16384, 32768):
                     out.append((b, ctx, hq, hk, d))
             out.append((1, 131072, hq, hk, d))
     if args.quick:
-        out = [s for s in out if s[2] == 32 and s[4] == 128 and s[0] in (1, 16)]
+        out = [s for s in out if s[2] == 32 and s[4] == 128
+               and (args.batches or s[0] in (1, 16))]
+    if args.batches:
+        out = [s for s in out if s[0] in args.batches]
     return out
 
 
@@ -277,9 +281,11 @@ def main() -> None:
     ap.add_argument("--json")
     ap.add_argument("--quick", action="store_true", help="32/8 heads, D=128, batch 1 and 16")
     ap.add_argument("--commit", help="commit measured")
+    ap.add_argument("--batches", type=int, nargs="+",
+                    help="batch sizes to run instead of 1, 16, 64 (with --quick: of 32/8, D=128)")
     ap.add_argument("--impls", nargs="+",
-                    default=["kvarn-triton", "kvarn-pallas", "fa3-fp16", "fa3-fp8", "commit",
-                             "commit-triton"])
+                    default=["kvarn-triton", "kvarn-gluon", "kvarn-pallas", "fa3-fp16", "fa3-fp8",
+                             "commit", "commit-triton"])
     ap.add_argument("--plot-only", metavar="JSON", help="redraw the plot of a results file")
     ap.add_argument("--sweep", action="store_true",
                     help="time the Triton kernel's launch knobs instead (see the module doc)")
@@ -330,6 +336,21 @@ def main() -> None:
             return time_graph(lambda: triton_attention.attention(tq, tc, tt, tl)), kb
 
         record("kvarn-triton", triton)
+
+        def gluon():
+            from kvarn_torch import gluon_attention, triton_attention
+
+            t, tc = torch.from_dlpack, torch_view(cache)
+            tq, tt, tl = t(q), t(table), t(lens)
+            got = gluon_attention.attention(tq, tc, tt, tl).float()
+            want = triton_attention.attention(tq, tc, tt, tl).float()
+            err = ((got - want).abs().max() / want.abs().max()).item()
+            if err > 2e-2:  # both kernels err ~3e-3 from exact attention
+                raise AssertionError(f"Gluon vs Triton outputs differ by {err:.1e}")
+            return time_graph(lambda: gluon_attention.attention(tq, tc, tt, tl)), kb
+
+        if d == 128:  # its scope (the module doc); 32/8 and 9/3 heads are GQA <= 8
+            record("kvarn-gluon", gluon)
         record("fa3-fp16", lambda: fa3(b, ctx, hq, hk, d, fp8=False))
         record("fa3-fp8", lambda: fa3(b, ctx, hq, hk, d, fp8=True))
 

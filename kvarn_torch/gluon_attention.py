@@ -1,37 +1,40 @@
 """Gluon kernel: decode attention over the quantized records of a paged KVarN cache, with
 the codes loaded straight into the tensor-core operand registers (sm_80+ `mma.sync`).
 
-Experimental: k4v2 presets with 128-token tiles, head_dim 128, decode (one query token),
-GQA groups of up to 16 query heads, every block of the attended range quantized (no
-pool blocks). `kvarn_torch.triton_attention` is the general kernel; this one shows what
-explicit layouts buy on its main loop.
+Scope: k4v2 presets with 128-token tiles, head_dim 128, decode (one query token), GQA
+groups of up to 8 query heads, CUDA only (Gluon has no interpreter). The pool blocks
+(sink, tail) go through `triton_attention`'s kernel in its POOL_ONLY mode, into the same
+partials; `applies` says when `attention` here is the faster choice.
 
 Why Gluon. Triton's block language chooses the register layouts of a dot's operands, so
 the unpacked codes of the Triton kernel take a round trip through shared memory on their
 way into the MMA, and the softmax's reductions cross warps. Here every layout is written
 out: a program is one warp; each thread loads exactly the code bits its MMA fragments
-need (global loads of 16- and 32-bit words), one `lop3` turns two codes into the fp16
-pair of one fragment register, and the warp's softmax state never leaves the warp.
+need (16-bit K and 32-bit V words), one `and` per fragment register masks a pair of codes
+into the mantissas of two fp16 subnormals, and the warp's softmax state never leaves it.
 
-The dots, per 128-token record and 16 query rows (a GQA group, zero-padded):
+The dots, per 128-token record and 16 query rows (a GQA group, zero-padded to the M of
+m16n8k16; the bottom 8 rows are dropped from the accumulators):
 
     s[r, t]  = tau_K[t] * (sum_d q'[r, d] * c_K[d, t] + sum_d q[r, d] * z_K[d])
-    pv[r, d] = sigma_V[d] * (sum_t p'[r, t] * c_V[t, d] + sum_t p[r, t] * z_V[t])
+    pv[d, r] = sigma_V[d] * (sum_t c_V[t, d] * p'[r, t] + sum_t p[r, t] * z_V[t])
 
 with q' = q * a_K and p' = p * a_V rounded to fp16 (q is scaled into [-1, 1] first, so
-q' cannot overflow). A code c enters the dot as the fp16 number 1024 + f * c, made by
-or-ing the code bits into the mantissa of 1024 (0x6400); f (1, 4, 16, 64 or 256) is
-where the code sat in its word, constant per MMA column block, and comes back out with
-the 1024 in a per-row correction.
+q' cannot overflow). A code c masked at bit position b enters the dot as the subnormal
+2**b * c * 2**-24, exact in fp16 and in the MMA's fp32 accumulation; the 2**(24 - b) comes
+back out of the per-row (K) or per-channel (V) coefficients. PV is computed transposed
+(o^T += c_V^T p'^T) so that the V codes are the A operand, whose fragments hold 4 tokens
+of a channel, and P^T's B fragments are the S accumulators of two K column blocks as
+they stand.
 
 Operand orders. The reduction index of a dot and its output columns may be permuted
 freely if both operands agree: the K codes' tokens and the V codes' channels are taken
 in the order the fragment registers receive them from word-sized loads (documented at
 each load below), and the output channels are put back in order at the partial store.
 
-Output: split-KV partials in `triton_attention`'s format ([B, Hk, 1, splits, 16, D]
-unnormalized accumulators, base-2 max and sum per row), merged, normalized and rotated
-back by `triton_attention._merge_kernel`.
+Output: split-KV partials in `triton_attention`'s format ([B, Hk, 1, splits + 1, 16, D]
+unnormalized accumulators, base-2 max and sum per row; the last split is the pool's),
+merged, normalized and rotated back by `triton_attention._merge_kernel`.
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ D = gl.constexpr(128)
 G = gl.constexpr(128)
 NUM_WARPS = 1  # a program is one warp: its softmax state never leaves it
 PROGRAMS_PER_SM = 8  # resident at once: 65,536 registers / (249 x 32)
-MAX_SPLITS = 32
+MIN_KV_SEQUENCES = 64
+MAX_SPLITS = 64  # 1 x 32K on an H200: 50 us at 32 splits, 42 us at 64
 MASKED = triton_attention.MASKED
 LOG2E = triton_attention.LOG2E
 UNIT = gl.constexpr(2.0**24)  # a code c masked into an fp16 mantissa is c * 2**-24
@@ -319,7 +323,9 @@ def _chunk_pv(o_rec, l_acc, pz_sum, s0, s1, s2, s3, m_new, words_ptr, halves_ptr
     return o_rec, l_acc, pz_sum
 
 
-@gluon.jit
+# One compiled variant per model, whatever the batch (see triton_attention._RUNTIME_INTS).
+@gluon.jit(do_not_specialize=["splits", "part_splits", "bt_stride_b"],
+           do_not_specialize_on_alignment=["block_tables_ptr", "seq_lens_ptr"])
 def _record_kernel(
     q_ptr, part_o_ptr, part_ml_ptr, words_ptr, codes16_ptr, halves_ptr, block_tables_ptr,
     seq_lens_ptr, block_to_slot_ptr, qk_scale, splits, part_splits, q_stride_b, q_stride_h,
@@ -363,7 +369,7 @@ def _record_kernel(
     bt_row = block_tables_ptr + b.to(gl.int64) * bt_stride_b
     for blk_i in range(lo, hi):
         blk = gl.load(bt_row + blk_i).to(gl.int64)
-        if gl.load(block_to_slot_ptr + blk) < 0:  # pool blocks: triton_attention's
+        if gl.load(block_to_slot_ptr + blk) < 0:  # (pool blocks: the POOL_ONLY launch)
             rec = blk * page_stride_block + h * page_stride_head
             rec_half = rec // 2
             rec_word = rec // 4
@@ -417,20 +423,47 @@ def _record_kernel(
     gl.store(part_ml_ptr + part * 2 * ROWS + ROWS + rt, gl.sum(l_acc, 1))
 
 
+def unsupported(q: Tensor, cache: KVarNCache) -> str | None:
+    """What `attention` would need changed to take this call, or None if it takes it."""
+    b, sq, hq, d = q.shape
+    hk = cache.num_kv_heads
+    preset = layout(cache.preset, d).preset
+    if sq != 1:
+        return f"decode queries (one token per sequence), got q {list(q.shape)}"
+    if d != D.value:
+        return f"head_dim {D.value}, got {d}"
+    if cache.tile != G.value:
+        return f"{G.value}-token tiles, got {cache.preset}"
+    if preset.k_bits != 4 or preset.v_bits != 2:
+        return f"k4v2 presets, got {cache.preset}"
+    if hq % hk or hq // hk > HALF.value:
+        return f"GQA groups <= {HALF.value} query heads per KV head, got {hq} / {hk}"
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device) < (8, 0):
+        return f"CUDA tensors on an sm_80+ GPU (Gluon has no interpreter), got {q.device}"
+    return None
+
+
+def applies(q: Tensor, cache: KVarNCache) -> bool:
+    """Whether a decode call should take this kernel rather than triton_attention's: one
+    it takes, with at least MIN_KV_SEQUENCES (sequence, KV head) pairs; below that the
+    one-warp programs leave the GPU too empty to win."""
+    return (q.shape[0] * cache.num_kv_heads >= MIN_KV_SEQUENCES
+            and unsupported(q, cache) is None)
+
+
 def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tensor,
               softmax_scale: float | None = None, splits: int | None = None,
               max_registers: int | None = None) -> Tensor:
     """Decode attention, q [B, 1, Hq, D] -> [B, 1, Hq, D]: the quantized blocks with this
     module's kernel, the pool blocks (sink, tail) with triton_attention's, one merge.
     `splits`: of the quantized blocks (default: about PROGRAMS_PER_SM programs per SM)."""
-    b, sq, hq, d = q.shape
-    hk, g = cache.num_kv_heads, cache.tile
+    b, _, hq, d = q.shape
+    hk = cache.num_kv_heads
+    why = unsupported(q, cache)
+    if why:
+        raise ValueError(f"the Gluon kernel takes {why}; triton_attention.attention takes "
+                         "every cache")
     lay = layout(cache.preset, d)
-    if (sq != 1 or d != D or g != G or lay.preset.k_bits != 4 or lay.preset.v_bits != 2
-            or hq % hk or hq // hk > HALF):
-        raise ValueError(f"the Gluon kernel takes decode queries [B, 1, Hq, {D}] over k4v2 "
-                         f"caches with {G}-token tiles and GQA groups <= {HALF}; got q "
-                         f"{list(q.shape)}, preset {cache.preset}")
     group = hq // hk
     scale = softmax_scale if softmax_scale is not None else d ** -0.5
     if q.stride(3) != 1:

@@ -8,7 +8,8 @@ runtime ints and sliced table pointers are not specialized, see triton_attention
 attention programs `launch_config` can pick (16, 32 or 64 query rows), each split or
 not (split adds the merge kernel), the gather kernel of long prefill continuations, the
 rotation of their queries, the pool write of new tokens and the quantize kernel of a
-commit. `compile_kernels` launches each once on a scratch cache of two blocks; Triton
+commit, and on GPUs that run it the Gluon decode kernel with its pool launch and merge.
+`compile_kernels` launches each once on a scratch cache of two blocks; Triton
 keeps them in memory and on disk.
 """
 
@@ -20,7 +21,7 @@ import torch
 
 from kvarn.format import layout
 from kvarn_torch import cache as kvcache
-from kvarn_torch import codec, triton_attention, triton_gather
+from kvarn_torch import codec, gluon_attention, triton_attention, triton_gather
 
 
 def attention_variants(num_q_heads: int, num_kv_heads: int, head_dim: int,
@@ -51,6 +52,9 @@ def compile_kernels(preset: str, num_q_heads: int, num_kv_heads: int, head_dim: 
             triton_attention.attention(q, cache, tables, seq_lens, query_lens, splits=splits,
                                        rows=rows, block_n=block_n, num_warps=warps)
             launches += splits  # the split launch is followed by the merge kernel
+    if gluon_attention.unsupported(q, cache) is None:  # the decode kernel of large batches
+        gluon_attention.attention(q, cache, tables, seq_lens)
+        launches += 3  # record kernel, pool tiles (triton_attention), merge
     triton_gather.gather(cache, tables[0], 2)
     codec.rotate(q[0])  # the query heads of dense continuations
     kv = torch.zeros((1, num_kv_heads, head_dim), dtype=dtype, device=device)

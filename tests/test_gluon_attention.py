@@ -88,12 +88,25 @@ def test_quantized_only_and_empty_sequences():
     assert rel_err(got[:1], triton[:1].float()) < TOL[torch.float16]
 
 
+@gpu
+def test_applies_from_min_kv_sequences():
+    """Serving takes this kernel for decode batches of >= MIN_KV_SEQUENCES (sequence, KV
+    head) pairs it handles, triton_attention's below and for everything else."""
+    cache, _, _ = serving_cache([300], 8, torch.float16)
+    n = gluon_attention.MIN_KV_SEQUENCES // 8
+    q = torch.zeros(n, 1, 32, D, device="cuda", dtype=torch.float16)
+    assert gluon_attention.applies(q, cache)
+    assert not gluon_attention.applies(q[: n - 1], cache)
+    assert not gluon_attention.applies(torch.zeros(n, 2, 32, D, device="cuda"), cache)
+
+
 @pytest.mark.parametrize("shape,preset,why", [
-    ((2, 2, 32, 128), PRESET, "decode"),
+    ((2, 2, 32, 128), PRESET, "decode queries"),
     ((2, 1, 32, 128), "kvarn_k4v4_g128", "k4v2"),
     ((2, 1, 32, 128), "kvarn_k4v2_g64", "128-token"),
-    ((2, 1, 32, 64), PRESET, "decode queries"),
+    ((2, 1, 32, 64), PRESET, "head_dim 128"),
     ((2, 1, 32, 128), PRESET, "GQA groups <= 8"),
+    ((2, 1, 32, 128), PRESET, "CUDA tensors"),
 ])
 def test_rejects_what_it_does_not_handle(shape, preset, why):
     hk = 2 if "GQA" in why else 8
@@ -105,6 +118,6 @@ def test_rejects_what_it_does_not_handle(shape, preset, why):
                        slot_to_block=torch.zeros(1, dtype=torch.int32),
                        dropped_tokens=torch.zeros((), dtype=torch.int32), preset=preset)
     q = torch.zeros(shape)
-    with pytest.raises(ValueError, match="the Gluon kernel takes"):
+    with pytest.raises(ValueError, match=f"the Gluon kernel takes {why}"):
         gluon_attention.attention(q, cache, torch.zeros(2, 4, dtype=torch.int32),
                                   torch.zeros(2, dtype=torch.int32))

@@ -28,7 +28,7 @@ import torch
 
 from kvarn_torch import cache as kvcache
 from kvarn_torch import codec
-from kvarn_torch import triton_attention, triton_gather, warmup
+from kvarn_torch import gluon_attention, triton_attention, triton_gather, warmup
 from kvarn_torch.cache import KVarNCache
 from kvarn_vllm import lifecycle, settings
 from vllm.config import get_current_vllm_config
@@ -350,8 +350,11 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
             b, sq = md.num_reqs, md.uniform_query_len
             t = b * sq  # (a padded graph batch has padded requests too)
             q = query[:t].view(b, sq, self.num_heads, self.head_size)
-            o = triton_attention.attention(q, cache, md.block_table, md.seq_lens,
-                                           md.query_lens(), softmax_scale=self.scale)
+            if sq == 1:
+                o = self._decode(q, cache, md.block_table, md.seq_lens)
+            else:
+                o = triton_attention.attention(q, cache, md.block_table, md.seq_lens,
+                                               md.query_lens(), softmax_scale=self.scale)
             out[:t] = o.view(t, self.num_heads, self.head_size)
             return output
         n = md.num_actual_tokens
@@ -367,8 +370,8 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
         d, hq, hk = self.head_size, self.num_heads, self.num_kv_heads
         nd = md.num_decodes
         if nd:
-            o = triton_attention.attention(q[:nd].view(nd, 1, hq, d), cache, md.block_table[:nd],
-                                           md.seq_lens[:nd], softmax_scale=self.scale)
+            o = self._decode(q[:nd].view(nd, 1, hq, d), cache, md.block_table[:nd],
+                             md.seq_lens[:nd])
             out[:nd] = o.view(nd, hq, d)
         for run in md.runs:
             s, e = run.start, run.end
@@ -383,6 +386,11 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
                                            md.block_table[run.r0: run.r1],
                                            md.seq_lens[run.r0: run.r1], softmax_scale=self.scale)
             out[s:e] = o.view(e - s, hq, d)
+
+    def _decode(self, q, cache, block_table, seq_lens) -> torch.Tensor:
+        """One query token per sequence: the Gluon kernel where it is the faster one."""
+        kernel = gluon_attention if gluon_attention.applies(q, cache) else triton_attention
+        return kernel.attention(q, cache, block_table, seq_lens, softmax_scale=self.scale)
 
     def _dense(self, q, cache, block_table, run: Run, out) -> None:
         """One request's prefill chunk, FlashAttention over its whole context gathered
