@@ -41,9 +41,7 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
-import triton
 from torch import Tensor
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -271,7 +269,7 @@ def _pv_b(p_even, p_odd):
 
 
 @gluon.jit
-def _scores(qp, coef_a, coef_b, coef_a16, coef_b16, codes16_ptr, halves_ptr, rec_half, c0,
+def _scores(qp, coef_a, coef_a16, coef_b, codes16_ptr, halves_ptr, rec_half, c0,
             K_CODES: gl.constexpr, TAU_K: gl.constexpr):
     """Scores [8, 8] (base 2, scaled) of the 4 column blocks of tokens c0 .. c0 + 31:
     block i column n is token c0 + 4 n + i."""
@@ -281,11 +279,11 @@ def _scores(qp, coef_a, coef_b, coef_a16, coef_b16, codes16_ptr, halves_ptr, rec
     tau = halves_ptr + rec_half + TAU_K // 2 + c0 + 4 * n
     s0 = (_top(mma_v2(qp, u0, zero), TOP) * coef_a[:, None] + coef_b[:, None]) \
         * gl.load(tau).to(gl.float32)[None, :]
-    s1 = (_top(mma_v2(qp, u1, zero), TOP) * coef_a16[:, None] + coef_b16[:, None]) \
+    s1 = (_top(mma_v2(qp, u1, zero), TOP) * coef_a16[:, None] + coef_b[:, None]) \
         * gl.load(tau + 1).to(gl.float32)[None, :]
     s2 = (_top(mma_v2(qp, u2, zero), TOP) * coef_a[:, None] + coef_b[:, None]) \
         * gl.load(tau + 2).to(gl.float32)[None, :]
-    s3 = (_top(mma_v2(qp, u3, zero), TOP) * coef_a16[:, None] + coef_b16[:, None]) \
+    s3 = (_top(mma_v2(qp, u3, zero), TOP) * coef_a16[:, None] + coef_b[:, None]) \
         * gl.load(tau + 3).to(gl.float32)[None, :]
     return s0, s1, s2, s3
 
@@ -381,13 +379,13 @@ def _record_kernel(
             coef_a16 = qn * (UNIT / 16)
             coef_b = qn * zq
 
-            s00, s01, s02, s03 = _scores(qp, coef_a, coef_b, coef_a16, coef_b, codes16_ptr,
+            s00, s01, s02, s03 = _scores(qp, coef_a, coef_a16, coef_b, codes16_ptr,
                                          halves_ptr, rec_half, 0, K_CODES, TAU_K)
-            s10, s11, s12, s13 = _scores(qp, coef_a, coef_b, coef_a16, coef_b, codes16_ptr,
+            s10, s11, s12, s13 = _scores(qp, coef_a, coef_a16, coef_b, codes16_ptr,
                                          halves_ptr, rec_half, 32, K_CODES, TAU_K)
-            s20, s21, s22, s23 = _scores(qp, coef_a, coef_b, coef_a16, coef_b, codes16_ptr,
+            s20, s21, s22, s23 = _scores(qp, coef_a, coef_a16, coef_b, codes16_ptr,
                                          halves_ptr, rec_half, 64, K_CODES, TAU_K)
-            s30, s31, s32, s33 = _scores(qp, coef_a, coef_b, coef_a16, coef_b, codes16_ptr,
+            s30, s31, s32, s33 = _scores(qp, coef_a, coef_a16, coef_b, codes16_ptr,
                                          halves_ptr, rec_half, 96, K_CODES, TAU_K)
             mx = gl.maximum(gl.maximum(_max4(s00, s01, s02, s03), _max4(s10, s11, s12, s13)),
                             gl.maximum(_max4(s20, s21, s22, s23), _max4(s30, s31, s32, s33)))
@@ -487,12 +485,5 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     triton_attention.attention(q, cache, block_tables, seq_lens, softmax_scale=softmax_scale,
                                splits=1, rows=ROWS, pool_partials=(part_o, part_ml, splits))
     out = torch.empty_like(q)
-    common = dict(GROUP=group, ROWS=ROWS, D=d, LOG_D=d.bit_length() - 1,
-                  INV_SQRT_D=float(np.float32(1.0 / math.sqrt(d))))
-    triton_attention._merge_kernel[(b, hk, ROWS)](
-        part_o, part_ml, out, 1, splits + 1,
-        triton.cdiv(splits + 1, triton_attention.MAX_SPLITS),
-        out.stride(0), out.stride(1), out.stride(2),
-        SPLIT_CHUNK=triton_attention.MAX_SPLITS, num_warps=triton_attention.MERGE_WARPS,
-        **common)
+    triton_attention.merge(part_o, part_ml, out, 1, group)
     return out

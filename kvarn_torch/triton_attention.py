@@ -590,8 +590,7 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     upcast = interpreted(_attention_kernel)
     scale = softmax_scale if softmax_scale is not None else d ** -0.5
     pool_strides = cache.pool_k.stride()
-    common = dict(GROUP=group, ROWS=rows, D=d, LOG_D=d.bit_length() - 1,
-                  INV_SQRT_D=float(np.float32(1.0 / math.sqrt(d))))
+    common = _shape_constants(group, rows, d)
     _attention_kernel[(b, hk, row_blocks * splits)](
         q, out, part_o, part_ml,
         cache.pages.view(torch.int32), cache.pages.view(torch.float16), cache.pool_k,
@@ -616,10 +615,25 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     if pool_partials is not None:
         return None
     if split:
-        _merge_kernel[(b, hk, row_blocks * rows)](
-            part_o, part_ml, out, sq, splits,
-            runtime_int(_merge_kernel, triton.cdiv(splits, MAX_SPLITS)),
-            out.stride(0), out.stride(1), out.stride(2),
-            SPLIT_CHUNK=MAX_SPLITS, num_warps=MERGE_WARPS, **common,
-        )
+        merge(part_o, part_ml, out, sq, group)
     return out
+
+
+def _shape_constants(group: int, rows: int, d: int) -> dict:
+    """The constexprs the attention and merge kernels share."""
+    return dict(GROUP=group, ROWS=rows, D=d, LOG_D=d.bit_length() - 1,
+                INV_SQRT_D=float(np.float32(1.0 / math.sqrt(d))))
+
+
+def merge(part_o: Tensor, part_ml: Tensor, out: Tensor, num_query_tokens: int,
+          group: int) -> None:
+    """Split-KV partials part_o [B, Hk, row blocks, splits, rows, D] and part_ml (base-2
+    max and sum per row) -> out [B, Sq, Hq, D]: merged, normalized and rotated back, one
+    program per query row."""
+    b, hk, row_blocks, splits, rows, d = part_o.shape
+    _merge_kernel[(b, hk, row_blocks * rows)](
+        part_o, part_ml, out, num_query_tokens, splits,
+        runtime_int(_merge_kernel, triton.cdiv(splits, MAX_SPLITS)),
+        out.stride(0), out.stride(1), out.stride(2),
+        SPLIT_CHUNK=MAX_SPLITS, num_warps=MERGE_WARPS, **_shape_constants(group, rows, d),
+    )
