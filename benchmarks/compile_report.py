@@ -161,7 +161,7 @@ def gluon_attention_report(arch: int) -> dict:
     consts = {k: v for k, v in _record_offsets("kvarn_k4v2_g128", 128).items()
               if k not in ("K_BITS", "V_BITS")} | dict(GROUP=4)
     pointers = dict(q_ptr="*fp16", part_o_ptr="*fp32", part_ml_ptr="*fp32", words_ptr="*i32",
-                    codes16_ptr="*i16", halves_ptr="*fp16", block_tables_ptr="*i32",
+                    halves_ptr="*fp16", block_tables_ptr="*i32",
                     seq_lens_ptr="*i32", block_to_slot_ptr="*i32")
     sig = {n: "constexpr" if n in consts else pointers.get(n, "fp32" if n == "qk_scale" else "i32")
            for n in kernel.arg_names}

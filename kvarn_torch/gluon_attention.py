@@ -9,9 +9,15 @@ partials; `applies` says when `attention` here is the faster choice.
 Why Gluon. Triton's block language chooses the register layouts of a dot's operands, so
 the unpacked codes of the Triton kernel take a round trip through shared memory on their
 way into the MMA, and the softmax's reductions cross warps. Here every layout is written
-out: a program is one warp; each thread loads exactly the code bits its MMA fragments
-need (16-bit K and 32-bit V words), one `and` per fragment register masks a pair of codes
-into the mantissas of two fp16 subnormals, and the warp's softmax state never leaves it.
+out: a program is one warp; each thread reads exactly the code bits its MMA fragments
+need (K halfword pairs by ldmatrix, 32-bit V words), one `and` per fragment register masks
+a pair of codes into the mantissas of two fp16 subnormals, and the warp's softmax state
+never leaves it.
+
+Pipeline. One warp has few instructions in flight, so a record's global loads would stall
+it (in Nsight Compute, a third of the previous, load-as-you-go kernel's stalls were on
+them). Instead the warp copies record i + 1 into shared memory (cp.async) while it
+computes record i, two stages of 13 KB, 8 programs per SM.
 
 The dots, per 128-token record and 16 query rows (a GQA group, zero-padded to the M of
 m16n8k16; the bottom 8 rows are dropped from the accumulators):
@@ -29,8 +35,8 @@ they stand.
 
 Operand orders. The reduction index of a dot and its output columns may be permuted
 freely if both operands agree: the K codes' tokens and the V codes' channels are taken
-in the order the fragment registers receive them from word-sized loads (documented at
-each load below), and the output channels are put back in order at the partial store.
+in the order the fragment registers receive them from their reads (documented at each
+read below), and the output channels are put back in order at the partial store.
 
 Output: split-KV partials in `triton_attention`'s format ([B, Hk, 1, splits + 1, 16, D]
 unnormalized accumulators, base-2 max and sum per row; the last split is the pool's),
@@ -45,7 +51,9 @@ import torch
 from torch import Tensor
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+from triton.experimental.gluon.language.nvidia.ampere.async_copy import (
+    async_copy_global_to_shared as copy_async)
 
 from kvarn.format import layout
 from kvarn_torch import triton_attention
@@ -55,7 +63,7 @@ ROWS = gl.constexpr(16)  # query rows per program: the M of mma.sync m16n8k16
 D = gl.constexpr(128)
 G = gl.constexpr(128)
 NUM_WARPS = 1  # a program is one warp: its softmax state never leaves it
-PROGRAMS_PER_SM = 8  # resident at once: 65,536 registers / (249 x 32)
+PROGRAMS_PER_SM = 8  # resident at once: 65,536 registers / (254 x 32); 8 x 27 KB shared
 MIN_KV_SEQUENCES = 64
 MAX_SPLITS = 64  # 1 x 32K on an H200: 50 us at 32 splits, 42 us at 64
 MASKED = triton_attention.MASKED
@@ -66,14 +74,46 @@ MMA = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shap
 A_OP = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
 B_OP = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
 
-# K code halfwords of one 32-token chunk as [64 channel pairs, 8 token quads, 2 channels of
-# the pair]: thread (g = lane // 4, t = lane % 4) holds pair 8s + 4h + t (s < 8, h < 2) of
-# quad g, both channels: after the 2 -> 1 join below, exactly the B-operand registers of
-# mma m16n8k16 over D = 128 (k = channel).
-K_WORDS = gl.DistributedLinearLayout(
-    reg_bases=[[0, 0, 1], [4, 0, 0], [8, 0, 0], [16, 0, 0], [32, 0, 0]],
-    lane_bases=[[1, 0, 0], [2, 0, 0], [0, 1, 0], [0, 2, 0], [0, 4, 0]],
-    warp_bases=[], block_bases=[], shape=[64, 8, 2])
+# A record is copied into shared memory (cp.async, 16-byte pieces) while the previous one is
+# computed, in orders chosen so that every read below is free of bank conflicts:
+#   K codes [chunk, channel, quad]: the halfwords of a 32-token chunk as 16-byte channel
+#     rows, read as the MMA's B operand by ldmatrix (8 consecutive rows per matrix);
+#   V codes [chunk, 4 m + 2 a + H, 8 t + g]: word g of token 32 chunk + 2 a + H + 8 t + 4 m,
+#     so that the 32 lanes of a read hit 32 banks;
+#   coefficients [32 rows, 4] each (4 channels or tokens a row): a_K and z_K, tau_K, a_V
+#     and z_V in three buffers (sigma_V, needed once at the end, is read from global
+#     memory).
+STAGES = gl.constexpr(2)
+
+
+def _plain(rank: int) -> gl.SwizzledSharedLayout:
+    return gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=list(range(rank))[::-1])
+
+
+# (A buffer [stages x chunks, ...] has the layout of one chunk: Gluon indexes the first
+# dimension away.)
+K_SMEM = _plain(2)
+V_SMEM = _plain(2)
+C_SMEM = _plain(2)
+K_COPY = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32, 1],
+                          warps_per_cta=[1, 1], order=[1, 0])
+V_COPY = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[4, 8],
+                          warps_per_cta=[1, 1], order=[1, 0])
+C_COPY = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[32, 1],
+                          warps_per_cta=[1, 1], order=[1, 0])
+# A chunk's V words as read [4 m + 2 a + H, 8 t + g]: thread (g, t) holds its 8 words.
+V_READ = gl.DistributedLinearLayout(
+    reg_bases=[[1, 0], [2, 0], [4, 0]], lane_bases=[[0, 8], [0, 16], [0, 1], [0, 2], [0, 4]],
+    warp_bases=[], block_bases=[], shape=[8, 32])
+# Per-token coefficients of a chunk [8 n, 4 i] (token 4 n + i): column n as T_COL holds it.
+C_READ = gl.DistributedLinearLayout(
+    reg_bases=[[1, 0], [0, 1], [0, 2]], lane_bases=[[2, 0], [4, 0], [0, 0], [0, 0], [0, 0]],
+    warp_bases=[], block_bases=[], shape=[8, 4])
+# Per-channel coefficients [32, 4] (channel 4 row + i) as SliceLayout(0, A_TOP) holds them.
+D_READ = gl.DistributedLinearLayout(
+    reg_bases=[[0, 1], [2, 0], [4, 0], [8, 0], [16, 0]],
+    lane_bases=[[0, 2], [1, 0], [0, 0], [0, 0], [0, 0]],
+    warp_bases=[], block_bases=[], shape=[32, 4])
 # V code words of half a 16-token PV step as [4 token pairs, 8 words, 2 tokens of the pair]:
 # thread (g, t) holds pair t, word g (the 16 channels 16 g .. 16 g + 15 of a token).
 V_WORDS = gl.DistributedLinearLayout(
@@ -99,22 +139,21 @@ T_COL = gl.SliceLayout(0, TOP)
 O_ROW = gl.SliceLayout(1, MMA)  # the accumulator [D, 8] of the transposed PV dot
 O_COL = gl.SliceLayout(0, MMA)
 # Triton reads module globals only as constexprs.
-(MMA, A_OP, B_OP, K_WORDS, V_WORDS, TOP, A_TOP, Q_LOAD, T_ROW, T_COL, O_ROW, O_COL) = map(
-    gl.constexpr, (MMA, A_OP, B_OP, K_WORDS, V_WORDS, TOP, A_TOP, Q_LOAD, T_ROW, T_COL, O_ROW,
-                   O_COL))
+(MMA, A_OP, B_OP, V_WORDS, TOP, A_TOP, Q_LOAD, T_ROW, T_COL, O_ROW, O_COL, K_SMEM, V_SMEM,
+ C_SMEM, K_COPY, V_COPY, C_COPY, V_READ, C_READ, D_READ) = map(
+    gl.constexpr, (MMA, A_OP, B_OP, V_WORDS, TOP, A_TOP, Q_LOAD, T_ROW, T_COL, O_ROW, O_COL,
+                   K_SMEM, V_SMEM, C_SMEM, K_COPY, V_COPY, C_COPY, V_READ, C_READ, D_READ))
 HALF = gl.constexpr(8)  # real query rows per program
 
 
 def _nibbles_asm() -> str:
-    """Two u16 words (channels a, b; 4 tokens each) -> 4 fp16 pairs (a, b) of token i:
-    the subnormal c * 2**-24 (i even) or 16 c * 2**-24 (i odd)."""
-    out = []
-    for i in range(4):
-        src = "w" if i < 2 else "w8"
-        mask = "0x000F000F" if i % 2 == 0 else "0x00F000F0"
-        out.append(f"and.b32 t, {src}, {mask}; mov.b32 {{${2 * i}, ${2 * i + 1}}}, t;")
-    return ("{ .reg .b32 w, w8, t; mov.b32 w, {$8, $9}; shr.b32 w8, w, 8; "
-            + " ".join(out) + " }")
+    """A register of two K code halfwords (channels 2 t, 2 t + 1 of a token quad, as
+    ldmatrix delivers them) -> the 4 fp16 pairs of its tokens i = 0 .. 3: the subnormal
+    c * 2**-24 (i even) or 16 c * 2**-24 (i odd)."""
+    masks = ("0x000F000F", "0x00F000F0")
+    out = [f"and.b32 ${i}, {'$4' if i < 2 else 'w8'}, {masks[i % 2]};" for i in range(4)]
+    return "{ .reg .b32 w8; shr.b32 w8, $4, 8; " + " ".join(out) + " }"
+
 
 
 def _crumbs_asm() -> str:
@@ -148,44 +187,86 @@ def v_channel(n: int) -> int:
 
 
 @gluon.jit
-def _pair_rows(lo, hi, P: gl.constexpr, N: gl.constexpr):
-    """[P, N] even and odd rows -> [2 P, N] (row 2 p + m), the pair in registers."""
-    return gl.reshape(gl.permute(gl.join(lo, hi), [0, 2, 1]), [2 * P, N])
+def _copy_record(ks, vs, kz, tau, vz, stage, words_ptr, halves_ptr, rec, k_off, v_off, c1, c2,
+                 K_CODES: gl.constexpr, V_CODES: gl.constexpr, A_K: gl.constexpr,
+                 TAU_K: gl.constexpr, A_V: gl.constexpr):
+    """Start copying the record at byte `rec` into stage `stage` of the shared buffers."""
+    half = halves_ptr + rec // 2
+    v_words = words_ptr + rec // 4 + V_CODES // 4
+    for c in gl.static_range(4):  # chunk c: K halfwords 8 c .. of each channel, tokens 32 c ..
+        copy_async(ks.index(4 * stage + c), half + K_CODES // 2 + 8 * c + k_off)
+        copy_async(vs.index(4 * stage + c), v_words + 32 * c * (D // 16) + v_off)
+    copy_async(kz.index(stage), half + A_K // 2 + c2)
+    copy_async(tau.index(stage), half + TAU_K // 2 + c1)
+    copy_async(vz.index(stage), half + A_V // 2 + c2)
 
 
 @gluon.jit
-def _k_operands(codes16_ptr, rec_half, c0, K_CODES: gl.constexpr):
-    """B operands [D, 8] of the K codes of tokens c0 .. c0 + 31, column block i holding
-    token c0 + 4 g + i in column g, value f_i * code * 2**-24 with f_i = 1, 16, 1, 16."""
-    pair = gl.arange(0, 64, layout=gl.SliceLayout(1, gl.SliceLayout(2, K_WORDS)))
-    quad = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, K_WORDS)))
-    m = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, K_WORDS)))
-    chan = 2 * pair[:, None, None] + m[None, None, :]
+def _copy_offsets():
+    """Element offsets in the record of chunk 0 in the shared-memory orders above."""
+    ch = gl.arange(0, D, layout=gl.SliceLayout(1, K_COPY))
+    quad = gl.arange(0, 8, layout=gl.SliceLayout(0, K_COPY))
     # a channel's row of codes: G / 4 halfwords of 4 tokens each
-    offs = chan * (G // 4) + (c0 // 4 + quad)[None, :, None]
-    words = gl.load(codes16_ptr + rec_half + K_CODES // 2 + offs)
-    wa, wb = gl.split(words)
-    r = gl.inline_asm_elementwise(NIBBLES_ASM, "=h," * 8 + "h,h", [wa, wb],
-                                  dtype=(gl.float16,) * 8, is_pure=True, pack=1)
-    return (gl.convert_layout(_pair_rows(r[0], r[1], 64, 8), B_OP, assert_trivial=True),
-            gl.convert_layout(_pair_rows(r[2], r[3], 64, 8), B_OP, assert_trivial=True),
-            gl.convert_layout(_pair_rows(r[4], r[5], 64, 8), B_OP, assert_trivial=True),
-            gl.convert_layout(_pair_rows(r[6], r[7], 64, 8), B_OP, assert_trivial=True))
+    k_off = ch[:, None] * (G // 4) + quad[None, :]
+    row = gl.arange(0, 8, layout=gl.SliceLayout(1, V_COPY))
+    col = gl.arange(0, 32, layout=gl.SliceLayout(0, V_COPY))
+    tok = (row % 4 + 4 * (row // 4))[:, None] + 8 * (col // 8)[None, :]
+    v_off = tok * (D // 16) + (col % 8)[None, :]  # a token's row: D / 16 words
+    ci = gl.arange(0, 4, layout=gl.SliceLayout(0, C_COPY))
+    c1 = 4 * gl.arange(0, 32, layout=gl.SliceLayout(1, C_COPY))[:, None] + ci[None, :]
+    c2 = 4 * gl.arange(0, 64, layout=gl.SliceLayout(1, C_COPY))[:, None] + ci[None, :]
+    return k_off, v_off, c1, c2
 
 
 @gluon.jit
-def _v_half(words_ptr, rec_word, t0, H: gl.constexpr, V_CODES: gl.constexpr):
-    """The 32 fp16 column blocks (block j, token m: r[2 j + m], each [4, 8]) of rows
-    8 H + 2 t + m of the V operand of PV step t0 (see _v_operand)."""
-    t = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, V_WORDS)))
-    grp = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, V_WORDS)))
-    m = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, V_WORDS)))
-    tok = (t0 + H + 8 * t)[:, None, None] + 4 * m[None, None, :]
-    offs = tok * (D // 16) + grp[None, :, None]  # a token's row: D / 16 words of 16 codes
-    words = gl.load(words_ptr + rec_word + V_CODES // 4 + offs)
-    wa, wb = gl.split(words)
+def _k_operands(k_chunk):
+    """B operands [D, 8] of the K codes of a 32-token chunk (shared [D, 8] halfwords): column
+    block i holds token c0 + 4 g + i in column g, value f_i * code * 2**-24 with
+    f_i = 1, 16, 1, 16."""
+    words = k_chunk.load(B_OP)
+    return gl.inline_asm_elementwise(NIBBLES_ASM, "=r,=r,=r,=r,r", [words],
+                                     dtype=(gl.float16,) * 4, is_pure=True, pack=2)
+
+
+@gluon.jit
+def _v_half(words):
+    """The 32 fp16 column blocks (block j, token m: r[2 j + m], each [4, 8]) of the V codes
+    [4 t, 8 g, 2 m] of one half of a PV step (see _v_operand)."""
+    wa, wb = gl.split(gl.convert_layout(words, V_WORDS, assert_trivial=True))
     return gl.inline_asm_elementwise(CRUMBS_ASM, "=h," * 32 + "r,r", [wa, wb],
                                      dtype=(gl.float16,) * 32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _v_words(v_chunk):
+    """A chunk's V code words (shared [8, 32]) as the [4 t, 8 g, 2 m] words of PV steps
+    a = 0, 1 and halves H = 0, 1: (a0h0, a0h1, a1h0, a1h1)."""
+    x = gl.reshape(v_chunk.load(V_READ), [2, 2, 2, 4, 8])  # [m, a, H, t, g]
+    h0, h1 = gl.split(gl.permute(x, [3, 4, 0, 1, 2]))
+    a0h0, a1h0 = gl.split(h0)
+    a0h1, a1h1 = gl.split(h1)
+    return a0h0, a0h1, a1h0, a1h1
+
+
+@gluon.jit
+def _token_coefs(c_chunk):
+    """Per-token coefficients of a chunk (shared [8 n, 4 i]) as 4 float32 vectors [8] in
+    T_COL, vector i holding token 4 n + i."""
+    x = gl.reshape(c_chunk.load(C_READ).to(gl.float32), [HALF, 2, 2])  # [n, i // 2, i % 2]
+    even, odd = gl.split(x)
+    t0, t2 = gl.split(even)
+    t1, t3 = gl.split(odd)
+    return (gl.convert_layout(t0, T_COL, assert_trivial=True),
+            gl.convert_layout(t1, T_COL, assert_trivial=True),
+            gl.convert_layout(t2, T_COL, assert_trivial=True),
+            gl.convert_layout(t3, T_COL, assert_trivial=True))
+
+
+@gluon.jit
+def _channel_coefs(c_rows):
+    """Per-channel coefficients (shared [32, 4]) as float32 [D] in A_TOP's columns."""
+    x = gl.reshape(c_rows.load(D_READ), [D]).to(gl.float32)
+    return gl.convert_layout(x, gl.SliceLayout(0, A_TOP), assert_trivial=True)
 
 
 @gluon.jit
@@ -201,14 +282,14 @@ def _join_rows(r, R8: gl.constexpr, M: gl.constexpr):
 
 
 @gluon.jit
-def _v_operand(words_ptr, rec_word, t0, V_CODES: gl.constexpr):
-    """A operand [D, 16] of the transposed PV dot (o^T += c_V^T p'^T) for step t0: column
-    k = 8 h + 2 t + m is token t0 + 8 t + h + 4 m (the token of row k of the P operand,
-    see _pv_b), row 16 mt + 8 r8 + g is channel 16 g + 8 r8 + mt (v_channel), value
-    v_scale(mt) * code * 2**-24. Thread (g, t) loads word g (channels 16 g .. 16 g + 15)
-    of its 4 tokens and unpacks it in place."""
-    r0 = _v_half(words_ptr, rec_word, t0, 0, V_CODES)
-    r1 = _v_half(words_ptr, rec_word, t0, 1, V_CODES)
+def _v_operand(w_h0, w_h1):
+    """A operand [D, 16] of the transposed PV dot (o^T += c_V^T p'^T) for step t0 from the
+    words of its two halves (_v_words): column k = 8 h + 2 t + m is token t0 + 8 t + h + 4 m
+    (the token of row k of the P operand, see _pv_b), row 16 mt + 8 r8 + g is channel
+    16 g + 8 r8 + mt (v_channel), value v_scale(mt) * code * 2**-24. Thread (g, t) holds
+    word g (channels 16 g .. 16 g + 15) of its 4 tokens and unpacks it in place."""
+    r0 = _v_half(w_h0)
+    r1 = _v_half(w_h1)
     x = gl.join(gl.join(gl.join(_join_rows(r0, 0, 0), _join_rows(r1, 0, 0)),
                         gl.join(_join_rows(r0, 1, 0), _join_rows(r1, 1, 0))),
                 gl.join(gl.join(_join_rows(r0, 0, 1), _join_rows(r1, 0, 1)),
@@ -269,22 +350,16 @@ def _pv_b(p_even, p_odd):
 
 
 @gluon.jit
-def _scores(qp, coef_a, coef_a16, coef_b, codes16_ptr, halves_ptr, rec_half, c0,
-            K_CODES: gl.constexpr, TAU_K: gl.constexpr):
-    """Scores [8, 8] (base 2, scaled) of the 4 column blocks of tokens c0 .. c0 + 31:
-    block i column n is token c0 + 4 n + i."""
-    u0, u1, u2, u3 = _k_operands(codes16_ptr, rec_half, c0, K_CODES)
+def _scores(qp, coef_a, coef_a16, coef_b, k_chunk, tau_chunk):
+    """Scores [8, 8] (base 2, scaled) of the 4 column blocks of a 32-token chunk: block i
+    column n is token c0 + 4 n + i."""
+    u0, u1, u2, u3 = _k_operands(k_chunk)
+    t0, t1, t2, t3 = _token_coefs(tau_chunk)
     zero = gl.zeros([ROWS, 8], gl.float32, MMA)
-    n = gl.arange(0, 8, layout=T_COL)
-    tau = halves_ptr + rec_half + TAU_K // 2 + c0 + 4 * n
-    s0 = (_top(mma_v2(qp, u0, zero), TOP) * coef_a[:, None] + coef_b[:, None]) \
-        * gl.load(tau).to(gl.float32)[None, :]
-    s1 = (_top(mma_v2(qp, u1, zero), TOP) * coef_a16[:, None] + coef_b[:, None]) \
-        * gl.load(tau + 1).to(gl.float32)[None, :]
-    s2 = (_top(mma_v2(qp, u2, zero), TOP) * coef_a[:, None] + coef_b[:, None]) \
-        * gl.load(tau + 2).to(gl.float32)[None, :]
-    s3 = (_top(mma_v2(qp, u3, zero), TOP) * coef_a16[:, None] + coef_b[:, None]) \
-        * gl.load(tau + 3).to(gl.float32)[None, :]
+    s0 = (_top(mma_v2(qp, u0, zero), TOP) * coef_a[:, None] + coef_b[:, None]) * t0[None, :]
+    s1 = (_top(mma_v2(qp, u1, zero), TOP) * coef_a16[:, None] + coef_b[:, None]) * t1[None, :]
+    s2 = (_top(mma_v2(qp, u2, zero), TOP) * coef_a[:, None] + coef_b[:, None]) * t2[None, :]
+    s3 = (_top(mma_v2(qp, u3, zero), TOP) * coef_a16[:, None] + coef_b[:, None]) * t3[None, :]
     return s0, s1, s2, s3
 
 
@@ -294,30 +369,26 @@ def _max4(a, b, c, d):
 
 
 @gluon.jit
-def _probs(s, m_new, halves_ptr, rec_half, tok0, A_V: gl.constexpr, Z_V: gl.constexpr):
-    """p = exp2(s - max) of one column block (column n: token tok0 + 4 n), p * a_V as the
-    fp16 MMA operand, p * z_V."""
-    n = gl.arange(0, 8, layout=T_COL)
+def _probs(s, m_new, a_v, z_v):
+    """p = exp2(s - max) of one column block, p * a_V as the fp16 MMA operand, p * z_V."""
     p = gl.exp2(s - m_new[:, None])
-    a_v = gl.load(halves_ptr + rec_half + A_V // 2 + tok0 + 4 * n).to(gl.float32)
-    z_v = gl.load(halves_ptr + rec_half + Z_V // 2 + tok0 + 4 * n).to(gl.float32)
-    pp = (p * a_v[None, :]).to(gl.float16)
-    return p, pp, p * z_v[None, :]
+    return p, (p * a_v[None, :]).to(gl.float16), p * z_v[None, :]
 
 
 @gluon.jit
-def _chunk_pv(o_rec, l_acc, pz_sum, s0, s1, s2, s3, m_new, words_ptr, halves_ptr,
-              rec_word, rec_half, c0, V_CODES: gl.constexpr, A_V: gl.constexpr,
-              Z_V: gl.constexpr):
-    """Softmax weights of tokens c0 .. c0 + 31 and their PV dots into o_rec."""
-    p0, pp0, z0 = _probs(s0, m_new, halves_ptr, rec_half, c0, A_V, Z_V)
-    p1, pp1, z1 = _probs(s1, m_new, halves_ptr, rec_half, c0 + 1, A_V, Z_V)
-    p2, pp2, z2 = _probs(s2, m_new, halves_ptr, rec_half, c0 + 2, A_V, Z_V)
-    p3, pp3, z3 = _probs(s3, m_new, halves_ptr, rec_half, c0 + 3, A_V, Z_V)
+def _chunk_pv(o_rec, l_acc, pz_sum, s0, s1, s2, s3, m_new, v_chunk, av_chunk, zv_chunk):
+    """Softmax weights of a 32-token chunk and their PV dots into o_rec."""
+    av0, av1, av2, av3 = _token_coefs(av_chunk)
+    zv0, zv1, zv2, zv3 = _token_coefs(zv_chunk)
+    p0, pp0, z0 = _probs(s0, m_new, av0, zv0)
+    p1, pp1, z1 = _probs(s1, m_new, av1, zv1)
+    p2, pp2, z2 = _probs(s2, m_new, av2, zv2)
+    p3, pp3, z3 = _probs(s3, m_new, av3, zv3)
     l_acc = l_acc + ((p0 + p1) + (p2 + p3))
     pz_sum = pz_sum + ((z0 + z1) + (z2 + z3))
-    o_rec = mma_v2(_v_operand(words_ptr, rec_word, c0, V_CODES), _pv_b(pp0, pp1), o_rec)
-    o_rec = mma_v2(_v_operand(words_ptr, rec_word, c0 + 2, V_CODES), _pv_b(pp2, pp3), o_rec)
+    a0h0, a0h1, a1h0, a1h1 = _v_words(v_chunk)
+    o_rec = mma_v2(_v_operand(a0h0, a0h1), _pv_b(pp0, pp1), o_rec)  # tokens c0 + (0, 1) mod 4
+    o_rec = mma_v2(_v_operand(a1h0, a1h1), _pv_b(pp2, pp3), o_rec)  # tokens c0 + (2, 3) mod 4
     return o_rec, l_acc, pz_sum
 
 
@@ -325,7 +396,7 @@ def _chunk_pv(o_rec, l_acc, pz_sum, s0, s1, s2, s3, m_new, words_ptr, halves_ptr
 @gluon.jit(do_not_specialize=["splits", "part_splits", "bt_stride_b"],
            do_not_specialize_on_alignment=["block_tables_ptr", "seq_lens_ptr"])
 def _record_kernel(
-    q_ptr, part_o_ptr, part_ml_ptr, words_ptr, codes16_ptr, halves_ptr, block_tables_ptr,
+    q_ptr, part_o_ptr, part_ml_ptr, words_ptr, halves_ptr, block_tables_ptr,
     seq_lens_ptr, block_to_slot_ptr, qk_scale, splits, part_splits, q_stride_b, q_stride_h,
     page_stride_block, page_stride_head, bt_stride_b, GROUP: gl.constexpr,
     K_CODES: gl.constexpr, A_K: gl.constexpr, Z_K: gl.constexpr, TAU_K: gl.constexpr,
@@ -344,7 +415,6 @@ def _record_kernel(
     q = gl.load(q_ptr + b.to(gl.int64) * q_stride_b + (h * GROUP + r[:, None]) * q_stride_h
                 + dq[None, :], mask=(r < GROUP)[:, None], other=0.0)
     q = gl.convert_layout(_hadamard(q.to(gl.float32), LOG_D) * qk_scale, A_TOP)
-    d = gl.arange(0, D, layout=gl.SliceLayout(0, A_TOP))
     q_norm = gl.maximum(gl.max(gl.abs(q), 1), 1e-30)
     q_unit = q / q_norm[:, None]  # |q_unit| <= 1: q_unit * a_K fits fp16
     qn = gl.convert_layout(q_norm, T_ROW)
@@ -365,28 +435,54 @@ def _record_kernel(
     l_acc = gl.zeros([HALF, 8], gl.float32, TOP)
     o = gl.zeros([D, HALF], gl.float32, MMA)
     bt_row = block_tables_ptr + b.to(gl.int64) * bt_stride_b
+    ks = gl.allocate_shared_memory(gl.float16, [STAGES * 4, D, 8], K_SMEM)
+    vs = gl.allocate_shared_memory(gl.int32, [STAGES * 4, 8, 32], V_SMEM)
+    kzs = gl.allocate_shared_memory(gl.float16, [STAGES, 64, 4], C_SMEM)  # a_K, z_K
+    taus = gl.allocate_shared_memory(gl.float16, [STAGES, 32, 4], C_SMEM)
+    vzs = gl.allocate_shared_memory(gl.float16, [STAGES, 64, 4], C_SMEM)  # a_V, z_V
+    k_off, v_off, c1, c2 = _copy_offsets()
+    head_rec = h * page_stride_head
+    # Software pipeline: record i + 1 is copied while record i is computed; block ids and
+    # their pool slots are read one record further ahead. (The copy after the last record
+    # repeats it: a clamped index, never a read past the split.)
+    has = lo < hi
+    blk = gl.load(bt_row + lo, mask=has, other=0).to(gl.int64)
+    blk_next = gl.load(bt_row + gl.minimum(lo + 1, hi - 1), mask=has, other=0).to(gl.int64)
+    slot = gl.load(block_to_slot_ptr + blk, mask=has, other=0)
+    if has:
+        _copy_record(ks, vs, kzs, taus, vzs, 0, words_ptr, halves_ptr,
+                     blk * page_stride_block + head_rec, k_off, v_off, c1, c2, K_CODES,
+                     V_CODES, A_K, TAU_K, A_V)
+    async_copy.commit_group()
     for blk_i in range(lo, hi):
-        blk = gl.load(bt_row + blk_i).to(gl.int64)
-        if gl.load(block_to_slot_ptr + blk) < 0:  # (pool blocks: the POOL_ONLY launch)
-            rec = blk * page_stride_block + h * page_stride_head
-            rec_half = rec // 2
-            rec_word = rec // 4
-            a_k = gl.load(halves_ptr + rec_half + A_K // 2 + d).to(gl.float32)
-            z_k = gl.load(halves_ptr + rec_half + Z_K // 2 + d).to(gl.float32)
-            qp = _q_operand(q_unit, a_k)
+        stage = (blk_i - lo) % STAGES
+        blk_after = gl.load(bt_row + gl.minimum(blk_i + 2, hi - 1)).to(gl.int64)
+        slot_next = gl.load(block_to_slot_ptr + blk_next)
+        _copy_record(ks, vs, kzs, taus, vzs, 1 - stage, words_ptr, halves_ptr,
+                     blk_next * page_stride_block + head_rec, k_off, v_off, c1, c2, K_CODES,
+                     V_CODES, A_K, TAU_K, A_V)
+        async_copy.commit_group()
+        async_copy.wait_group(1)  # this record's copy (the warp's lanes wrote it together)
+        gl.thread_barrier()
+        if slot < 0:  # (pool blocks: the POOL_ONLY launch)
+            kz_s = kzs.index(stage)
+            tau_s = taus.index(stage)
+            vz_s = vzs.index(stage)
+            qp = _q_operand(q_unit, _channel_coefs(kz_s.slice(0, 32)))
+            z_k = _channel_coefs(kz_s.slice(32, 32))
             zq = gl.convert_layout(gl.sum(q_unit * z_k[None, :], 1), T_ROW)
             coef_a = qn * UNIT
             coef_a16 = qn * (UNIT / 16)
             coef_b = qn * zq
 
-            s00, s01, s02, s03 = _scores(qp, coef_a, coef_a16, coef_b, codes16_ptr,
-                                         halves_ptr, rec_half, 0, K_CODES, TAU_K)
-            s10, s11, s12, s13 = _scores(qp, coef_a, coef_a16, coef_b, codes16_ptr,
-                                         halves_ptr, rec_half, 32, K_CODES, TAU_K)
-            s20, s21, s22, s23 = _scores(qp, coef_a, coef_a16, coef_b, codes16_ptr,
-                                         halves_ptr, rec_half, 64, K_CODES, TAU_K)
-            s30, s31, s32, s33 = _scores(qp, coef_a, coef_a16, coef_b, codes16_ptr,
-                                         halves_ptr, rec_half, 96, K_CODES, TAU_K)
+            s00, s01, s02, s03 = _scores(qp, coef_a, coef_a16, coef_b, ks.index(4 * stage + 0),
+                                         tau_s.slice(0, 8))
+            s10, s11, s12, s13 = _scores(qp, coef_a, coef_a16, coef_b, ks.index(4 * stage + 1),
+                                         tau_s.slice(8, 8))
+            s20, s21, s22, s23 = _scores(qp, coef_a, coef_a16, coef_b, ks.index(4 * stage + 2),
+                                         tau_s.slice(16, 8))
+            s30, s31, s32, s33 = _scores(qp, coef_a, coef_a16, coef_b, ks.index(4 * stage + 3),
+                                         tau_s.slice(24, 8))
             mx = gl.maximum(gl.maximum(_max4(s00, s01, s02, s03), _max4(s10, s11, s12, s13)),
                             gl.maximum(_max4(s20, s21, s22, s23), _max4(s30, s31, s32, s33)))
             m_new = gl.maximum(m_i, gl.max(mx, 1))
@@ -397,21 +493,27 @@ def _record_kernel(
             o_rec = gl.zeros([D, HALF], gl.float32, MMA)
             pz_sum = gl.zeros([HALF, 8], gl.float32, TOP)
             o_rec, l_acc, pz_sum = _chunk_pv(
-                o_rec, l_acc, pz_sum, s00, s01, s02, s03, m_new, words_ptr, halves_ptr,
-                rec_word, rec_half, 0, V_CODES, A_V, Z_V)
+                o_rec, l_acc, pz_sum, s00, s01, s02, s03, m_new, vs.index(4 * stage + 0),
+                vz_s.slice(0, 8), vz_s.slice(32, 8))
             o_rec, l_acc, pz_sum = _chunk_pv(
-                o_rec, l_acc, pz_sum, s10, s11, s12, s13, m_new, words_ptr, halves_ptr,
-                rec_word, rec_half, 32, V_CODES, A_V, Z_V)
+                o_rec, l_acc, pz_sum, s10, s11, s12, s13, m_new, vs.index(4 * stage + 1),
+                vz_s.slice(8, 8), vz_s.slice(40, 8))
             o_rec, l_acc, pz_sum = _chunk_pv(
-                o_rec, l_acc, pz_sum, s20, s21, s22, s23, m_new, words_ptr, halves_ptr,
-                rec_word, rec_half, 64, V_CODES, A_V, Z_V)
+                o_rec, l_acc, pz_sum, s20, s21, s22, s23, m_new, vs.index(4 * stage + 2),
+                vz_s.slice(16, 8), vz_s.slice(48, 8))
             o_rec, l_acc, pz_sum = _chunk_pv(
-                o_rec, l_acc, pz_sum, s30, s31, s32, s33, m_new, words_ptr, halves_ptr,
-                rec_word, rec_half, 96, V_CODES, A_V, Z_V)
+                o_rec, l_acc, pz_sum, s30, s31, s32, s33, m_new, vs.index(4 * stage + 3),
+                vz_s.slice(24, 8), vz_s.slice(56, 8))
+            rec_half = (blk * page_stride_block + head_rec) // 2
             sigma = gl.load(halves_ptr + rec_half + SIGMA_V // 2 + chan).to(gl.float32)
             pz_q = gl.convert_layout(gl.sum(pz_sum, 1), O_COL)
             a_q = gl.convert_layout(alpha, O_COL)
             o = o * a_q[None, :] + sigma[:, None] * (o_rec * inv_f[:, None] + pz_q[None, :])
+        gl.thread_barrier()  # every lane done with this stage before its next copy
+        blk = blk_next
+        blk_next = blk_after
+        slot = slot_next
+    async_copy.wait_group(0)
 
     rq = gl.arange(0, HALF, layout=O_COL)
     part = (b * hk + h) * part_splits + split
@@ -474,8 +576,8 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     part_o = torch.empty(shape + (ROWS, d), dtype=torch.float32, device=q.device)
     part_ml = torch.empty(shape + (2, ROWS), dtype=torch.float32, device=q.device)
     _record_kernel[(b, hk, splits)](
-        q, part_o, part_ml, cache.pages.view(torch.int32), cache.pages.view(torch.int16),
-        cache.pages.view(torch.float16), block_tables, seq_lens, cache.block_to_slot,
+        q, part_o, part_ml, cache.pages.view(torch.int32), cache.pages.view(torch.float16),
+        block_tables, seq_lens, cache.block_to_slot,
         float(scale * LOG2E / math.sqrt(d)), splits, splits + 1, q.stride(0), q.stride(2),
         cache.pages.stride(0), cache.pages.stride(1), block_tables.stride(0), GROUP=group,
         K_CODES=lay.k_codes.offset, A_K=lay.a_k.offset, Z_K=lay.z_k.offset,
