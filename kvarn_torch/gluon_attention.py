@@ -410,15 +410,6 @@ def _record_kernel(
     split = gl.program_id(2)
     hk = gl.num_programs(1)
 
-    r = gl.arange(0, HALF, layout=gl.SliceLayout(1, Q_LOAD))
-    dq = gl.arange(0, D, layout=gl.SliceLayout(0, Q_LOAD))
-    q = gl.load(q_ptr + b.to(gl.int64) * q_stride_b + (h * GROUP + r[:, None]) * q_stride_h
-                + dq[None, :], mask=(r < GROUP)[:, None], other=0.0)
-    q = gl.convert_layout(_hadamard(q.to(gl.float32), LOG_D) * qk_scale, A_TOP)
-    q_norm = gl.maximum(gl.max(gl.abs(q), 1), 1e-30)
-    q_unit = q / q_norm[:, None]  # |q_unit| <= 1: q_unit * a_K fits fp16
-    qn = gl.convert_layout(q_norm, T_ROW)
-
     n_blocks = gl.cdiv(gl.load(seq_lens_ptr + b), G)
     per = gl.cdiv(n_blocks, splits)
     lo = split * per
@@ -443,8 +434,7 @@ def _record_kernel(
     k_off, v_off, c1, c2 = _copy_offsets()
     head_rec = h * page_stride_head
     # Software pipeline: record i + 1 is copied while record i is computed; block ids and
-    # their pool slots are read one record further ahead. (The copy after the last record
-    # repeats it: a clamped index, never a read past the split.)
+    # their pool slots are read one record further ahead (clamped to the split's last).
     has = lo < hi
     blk = gl.load(bt_row + lo, mask=has, other=0).to(gl.int64)
     blk_next = gl.load(bt_row + gl.minimum(lo + 1, hi - 1), mask=has, other=0).to(gl.int64)
@@ -454,14 +444,25 @@ def _record_kernel(
                      blk * page_stride_block + head_rec, k_off, v_off, c1, c2, K_CODES,
                      V_CODES, A_K, TAU_K, A_V)
     async_copy.commit_group()
+
+    # The query, rotated while the first record is on its way.
+    r = gl.arange(0, HALF, layout=gl.SliceLayout(1, Q_LOAD))
+    dq = gl.arange(0, D, layout=gl.SliceLayout(0, Q_LOAD))
+    q = gl.load(q_ptr + b.to(gl.int64) * q_stride_b + (h * GROUP + r[:, None]) * q_stride_h
+                + dq[None, :], mask=(r < GROUP)[:, None], other=0.0)
+    q = gl.convert_layout(_hadamard(q.to(gl.float32), LOG_D) * qk_scale, A_TOP)
+    q_norm = gl.maximum(gl.max(gl.abs(q), 1), 1e-30)
+    q_unit = q / q_norm[:, None]  # |q_unit| <= 1: q_unit * a_K fits fp16
+    qn = gl.convert_layout(q_norm, T_ROW)
     for blk_i in range(lo, hi):
         stage = (blk_i - lo) % STAGES
         blk_after = gl.load(bt_row + gl.minimum(blk_i + 2, hi - 1)).to(gl.int64)
         slot_next = gl.load(block_to_slot_ptr + blk_next)
-        _copy_record(ks, vs, kzs, taus, vzs, 1 - stage, words_ptr, halves_ptr,
-                     blk_next * page_stride_block + head_rec, k_off, v_off, c1, c2, K_CODES,
-                     V_CODES, A_K, TAU_K, A_V)
-        async_copy.commit_group()
+        if blk_i + 1 < hi:
+            _copy_record(ks, vs, kzs, taus, vzs, 1 - stage, words_ptr, halves_ptr,
+                         blk_next * page_stride_block + head_rec, k_off, v_off, c1, c2,
+                         K_CODES, V_CODES, A_K, TAU_K, A_V)
+        async_copy.commit_group()  # (empty after the last record: the wait below holds)
         async_copy.wait_group(1)  # this record's copy (the warp's lanes wrote it together)
         gl.thread_barrier()
         if slot < 0:  # (pool blocks: the POOL_ONLY launch)
