@@ -308,20 +308,6 @@ def _top(x, LAYOUT: gl.constexpr):
 
 
 @gluon.jit
-def _top_vec(v, LAYOUT: gl.constexpr):
-    """Elements 0 .. 7 of a per-row vector [16]."""
-    top, _ = gl.split(gl.permute(gl.reshape(v, [2, HALF]), [1, 0]))
-    return gl.convert_layout(top, LAYOUT)
-
-
-@gluon.jit
-def _padded(x):
-    """[8, 8] rows -> [16, 8] with 8 zero rows below."""
-    y = gl.permute(gl.join(x, gl.zeros_like(x)), [2, 0, 1])
-    return gl.reshape(y, [ROWS, 8])
-
-
-@gluon.jit
 def _hadamard(x, LOG_D: gl.constexpr):
     """Unnormalized Walsh-Hadamard transform of each row of x [8, D] (float32), the
     butterflies of reference.fwht (stage s pairs i with i + 2**s)."""
