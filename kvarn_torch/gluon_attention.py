@@ -63,7 +63,7 @@ ROWS = gl.constexpr(16)  # query rows per program: the M of mma.sync m16n8k16
 D = gl.constexpr(128)
 G = gl.constexpr(128)
 NUM_WARPS = 1  # a program is one warp: its softmax state never leaves it
-PROGRAMS_PER_SM = 8  # resident at once: 65,536 registers / (254 x 32); 8 x 27 KB shared
+PROGRAMS_PER_SM = 8  # resident at once: 65,536 registers / (255 x 32); 8 x 27 KB shared
 MIN_KV_SEQUENCES = 64
 MAX_SPLITS = 64  # 1 x 32K on an H200: 50 us at 32 splits, 42 us at 64
 MASKED = triton_attention.MASKED
@@ -87,6 +87,7 @@ STAGES = gl.constexpr(2)
 
 
 def _plain(rank: int) -> gl.SwizzledSharedLayout:
+    """Row-major, unswizzled: the orders above already spread each read over the banks."""
     return gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=list(range(rank))[::-1])
 
 
