@@ -86,16 +86,10 @@ B_OP = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
 STAGES = gl.constexpr(2)
 
 
-def _plain(rank: int) -> gl.SwizzledSharedLayout:
-    """Row-major, unswizzled: the orders above already spread each read over the banks."""
-    return gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=list(range(rank))[::-1])
-
-
-# (A buffer [stages x chunks, ...] has the layout of one chunk: Gluon indexes the first
+# Row-major, unswizzled: the orders above already spread each read over the banks. (A
+# buffer [stages x chunks, ...] has the layout of one chunk: Gluon indexes the first
 # dimension away.)
-K_SMEM = _plain(2)
-V_SMEM = _plain(2)
-C_SMEM = _plain(2)
+SMEM = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
 K_COPY = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32, 1],
                           warps_per_cta=[1, 1], order=[1, 0])
 V_COPY = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[4, 8],
@@ -140,10 +134,10 @@ T_COL = gl.SliceLayout(0, TOP)
 O_ROW = gl.SliceLayout(1, MMA)  # the accumulator [D, 8] of the transposed PV dot
 O_COL = gl.SliceLayout(0, MMA)
 # Triton reads module globals only as constexprs.
-(MMA, A_OP, B_OP, V_WORDS, TOP, A_TOP, Q_LOAD, T_ROW, T_COL, O_ROW, O_COL, K_SMEM, V_SMEM,
- C_SMEM, K_COPY, V_COPY, C_COPY, V_READ, C_READ, D_READ) = map(
+(MMA, A_OP, B_OP, V_WORDS, TOP, A_TOP, Q_LOAD, T_ROW, T_COL, O_ROW, O_COL, SMEM, K_COPY,
+ V_COPY, C_COPY, V_READ, C_READ, D_READ) = map(
     gl.constexpr, (MMA, A_OP, B_OP, V_WORDS, TOP, A_TOP, Q_LOAD, T_ROW, T_COL, O_ROW, O_COL,
-                   K_SMEM, V_SMEM, C_SMEM, K_COPY, V_COPY, C_COPY, V_READ, C_READ, D_READ))
+                   SMEM, K_COPY, V_COPY, C_COPY, V_READ, C_READ, D_READ))
 HALF = gl.constexpr(8)  # real query rows per program
 
 
@@ -154,7 +148,6 @@ def _nibbles_asm() -> str:
     masks = ("0x000F000F", "0x00F000F0")
     out = [f"and.b32 ${i}, {'$4' if i < 2 else 'w8'}, {masks[i % 2]};" for i in range(4)]
     return "{ .reg .b32 w8; shr.b32 w8, $4, 8; " + " ".join(out) + " }"
-
 
 
 def _crumbs_asm() -> str:
@@ -191,7 +184,8 @@ def v_channel(n: int) -> int:
 def _copy_record(ks, vs, kz, tau, vz, stage, words_ptr, halves_ptr, rec, k_off, v_off, c1, c2,
                  K_CODES: gl.constexpr, V_CODES: gl.constexpr, A_K: gl.constexpr,
                  TAU_K: gl.constexpr, A_V: gl.constexpr):
-    """Start copying the record at byte `rec` into stage `stage` of the shared buffers."""
+    """Start copying the record at byte `rec` into stage `stage` of the shared buffers
+    (z_K follows a_K and z_V follows a_V in the record: one copy each pair)."""
     half = halves_ptr + rec // 2
     v_words = words_ptr + rec // 4 + V_CODES // 4
     for c in gl.static_range(4):  # chunk c: K halfwords 8 c .. of each channel, tokens 32 c ..
@@ -413,11 +407,11 @@ def _record_kernel(
     l_acc = gl.zeros([HALF, 8], gl.float32, TOP)
     o = gl.zeros([D, HALF], gl.float32, MMA)
     bt_row = block_tables_ptr + b.to(gl.int64) * bt_stride_b
-    ks = gl.allocate_shared_memory(gl.float16, [STAGES * 4, D, 8], K_SMEM)
-    vs = gl.allocate_shared_memory(gl.int32, [STAGES * 4, 8, 32], V_SMEM)
-    kzs = gl.allocate_shared_memory(gl.float16, [STAGES, 64, 4], C_SMEM)  # a_K, z_K
-    taus = gl.allocate_shared_memory(gl.float16, [STAGES, 32, 4], C_SMEM)
-    vzs = gl.allocate_shared_memory(gl.float16, [STAGES, 64, 4], C_SMEM)  # a_V, z_V
+    ks = gl.allocate_shared_memory(gl.float16, [STAGES * 4, D, 8], SMEM)
+    vs = gl.allocate_shared_memory(gl.int32, [STAGES * 4, 8, 32], SMEM)
+    kzs = gl.allocate_shared_memory(gl.float16, [STAGES, 64, 4], SMEM)  # a_K, z_K
+    taus = gl.allocate_shared_memory(gl.float16, [STAGES, 32, 4], SMEM)
+    vzs = gl.allocate_shared_memory(gl.float16, [STAGES, 64, 4], SMEM)  # a_V, z_V
     k_off, v_off, c1, c2 = _copy_offsets()
     head_rec = h * page_stride_head
     # Software pipeline: record i + 1 is copied while record i is computed; block ids and

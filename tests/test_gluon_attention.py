@@ -13,6 +13,7 @@ import torch
 if not torch.cuda.is_available():  # the Triton kernels must be defined under the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from kvarn.format import layout  # noqa: E402
 from kvarn_torch import attention_reference, gluon_attention, triton_attention  # noqa: E402
 from kvarn_torch import triton_quantize  # noqa: E402
 from kvarn_torch.cache import KVarNCache  # noqa: E402
@@ -121,3 +122,14 @@ def test_rejects_what_it_does_not_handle(shape, preset, why):
     with pytest.raises(ValueError, match=f"the Gluon kernel takes {why}"):
         gluon_attention.attention(q, cache, torch.zeros(2, 4, dtype=torch.int32),
                                   torch.zeros(2, dtype=torch.int32))
+
+
+def test_record_layout_fits_the_shared_copies():
+    """The kernel copies a_K with z_K and a_V with z_V as one 512-byte run each, and reads
+    K codes as 16-byte channel rows: the record layout it takes must keep them so."""
+    lay = layout(PRESET, D)
+    assert lay.z_k.offset == lay.a_k.offset + lay.a_k.nbytes == lay.a_k.offset + 2 * D
+    assert lay.z_v.offset == lay.a_v.offset + lay.a_v.nbytes == lay.a_v.offset + 2 * D
+    assert lay.tau_k.nbytes == 2 * G and lay.k_codes.nbytes == D * G // 2
+    assert all(f.offset % 16 == 0 for f in (lay.k_codes, lay.a_k, lay.tau_k, lay.v_codes,
+                                            lay.a_v))
