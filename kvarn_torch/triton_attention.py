@@ -82,6 +82,7 @@ POOL_SCAN = tl.constexpr(64)  # tiles whose pool slots one vector load looks up
 NO_TILE = tl.constexpr(2**31 - 1)
 LOG2E = 1.4426950408889634
 MASKED = tl.constexpr(-0.7 * float(np.finfo(np.float32).max))  # exp2 turns it into 0, no NaN
+MERGE_CHUNK = tl.constexpr(4)  # partials per load where the pool program merges (gluon's)
 
 
 # ---------------------------------------------------------------- building blocks
@@ -185,6 +186,34 @@ def _store_rows(out_ptr, acc, l, b, h, rows, n_rows,
     tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=(rows < n_rows)[:, None])
 
 
+@triton.jit
+def _merge_partials(part_o_ptr, part_ml_ptr, first, count, acc, m_i, l_i, row_ok,
+                    ROWS: tl.constexpr, D: tl.constexpr):
+    """Fold `count` split-KV partials from index `first` of part_o / part_ml into this
+    program's softmax state (acc [ROWS, D], base-2 max m_i and sum l_i), MERGE_CHUNK
+    partials per load. Only the sum of a partial with sum 0 (its split saw no token) is
+    read, and nothing of the rows past row_ok (another kernel may leave them unwritten)."""
+    r = tl.arange(0, ROWS)
+    d = tl.arange(0, D)
+    for s0 in range(0, count, MERGE_CHUNK):
+        s = s0 + tl.arange(0, MERGE_CHUNK)
+        part = first + s
+        ok = (s < count)[:, None] & row_ok[None, :]  # [MERGE_CHUNK, ROWS]
+        ml = part_ml_ptr + (part * 2 * ROWS)[:, None] + r[None, :]
+        l_s = tl.load(ml + ROWS, mask=ok, other=0.0)
+        m_s = tl.load(ml, mask=ok & (l_s > 0), other=MASKED)
+        o_rows = (part * ROWS)[:, None] + r[None, :]
+        o_s = tl.load(part_o_ptr + o_rows[:, :, None] * D + d[None, None, :],
+                      mask=(l_s > 0)[:, :, None], other=0.0)
+        m_new = tl.maximum(m_i, tl.max(m_s, 0))
+        alpha = tl.exp2(m_i - m_new)
+        beta = tl.exp2(m_s - m_new[None, :])
+        acc = acc * alpha[:, None] + tl.sum(o_s * beta[:, :, None], 0)
+        l_i = l_i * alpha + tl.sum(l_s * beta, 0)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
 # ---------------------------------------------------------------- one tile
 
 
@@ -283,8 +312,8 @@ def _record_tile(q_unit, q_norm, acc, m_i, l_i, k_words, v_words, a_k, z_k, tau,
 # and per-request slices of the step's tables (pointers 4-byte aligned only): Triton would
 # compile a new variant for each divisibility and alignment class it meets, seconds each
 # in the middle of a step. One variant per set of constexprs instead.
-_RUNTIME_INTS = ["num_query_tokens", "splits", "tiles_per_split", "max_tiles", "bt_stride_b",
-                 "part_splits", "part_first"]
+_RUNTIME_INTS = ["num_query_tokens", "has_query_lens", "splits", "tiles_per_split",
+                 "max_tiles", "bt_stride_b", "part_splits"]
 _SLICED_POINTERS = ["block_tables_ptr", "seq_lens_ptr", "query_lens_ptr"]
 
 
@@ -293,7 +322,8 @@ def _attention_kernel(
     q_ptr, out_ptr, part_o_ptr, part_ml_ptr,
     words_ptr, halves_ptr, pool_k_ptr, pool_v_ptr,
     block_tables_ptr, seq_lens_ptr, query_lens_ptr, block_to_slot_ptr,
-    num_query_tokens, qk_scale, splits, tiles_per_split, max_tiles, part_splits, part_first,
+    num_query_tokens, has_query_lens, qk_scale, splits, tiles_per_split, max_tiles,
+    part_splits,
     q_stride_b, q_stride_s, q_stride_h,
     out_stride_b, out_stride_s, out_stride_h,
     page_stride_block, page_stride_head,
@@ -306,9 +336,11 @@ def _attention_kernel(
     CAUSAL: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
     INV_SQRT_D: tl.constexpr, POOL_ONLY: tl.constexpr,
 ):
-    """Partials go to split part_first + split of part_splits per row block (the other
-    splits may come from another kernel: see gluon_attention). POOL_ONLY: attend to the
-    pool tiles only (the quantized ones are another kernel's)."""
+    """has_query_lens 0: every sequence has num_query_tokens query rows (query_lens_ptr is
+    not read; a decode call then launches nothing else to fill it). SPLIT: store split-KV
+    partials, part_splits per row block. POOL_ONLY: attend to the pool tiles only; the
+    quantized ones are another kernel's (gluon_attention), whose part_splits partials per
+    row block this program merges with its own before it stores the output."""
     TILES_PER_BLOCK: tl.constexpr = G // BLOCK_N
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -332,7 +364,8 @@ def _attention_kernel(
 
     # Row i of the sequence's query sits at position seq_len - query_len + i.
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
-    query_len = tl.load(query_lens_ptr + b).to(tl.int32)
+    query_len = tl.load(query_lens_ptr + b, mask=has_query_lens != 0,
+                        other=num_query_tokens).to(tl.int32)
     if CAUSAL:
         limit = tl.minimum(seq_len - query_len + token + 1, seq_len)
     else:
@@ -399,9 +432,14 @@ def _attention_kernel(
                                            UPCAST)
 
     acc = tl.trans(acc)  # [ROWS, D]
-    if SPLIT:  # partials [B, Hk, row_blocks, splits, ...] for the merge kernel
-        part = (((b.to(tl.int64) * tl.num_programs(1) + h) * (tl.num_programs(2) // splits)
-                 + row_block) * part_splits + part_first + split)
+    # partials [B, Hk, row_blocks, part_splits, ...]: this row block's first one
+    first = ((b.to(tl.int64) * tl.num_programs(1) + h) * (tl.num_programs(2) // splits)
+             + row_block) * part_splits
+    if POOL_ONLY:
+        acc, m_i, l_i = _merge_partials(part_o_ptr, part_ml_ptr, first, part_splits, acc,
+                                        m_i, l_i, row_ok, ROWS, D)
+    if SPLIT:  # for the merge kernel
+        part = first + split
         r = tl.arange(0, ROWS)
         tl.store(part_o_ptr + part * ROWS * D + r[:, None] * D + d[None, :], acc)
         tl.store(part_ml_ptr + part * 2 * ROWS + r, m_i)
@@ -505,7 +543,7 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
               rows: int | None = None, block_n: int | None = None,
               num_warps: int | None = None, num_stages: int = NUM_STAGES,
               max_registers: int | None = None,
-              pool_partials: tuple[Tensor, Tensor, int] | None = None) -> Tensor | None:
+              pool_partials: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """q [B, Sq, Hq, D] (Sq = 1: decode; Sq > 1: the last query_lens[b] tokens of each
     sequence, already appended) -> out [B, Sq, Hq, D] in q's dtype (rows past
     query_lens[b] hold don't-care values).
@@ -517,9 +555,9 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     `num_warps`, `num_stages` and `max_registers` (a per-thread register cap: more
     programs per SM, spills past it) are tuning knobs with defaults from `launch_config`.
 
-    pool_partials (part_o, part_ml, first): attend to the pool tiles only and write their
-    split-KV partial as split `first` of these buffers ([B, Hk, row blocks, splits, ...],
-    another kernel writes the quantized tiles' splits: `gluon_attention`); returns None.
+    pool_partials (part_o, part_ml): the quantized tiles' split-KV partials, [B, Hk, row
+    blocks, splits, rows, D] and [..., 2, rows], from another kernel (`gluon_attention`):
+    attend to the pool tiles only and merge with these (splits must be 1).
     """
     if q.dim() != 4:
         raise ValueError(f"q must be [B, Sq, Hq, D]; got shape {list(q.shape)}")
@@ -536,9 +574,9 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
         raise ValueError(f"block_tables must be [B={b}, M]; got {list(block_tables.shape)}")
     _check_int_tensor("block_tables", block_tables, tuple(block_tables.shape), q.device)
     _check_int_tensor("seq_lens", seq_lens, (b,), q.device)
-    if query_lens is None:
-        query_lens = torch.full((b,), sq, dtype=torch.int32, device=q.device)
-    _check_int_tensor("query_lens", query_lens, (b,), q.device)
+    has_query_lens = query_lens is not None
+    if has_query_lens:
+        _check_int_tensor("query_lens", query_lens, (b,), q.device)
     if not q.is_cuda and not interpreted(_attention_kernel):
         raise ValueError("the Triton attention kernel needs CUDA tensors, or TRITON_INTERPRET=1 "
                          "set before kvarn_torch is imported to run it on the CPU")
@@ -573,13 +611,16 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     tiles_per_split = triton.cdiv(max_tiles, splits)
 
     out = torch.empty_like(q)
-    part_splits, part_first = splits, 0
+    part_splits = splits
     if pool_partials is not None:
-        part_o, part_ml, part_first = pool_partials
-        part_splits, split = part_o.shape[3], True
-        if splits != 1 or part_o.shape != (b, hk, row_blocks, part_splits, rows, d):
+        part_o, part_ml = pool_partials
+        part_splits = part_o.shape[3]
+        if (splits != 1 or part_o.shape != (b, hk, row_blocks, part_splits, rows, d)
+                or part_ml.shape != (b, hk, row_blocks, part_splits, 2, rows)):
             raise ValueError(f"pool_partials must be [B, Hk, {row_blocks}, splits, {rows}, {d}] "
-                             f"buffers, with splits=1; got {list(part_o.shape)}, {splits}")
+                             f"and [B, Hk, {row_blocks}, splits, 2, {rows}] buffers, with "
+                             f"splits=1; got {list(part_o.shape)}, {list(part_ml.shape)}, "
+                             f"{splits}")
     elif split:
         part_o = torch.empty((b, hk, row_blocks, splits, rows, d), dtype=torch.float32,
                              device=q.device)
@@ -595,9 +636,10 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
         q, out, part_o, part_ml,
         cache.pages.view(torch.int32), cache.pages.view(torch.float16), cache.pool_k,
         cache.pool_v,
-        block_tables, seq_lens, query_lens, cache.block_to_slot,
-        sq, float(scale * LOG2E / math.sqrt(d)), splits,
-        runtime_int(_attention_kernel, tiles_per_split), max_tiles, part_splits, part_first,
+        block_tables, seq_lens, query_lens if has_query_lens else seq_lens,
+        cache.block_to_slot, sq, int(has_query_lens),
+        float(scale * LOG2E / math.sqrt(d)), splits,
+        runtime_int(_attention_kernel, tiles_per_split), max_tiles, part_splits,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         cache.pages.stride(0), cache.pages.stride(1),
@@ -612,8 +654,6 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
         num_warps=num_warps, num_stages=num_stages, **common,
         **({} if max_registers is None else {"maxnreg": max_registers}),
     )
-    if pool_partials is not None:
-        return None
     if split:
         merge(part_o, part_ml, out, sq, group)
     return out

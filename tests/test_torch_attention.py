@@ -28,7 +28,7 @@ import pytest  # noqa: E402
 import kvarn_torch  # noqa: E402,F401
 from kvarn.format import get_preset, layout  # noqa: E402
 from kvarn_jax import cache as jcache  # noqa: E402
-from kvarn_torch import attention_reference, codec, triton_attention, triton_gather  # noqa: E402
+from kvarn_torch import attention_reference, codec, reference, triton_attention, triton_gather  # noqa: E402
 from kvarn_torch import cache as kc  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -167,6 +167,55 @@ def test_sub_block_tiles():
     cache, bt, sl = build_cache(preset="kvarn_k4v2_g128", d=64, lens=(300, 100))
     check_attention(cache, bt, sl, hq=4, block_n=32, splits=3)
 
+
+
+def exact_partials(q, cache, bt, sl, splits: int, rows: int):
+    """Split-KV partials of the quantized blocks alone, as gluon_attention's kernel leaves
+    them: [B, Hk, 1, splits, rows, D] unnormalized outputs (rotated frame) and [..., 2,
+    rows] base-2 max and sum. Blocks go to splits in order; a split without tokens has sum
+    0, and it and the padding rows past the GQA group hold NaN (they must not be read)."""
+    b, _, hq, d = q.shape
+    hk, g = cache.num_kv_heads, cache.tile
+    group = hq // hk
+    k, v = kc.gather_kv(cache, bt)  # [B, T, Hk, D]
+    qr = reference.rotate(q.float())[:, 0].reshape(b, hk, group, d)
+    s2 = torch.einsum("bhgd,bthd->bhgt", qr, k) * d ** -0.5 * triton_attention.LOG2E
+    part_o = torch.full((b, hk, 1, splits, rows, d), float("nan"))
+    part_ml = torch.full((b, hk, 1, splits, 2, rows), float("nan"))
+    for i in range(b):
+        blocks = [j for j in range(-(-int(sl[i]) // g)) if cache.block_to_slot[bt[i, j]] < 0]
+        per = -(-len(blocks) // splits) if blocks else 1
+        for s in range(splits):
+            mine = blocks[s * per: (s + 1) * per]
+            pos = [t for j in mine for t in range(j * g, min((j + 1) * g, int(sl[i])))]
+            if not pos:
+                part_ml[i, :, 0, s, 1, :group] = 0.0
+                continue
+            x = s2[i][:, :, pos]  # [Hk, group, n]
+            m = x.max(-1).values
+            p = torch.exp2(x - m[..., None])
+            part_o[i, :, 0, s, :group] = torch.einsum("hgn,nhd->hgd", p, v[i, pos])
+            part_ml[i, :, 0, s, 0, :group] = m
+            part_ml[i, :, 0, s, 1, :group] = p.sum(-1)
+    return part_o.to(DEVICE), part_ml.to(DEVICE)
+
+
+def test_pool_kernel_merges_the_partials_of_another_kernel():
+    """gluon_attention's launch order (GPU-only there), here with exact partials: the pool
+    program attends to the sink and tail blocks, merges the quantized blocks' partials
+    (empty splits and padding rows unread) and stores the whole attention."""
+    cache, bt, sl = build_cache(preset="kvarn_k4v2_g128", d=128, hk=2, lens=(700, 300, 129, 5))
+    hq = 8
+    gen = torch.Generator().manual_seed(4)
+    q = (2.0 * torch.randn(bt.shape[0], 1, hq, 128, generator=gen)).half().to(DEVICE)
+    want = attention_reference.attention(q, cache, bt, sl)
+    for splits in (1, 3, 6):  # 6: more than one MERGE_CHUNK and empty splits
+        partials = exact_partials(q, cache, bt, sl, splits, rows=16)
+        got = triton_attention.attention(q, cache, bt, sl, splits=1, rows=16,
+                                         pool_partials=partials)
+        assert torch.isfinite(got).all()
+        err = (got.float() - want).abs().max() / want.abs().max()
+        assert err < TOL[torch.float16], f"{splits} splits: relative error {err:.2e}"
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
