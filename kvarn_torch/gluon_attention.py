@@ -536,7 +536,7 @@ def applies(q: Tensor, cache: KVarNCache) -> bool:
 
 def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tensor,
               softmax_scale: float | None = None, splits: int | None = None,
-              max_registers: int | None = None) -> Tensor:
+              max_registers: int | None = None, out: Tensor | None = None) -> Tensor:
     """Decode attention, q [B, 1, Hq, D] -> [B, 1, Hq, D]: the quantized blocks with this
     module's kernel, then the pool blocks (sink, tail) with triton_attention's, which
     merges both and stores the output.
@@ -570,4 +570,4 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
         **({} if max_registers is None else {"maxnreg": max_registers}))
     return triton_attention.attention(q, cache, block_tables, seq_lens,
                                       softmax_scale=softmax_scale, splits=1, rows=ROWS,
-                                      pool_partials=(part_o, part_ml))
+                                      pool_partials=(part_o, part_ml), out=out)

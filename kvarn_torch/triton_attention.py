@@ -543,7 +543,8 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
               rows: int | None = None, block_n: int | None = None,
               num_warps: int | None = None, num_stages: int = NUM_STAGES,
               max_registers: int | None = None,
-              pool_partials: tuple[Tensor, Tensor] | None = None) -> Tensor:
+              pool_partials: tuple[Tensor, Tensor] | None = None,
+              out: Tensor | None = None) -> Tensor:
     """q [B, Sq, Hq, D] (Sq = 1: decode; Sq > 1: the last query_lens[b] tokens of each
     sequence, already appended) -> out [B, Sq, Hq, D] in q's dtype (rows past
     query_lens[b] hold don't-care values).
@@ -558,6 +559,9 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     pool_partials (part_o, part_ml): the quantized tiles' split-KV partials, [B, Hk, row
     blocks, splits, rows, D] and [..., 2, rows], from another kernel (`gluon_attention`):
     attend to the pool tiles only and merge with these (splits must be 1).
+
+    out: where to write the result (q's shape and dtype; e.g. a view of the caller's
+    output buffer, saving a copy), a new tensor by default.
     """
     if q.dim() != 4:
         raise ValueError(f"q must be [B, Sq, Hq, D]; got shape {list(q.shape)}")
@@ -610,7 +614,7 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     split = splits > 1
     tiles_per_split = triton.cdiv(max_tiles, splits)
 
-    out = torch.empty_like(q)
+    out = _output(q, out)
     part_splits = splits
     if pool_partials is not None:
         part_o, part_ml = pool_partials
@@ -656,6 +660,17 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     )
     if split:
         merge(part_o, part_ml, out, sq, group)
+    return out
+
+
+def _output(q: Tensor, out: Tensor | None) -> Tensor:
+    if out is None:
+        return torch.empty_like(q)
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"out must be like q ({list(q.shape)}, {q.dtype}, {q.device}); got "
+                         f"{list(out.shape)}, {out.dtype}, {out.device}")
+    if out.stride(3) != 1:
+        raise ValueError("out must be contiguous along its last axis (head_dim)")
     return out
 
 

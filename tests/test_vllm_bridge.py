@@ -4,12 +4,16 @@ validation messages, page-size math, the request follower and the per-step pool 
 
 from __future__ import annotations
 
+import os
 import types
 import typing
 
 import numpy as np
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # the kernels must be defined under the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kvarn.format import HEAD_DIMS, PRESETS, layout
 from kvarn_vllm import settings
@@ -395,7 +399,8 @@ def test_mixed_runs_group_consecutive_fresh_prompts():
     assert served == list(range(2, 36))
 
 
-def _step_metadata(q_lens, seq_lens, threshold=1, flash_attention=True, tile=128):
+def _step_metadata(q_lens, seq_lens, threshold=1, flash_attention=True, tile=128,
+                   block_table=None):
     from kvarn_vllm.backend import KVarNMetadataBuilder
 
     b = len(q_lens)
@@ -404,7 +409,8 @@ def _step_metadata(q_lens, seq_lens, threshold=1, flash_attention=True, tile=128
         num_reqs=b, query_start_loc=qsl, query_start_loc_cpu=qsl,
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
         seq_lens_cpu_upper_bound=torch.tensor(seq_lens, dtype=torch.int32),
-        block_table_tensor=torch.zeros(b, 4, dtype=torch.int32),
+        block_table_tensor=(torch.zeros(b, 4, dtype=torch.int32) if block_table is None
+                            else block_table),
         num_actual_tokens=int(qsl[-1]), max_query_len=max(q_lens))
     builder = KVarNMetadataBuilder.__new__(KVarNMetadataBuilder)  # no vLLM config needed
     builder.reorder_batch_threshold, builder.flash_attention = threshold, flash_attention
@@ -427,6 +433,49 @@ def test_equal_prompts_are_not_a_decode_batch(registered):
     assert md.runs[0].cu.tolist() == [0, 5]
     md = _step_metadata([1, 5, 4], [9, 5, 20], flash_attention=False)
     assert [(r.fresh, r.r0) for r in md.runs] == [(False, 1), (False, 2)]
+
+
+def test_forward_writes_every_row_into_vllms_output(registered):
+    """The impl's forward (no FlashAttention here, so every row goes through the cache
+    kernel) writes each decode and continuation row straight into vLLM's output buffer,
+    the values of direct kernel calls on the same rows."""
+    from kvarn_torch import cache as kc
+    from kvarn_torch import triton_attention
+    from kvarn_vllm.backend import KVarNAttentionImpl
+
+    hk, hq, d, g = 2, 4, 64, 64
+    lens = [150, 70, 10]
+    cache = kc.init(8, hk, d, pool_slots=8, preset="kvarn_k4v2_g64")
+    bt = torch.tensor([[5, 0, 7, 0], [2, 6, 0, 0], [3, 0, 0, 0]], dtype=torch.int32)
+    gen = torch.Generator().manual_seed(0)
+    sm = torch.cat([bt[i, torch.arange(n) // g].long() * g + torch.arange(n) % g
+                    for i, n in enumerate(lens)])
+    kv = [torch.randn(sm.shape[0], hk, d, generator=gen).half() for _ in range(2)]
+    kc.append(cache, *kv, sm, impl="reference")
+    sl = torch.tensor(lens, dtype=torch.int32)
+    kc.commit(cache, bt, sl, torch.ones_like(sl), impl="reference")  # block 7 quantized
+    impl = KVarNAttentionImpl.__new__(KVarNAttentionImpl)  # no vLLM config needed
+    impl.num_heads, impl.num_kv_heads, impl.head_size, impl.scale = hq, hk, d, d ** -0.5
+    impl.cache, impl.pool_k, impl._fa = cache, cache.pool_k, None
+
+    def run(q_lens):
+        md = _step_metadata(q_lens, lens, flash_attention=False, tile=g, block_table=bt)
+        query = torch.randn(sum(q_lens), hq * d, generator=gen).half()
+        output = torch.full_like(query, float("nan"))
+        kv = torch.zeros(sum(q_lens), hk * d, dtype=torch.float16)  # written by the cache update
+        assert impl.forward(None, query, kv, kv, cache.pages, md, output=output) is output
+        return md, query.view(-1, hq, d), output.view(-1, hq, d)
+
+    md, q, out = run([1, 1, 1])  # a decode batch (graph path)
+    assert md.uniform_query_len == 1
+    want = triton_attention.attention(q.view(3, 1, hq, d), cache, bt, sl)
+    assert torch.equal(out, want.view(3, hq, d))
+    md, q, out = run([1, 1, 4])  # two decodes, then the last 4 tokens of sequence 2
+    assert md.num_decodes == 2 and len(md.runs) == 1
+    decodes = triton_attention.attention(q[:2].view(2, 1, hq, d), cache, bt[:2], sl[:2])
+    rows = triton_attention.attention(q[2:].view(1, 4, hq, d), cache, bt[2:], sl[2:])
+    assert torch.equal(out[:2], decodes.view(2, hq, d))
+    assert torch.equal(out[2:], rows.view(4, hq, d))
 
 
 def test_long_continuations_run_dense_with_exact_key_offsets(registered):

@@ -350,12 +350,12 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
             b, sq = md.num_reqs, md.uniform_query_len
             t = b * sq  # (a padded graph batch has padded requests too)
             q = query[:t].view(b, sq, self.num_heads, self.head_size)
+            o = out[:t].view(b, sq, self.num_heads, self.head_size)
             if sq == 1:
-                o = self._decode(q, cache, md.block_table, md.seq_lens)
+                self._decode(q, cache, md.block_table, md.seq_lens, o)
             else:
-                o = triton_attention.attention(q, cache, md.block_table, md.seq_lens,
-                                               md.query_lens(), softmax_scale=self.scale)
-            out[:t] = o.view(t, self.num_heads, self.head_size)
+                triton_attention.attention(q, cache, md.block_table, md.seq_lens,
+                                           md.query_lens(), softmax_scale=self.scale, out=o)
             return output
         n = md.num_actual_tokens
         q = query[:n].view(n, self.num_heads, self.head_size)
@@ -370,9 +370,8 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
         d, hq, hk = self.head_size, self.num_heads, self.num_kv_heads
         nd = md.num_decodes
         if nd:
-            o = self._decode(q[:nd].view(nd, 1, hq, d), cache, md.block_table[:nd],
-                             md.seq_lens[:nd])
-            out[:nd] = o.view(nd, hq, d)
+            self._decode(q[:nd].view(nd, 1, hq, d), cache, md.block_table[:nd],
+                         md.seq_lens[:nd], out[:nd].view(nd, 1, hq, d))
         for run in md.runs:
             s, e = run.start, run.end
             if run.fresh:
@@ -382,15 +381,16 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
             if run.dense_blocks:
                 self._dense(q[s:e], cache, md.block_table[run.r0], run, out[s:e])
                 continue
-            o = triton_attention.attention(q[s:e].view(1, e - s, hq, d), cache,
-                                           md.block_table[run.r0: run.r1],
-                                           md.seq_lens[run.r0: run.r1], softmax_scale=self.scale)
-            out[s:e] = o.view(e - s, hq, d)
+            triton_attention.attention(q[s:e].view(1, e - s, hq, d), cache,
+                                       md.block_table[run.r0: run.r1],
+                                       md.seq_lens[run.r0: run.r1], softmax_scale=self.scale,
+                                       out=out[s:e].view(1, e - s, hq, d))
 
-    def _decode(self, q, cache, block_table, seq_lens) -> torch.Tensor:
-        """One query token per sequence: the Gluon kernel where it is the faster one."""
+    def _decode(self, q, cache, block_table, seq_lens, out) -> None:
+        """One query token per sequence, into out (q's shape): the Gluon kernel where it is
+        the faster one."""
         kernel = gluon_attention if gluon_attention.applies(q, cache) else triton_attention
-        return kernel.attention(q, cache, block_table, seq_lens, softmax_scale=self.scale)
+        kernel.attention(q, cache, block_table, seq_lens, softmax_scale=self.scale, out=out)
 
     def _dense(self, q, cache, block_table, run: Run, out) -> None:
         """One request's prefill chunk, FlashAttention over its whole context gathered
