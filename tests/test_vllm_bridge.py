@@ -400,14 +400,14 @@ def test_mixed_runs_group_consecutive_fresh_prompts():
 
 
 def _step_metadata(q_lens, seq_lens, threshold=1, flash_attention=True, tile=128,
-                   block_table=None):
+                   block_table=None, device="cpu"):
     from kvarn_vllm.backend import KVarNMetadataBuilder
 
     b = len(q_lens)
     qsl = torch.tensor([0, *np.cumsum(q_lens)], dtype=torch.int32)
     cam = types.SimpleNamespace(
-        num_reqs=b, query_start_loc=qsl, query_start_loc_cpu=qsl,
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        num_reqs=b, query_start_loc=qsl.to(device), query_start_loc_cpu=qsl,
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
         seq_lens_cpu_upper_bound=torch.tensor(seq_lens, dtype=torch.int32),
         block_table_tensor=(torch.zeros(b, 4, dtype=torch.int32) if block_table is None
                             else block_table),
@@ -445,24 +445,26 @@ def test_forward_writes_every_row_into_vllms_output(registered):
 
     hk, hq, d, g = 2, 4, 64, 64
     lens = [150, 70, 10]
-    cache = kc.init(8, hk, d, pool_slots=8, preset="kvarn_k4v2_g64")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    cache = kc.init(8, hk, d, pool_slots=8, preset="kvarn_k4v2_g64", device=dev)
     bt = torch.tensor([[5, 0, 7, 0], [2, 6, 0, 0], [3, 0, 0, 0]], dtype=torch.int32)
     gen = torch.Generator().manual_seed(0)
     sm = torch.cat([bt[i, torch.arange(n) // g].long() * g + torch.arange(n) % g
                     for i, n in enumerate(lens)])
     kv = [torch.randn(sm.shape[0], hk, d, generator=gen).half() for _ in range(2)]
-    kc.append(cache, *kv, sm, impl="reference")
-    sl = torch.tensor(lens, dtype=torch.int32)
+    kc.append(cache, *(x.to(dev) for x in kv), sm.to(dev), impl="reference")
+    bt, sl = bt.to(dev), torch.tensor(lens, dtype=torch.int32, device=dev)
     kc.commit(cache, bt, sl, torch.ones_like(sl), impl="reference")  # block 7 quantized
     impl = KVarNAttentionImpl.__new__(KVarNAttentionImpl)  # no vLLM config needed
     impl.num_heads, impl.num_kv_heads, impl.head_size, impl.scale = hq, hk, d, d ** -0.5
     impl.cache, impl.pool_k, impl._fa = cache, cache.pool_k, None
 
     def run(q_lens):
-        md = _step_metadata(q_lens, lens, flash_attention=False, tile=g, block_table=bt)
-        query = torch.randn(sum(q_lens), hq * d, generator=gen).half()
+        md = _step_metadata(q_lens, lens, flash_attention=False, tile=g, block_table=bt,
+                            device=dev)
+        query = torch.randn(sum(q_lens), hq * d, generator=gen).half().to(dev)
         output = torch.full_like(query, float("nan"))
-        kv = torch.zeros(sum(q_lens), hk * d, dtype=torch.float16)  # written by the cache update
+        kv = torch.zeros(sum(q_lens), hk * d, dtype=torch.float16, device=dev)  # unread here
         assert impl.forward(None, query, kv, kv, cache.pages, md, output=output) is output
         return md, query.view(-1, hq, d), output.view(-1, hq, d)
 
