@@ -456,8 +456,9 @@ def _merge_kernel(
     GROUP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, LOG_D: tl.constexpr,
     INV_SQRT_D: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
 ):
-    """Merge the splits of one query row by log-sum-exp (a split that saw no token has sum
-    0 and max MASKED, and its partial is not read), normalize, rotate back and store.
+    """Merge the splits of one query row by log-sum-exp, normalize, rotate back and store.
+    Every split program of the attention kernel stores its partial (one that saw no token:
+    zeros, sum 0, max MASKED), so the three loads need not wait for each other.
 
     One program per row, SPLIT_CHUNK splits per load (all of them, as launched): the
     partials' loads are all in flight at once, where a loop over splits waited for each."""
@@ -479,7 +480,7 @@ def _merge_kernel(
             m_s = tl.load(part_ml_ptr + part * 2 * ROWS + r, mask=s < splits, other=MASKED)
             l_s = tl.load(part_ml_ptr + part * 2 * ROWS + ROWS + r, mask=s < splits, other=0.0)
             o_s = tl.load(part_o_ptr + (part * ROWS + r)[:, None] * D + d[None, :],
-                          mask=(l_s > 0)[:, None], other=0.0)
+                          mask=(s < splits)[:, None], other=0.0)
             m_new = tl.maximum(m, tl.max(m_s, 0))
             alpha = tl.exp2(m - m_new)
             beta = tl.exp2(m_s - m_new)
