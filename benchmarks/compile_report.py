@@ -125,11 +125,13 @@ def _record_offsets(preset: str, head_dim: int) -> dict:
 
 
 def attention_report(rows: int, block_n: int, warps: int, arch: int,
-                     maxnreg: int | None = None, split: bool = True) -> dict:
-    """One decode launch of the attention kernel as `triton_attention.attention` makes it."""
+                     maxnreg: int | None = None, split: bool = True,
+                     pool_only: bool = False) -> dict:
+    """One decode launch of the attention kernel as `triton_attention.attention` makes it
+    (pool_only: the pool blocks and the merge of the Gluon kernel's partials)."""
     kernel = triton_attention._attention_kernel
     consts = dict(GROUP=4, ROWS=rows, D=128, LOG_D=7, G=128, BLOCK_N=block_n, CAUSAL=True,
-                  SPLIT=split, UPCAST=False, INV_SQRT_D=128 ** -0.5, POOL_ONLY=False,
+                  SPLIT=split, UPCAST=False, INV_SQRT_D=128 ** -0.5, POOL_ONLY=pool_only,
                   **_record_offsets("kvarn_k4v2_g128", 128))
     pointers = dict(q_ptr="*fp16", out_ptr="*fp16", part_o_ptr="*fp32", part_ml_ptr="*fp32",
                     words_ptr="*i32", halves_ptr="*fp16", pool_k_ptr="*fp16",
@@ -150,6 +152,7 @@ def attention_report(rows: int, block_n: int, warps: int, arch: int,
                 attrs[(i,)] = aligned  # every stride of a serving launch is a multiple of 16
     src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
     return dict(rows=rows, block_n=block_n, warps=warps, maxnreg=maxnreg, split=split,
+                pool_only=pool_only,
                 **_compiled(src, arch, loop_op="LOP3.LUT", num_warps=warps,
                             num_stages=triton_attention.NUM_STAGES, maxnreg=maxnreg))
 
@@ -191,6 +194,9 @@ def kernels_report(arch: int) -> list[dict]:
         for split in (False, True):
             row = attention_report(rows_, block_n, warps, arch, split=split)
             rows.append(dict(kernel="_attention_kernel", **row))
+    gluon_pool = triton_attention.launch_config(128, 128, 4, gluon_attention.ROWS.value)
+    rows.append(dict(kernel="_attention_kernel",
+                     **attention_report(*gluon_pool, arch, split=False, pool_only=True)))
     rows.append(_compile_one(
         triton_attention._merge_kernel,
         dict(part_o_ptr="*fp32", part_ml_ptr="*fp32", out_ptr="*fp16"),
