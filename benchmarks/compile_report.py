@@ -196,7 +196,7 @@ def kernels_report(arch: int) -> list[dict]:
             rows.append(dict(kernel="_attention_kernel", **row))
     gluon_pool = triton_attention.launch_config(128, 128, 4, gluon_attention.ROWS.value)
     rows.append(dict(kernel="_attention_kernel",
-                     **attention_report(*gluon_pool, arch, split=False, pool_only=True)))
+                     **attention_report(*gluon_pool, arch, split=True, pool_only=True)))
     rows.append(_compile_one(
         triton_attention._merge_kernel,
         dict(part_o_ptr="*fp32", part_ml_ptr="*fp32", out_ptr="*fp16"),

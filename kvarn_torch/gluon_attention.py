@@ -38,10 +38,9 @@ freely if both operands agree: the K codes' tokens and the V codes' channels are
 in the order the fragment registers receive them from their reads (documented at each
 read below), and the output channels are put back in order at the partial store.
 
-Output: split-KV partials in `triton_attention`'s format ([B, Hk, 1, splits, 16, D]
-unnormalized accumulators, base-2 max and sum per row), which `triton_attention`'s kernel
-over the pool blocks merges with its own, normalizes, rotates back and stores: no merge
-launch of its own.
+Output: split-KV partials in `triton_attention`'s format ([B, Hk, 1, splits + 1, 16, D]
+unnormalized accumulators, base-2 max and sum per row; the last split is the pool's),
+merged, normalized and rotated back by `triton_attention._merge_kernel`.
 """
 
 from __future__ import annotations
@@ -538,9 +537,9 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
               softmax_scale: float | None = None, splits: int | None = None,
               max_registers: int | None = None, out: Tensor | None = None) -> Tensor:
     """Decode attention, q [B, 1, Hq, D] -> [B, 1, Hq, D]: the quantized blocks with this
-    module's kernel, then the pool blocks (sink, tail) with triton_attention's, which
-    merges both and stores the output.
-    `splits`: of the quantized blocks (default: about PROGRAMS_PER_SM programs per SM)."""
+    module's kernel, the pool blocks (sink, tail) with triton_attention's, one merge.
+    `splits`: of the quantized blocks (default: about PROGRAMS_PER_SM programs per SM);
+    `out`: as in triton_attention.attention."""
     b, _, hq, d = q.shape
     hk = cache.num_kv_heads
     why = unsupported(q, cache)
@@ -556,18 +555,20 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     if splits is None:
         sms = triton_attention._num_sms(q.device)
         splits = max(1, min(PROGRAMS_PER_SM * sms // (b * hk), max_blocks, MAX_SPLITS))
-    shape = (b, hk, 1, splits)
+    shape = (b, hk, 1, splits + 1)  # the last split: the pool blocks
     part_o = torch.empty(shape + (ROWS, d), dtype=torch.float32, device=q.device)
     part_ml = torch.empty(shape + (2, ROWS), dtype=torch.float32, device=q.device)
     _record_kernel[(b, hk, splits)](
         q, part_o, part_ml, cache.pages.view(torch.int32), cache.pages.view(torch.float16),
         block_tables, seq_lens, cache.block_to_slot,
-        float(scale * LOG2E / math.sqrt(d)), splits, splits, q.stride(0), q.stride(2),
+        float(scale * LOG2E / math.sqrt(d)), splits, splits + 1, q.stride(0), q.stride(2),
         cache.pages.stride(0), cache.pages.stride(1), block_tables.stride(0), GROUP=group,
         K_CODES=lay.k_codes.offset, A_K=lay.a_k.offset, Z_K=lay.z_k.offset,
         TAU_K=lay.tau_k.offset, V_CODES=lay.v_codes.offset, SIGMA_V=lay.sigma_v.offset,
         A_V=lay.a_v.offset, Z_V=lay.z_v.offset, num_warps=NUM_WARPS,
         **({} if max_registers is None else {"maxnreg": max_registers}))
-    return triton_attention.attention(q, cache, block_tables, seq_lens,
-                                      softmax_scale=softmax_scale, splits=1, rows=ROWS,
-                                      pool_partials=(part_o, part_ml), out=out)
+    triton_attention.attention(q, cache, block_tables, seq_lens, softmax_scale=softmax_scale,
+                               splits=1, rows=ROWS, pool_partials=(part_o, part_ml, splits))
+    out = triton_attention.output(q, out)
+    triton_attention.merge(part_o, part_ml, out, 1, group)
+    return out

@@ -76,13 +76,14 @@ MERGE_WARPS = 4
 WARPGROUP = 4  # warps of one Hopper warpgroup MMA
 DEFAULT_SMS = 132  # an H100 SXM; the real count is read from the device when on CUDA
 PROGRAMS_PER_SM = 4  # split the context until about this many programs per SM
-MIN_TILES_PER_SPLIT = 2  # never split a sequence finer than this many tiles
+# Never split a sequence finer than this many tiles. 1 x 4K (32 tiles) on an H200: 13.8 us
+# at 32 splits, 14.4 at 16, 17.6 at 12, FA3 fp16 13.9 (results/decode_splits_h200_1x4k.txt).
+MIN_TILES_PER_SPLIT = 1
 MAX_SPLITS = 32
 POOL_SCAN = tl.constexpr(64)  # tiles whose pool slots one vector load looks up
 NO_TILE = tl.constexpr(2**31 - 1)
 LOG2E = 1.4426950408889634
 MASKED = tl.constexpr(-0.7 * float(np.finfo(np.float32).max))  # exp2 turns it into 0, no NaN
-MERGE_CHUNK = tl.constexpr(4)  # partials per load where the pool program merges (gluon's)
 
 
 # ---------------------------------------------------------------- building blocks
@@ -186,34 +187,6 @@ def _store_rows(out_ptr, acc, l, b, h, rows, n_rows,
     tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=(rows < n_rows)[:, None])
 
 
-@triton.jit
-def _merge_partials(part_o_ptr, part_ml_ptr, first, count, acc, m_i, l_i, row_ok,
-                    ROWS: tl.constexpr, D: tl.constexpr):
-    """Fold `count` split-KV partials from index `first` of part_o / part_ml into this
-    program's softmax state (acc [ROWS, D], base-2 max m_i and sum l_i), MERGE_CHUNK
-    partials per load. Only the sum of a partial with sum 0 (its split saw no token) is
-    read, and nothing of the rows past row_ok (another kernel may leave them unwritten)."""
-    r = tl.arange(0, ROWS)
-    d = tl.arange(0, D)
-    for s0 in range(0, count, MERGE_CHUNK):
-        s = s0 + tl.arange(0, MERGE_CHUNK)
-        part = first + s
-        ok = (s < count)[:, None] & row_ok[None, :]  # [MERGE_CHUNK, ROWS]
-        ml = part_ml_ptr + (part * 2 * ROWS)[:, None] + r[None, :]
-        l_s = tl.load(ml + ROWS, mask=ok, other=0.0)
-        m_s = tl.load(ml, mask=ok & (l_s > 0), other=MASKED)
-        o_rows = (part * ROWS)[:, None] + r[None, :]
-        o_s = tl.load(part_o_ptr + o_rows[:, :, None] * D + d[None, None, :],
-                      mask=(l_s > 0)[:, :, None], other=0.0)
-        m_new = tl.maximum(m_i, tl.max(m_s, 0))
-        alpha = tl.exp2(m_i - m_new)
-        beta = tl.exp2(m_s - m_new[None, :])
-        acc = acc * alpha[:, None] + tl.sum(o_s * beta[:, :, None], 0)
-        l_i = l_i * alpha + tl.sum(l_s * beta, 0)
-        m_i = m_new
-    return acc, m_i, l_i
-
-
 # ---------------------------------------------------------------- one tile
 
 
@@ -313,7 +286,7 @@ def _record_tile(q_unit, q_norm, acc, m_i, l_i, k_words, v_words, a_k, z_k, tau,
 # compile a new variant for each divisibility and alignment class it meets, seconds each
 # in the middle of a step. One variant per set of constexprs instead.
 _RUNTIME_INTS = ["num_query_tokens", "has_query_lens", "splits", "tiles_per_split",
-                 "max_tiles", "bt_stride_b", "part_splits"]
+                 "max_tiles", "bt_stride_b", "part_splits", "part_first"]
 _SLICED_POINTERS = ["block_tables_ptr", "seq_lens_ptr", "query_lens_ptr"]
 
 
@@ -323,7 +296,7 @@ def _attention_kernel(
     words_ptr, halves_ptr, pool_k_ptr, pool_v_ptr,
     block_tables_ptr, seq_lens_ptr, query_lens_ptr, block_to_slot_ptr,
     num_query_tokens, has_query_lens, qk_scale, splits, tiles_per_split, max_tiles,
-    part_splits,
+    part_splits, part_first,
     q_stride_b, q_stride_s, q_stride_h,
     out_stride_b, out_stride_s, out_stride_h,
     page_stride_block, page_stride_head,
@@ -338,9 +311,9 @@ def _attention_kernel(
 ):
     """has_query_lens 0: every sequence has num_query_tokens query rows (query_lens_ptr is
     not read; a decode call then launches nothing else to fill it). SPLIT: store split-KV
-    partials, part_splits per row block. POOL_ONLY: attend to the pool tiles only; the
-    quantized ones are another kernel's (gluon_attention), whose part_splits partials per
-    row block this program merges with its own before it stores the output."""
+    partials as split part_first + split of part_splits per row block (the other splits
+    may come from another kernel: see gluon_attention). POOL_ONLY: attend to the pool
+    tiles only (the quantized ones are another kernel's)."""
     TILES_PER_BLOCK: tl.constexpr = G // BLOCK_N
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -432,14 +405,9 @@ def _attention_kernel(
                                            UPCAST)
 
     acc = tl.trans(acc)  # [ROWS, D]
-    # partials [B, Hk, row_blocks, part_splits, ...]: this row block's first one
-    first = ((b.to(tl.int64) * tl.num_programs(1) + h) * (tl.num_programs(2) // splits)
-             + row_block) * part_splits
-    if POOL_ONLY:
-        acc, m_i, l_i = _merge_partials(part_o_ptr, part_ml_ptr, first, part_splits, acc,
-                                        m_i, l_i, row_ok, ROWS, D)
-    if SPLIT:  # for the merge kernel
-        part = first + split
+    if SPLIT:  # partials [B, Hk, row_blocks, part_splits, ...] for the merge kernel
+        part = (((b.to(tl.int64) * tl.num_programs(1) + h) * (tl.num_programs(2) // splits)
+                 + row_block) * part_splits + part_first + split)
         r = tl.arange(0, ROWS)
         tl.store(part_o_ptr + part * ROWS * D + r[:, None] * D + d[None, :], acc)
         tl.store(part_ml_ptr + part * 2 * ROWS + r, m_i)
@@ -544,8 +512,8 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
               rows: int | None = None, block_n: int | None = None,
               num_warps: int | None = None, num_stages: int = NUM_STAGES,
               max_registers: int | None = None,
-              pool_partials: tuple[Tensor, Tensor] | None = None,
-              out: Tensor | None = None) -> Tensor:
+              pool_partials: tuple[Tensor, Tensor, int] | None = None,
+              out: Tensor | None = None) -> Tensor | None:
     """q [B, Sq, Hq, D] (Sq = 1: decode; Sq > 1: the last query_lens[b] tokens of each
     sequence, already appended) -> out [B, Sq, Hq, D] in q's dtype (rows past
     query_lens[b] hold don't-care values).
@@ -557,9 +525,10 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     `num_warps`, `num_stages` and `max_registers` (a per-thread register cap: more
     programs per SM, spills past it) are tuning knobs with defaults from `launch_config`.
 
-    pool_partials (part_o, part_ml): the quantized tiles' split-KV partials, [B, Hk, row
-    blocks, splits, rows, D] and [..., 2, rows], from another kernel (`gluon_attention`):
-    attend to the pool tiles only and merge with these (splits must be 1).
+    pool_partials (part_o, part_ml, first): attend to the pool tiles only and write their
+    split-KV partial as split `first` of these buffers ([B, Hk, row blocks, splits, rows,
+    D] and [..., 2, rows]; another kernel writes the quantized tiles' splits:
+    `gluon_attention`); returns None.
 
     out: where to write the result (q's shape and dtype; e.g. a view of the caller's
     output buffer, saving a copy), a new tensor by default.
@@ -615,11 +584,11 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     split = splits > 1
     tiles_per_split = triton.cdiv(max_tiles, splits)
 
-    out = _output(q, out)
-    part_splits = splits
+    out = output(q, out)
+    part_splits, part_first = splits, 0
     if pool_partials is not None:
-        part_o, part_ml = pool_partials
-        part_splits = part_o.shape[3]
+        part_o, part_ml, part_first = pool_partials
+        part_splits, split = part_o.shape[3], True
         if (splits != 1 or part_o.shape != (b, hk, row_blocks, part_splits, rows, d)
                 or part_ml.shape != (b, hk, row_blocks, part_splits, 2, rows)):
             raise ValueError(f"pool_partials must be [B, Hk, {row_blocks}, splits, {rows}, {d}] "
@@ -644,7 +613,7 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
         block_tables, seq_lens, query_lens if has_query_lens else seq_lens,
         cache.block_to_slot, sq, int(has_query_lens),
         float(scale * LOG2E / math.sqrt(d)), splits,
-        runtime_int(_attention_kernel, tiles_per_split), max_tiles, part_splits,
+        runtime_int(_attention_kernel, tiles_per_split), max_tiles, part_splits, part_first,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         cache.pages.stride(0), cache.pages.stride(1),
@@ -659,12 +628,15 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
         num_warps=num_warps, num_stages=num_stages, **common,
         **({} if max_registers is None else {"maxnreg": max_registers}),
     )
+    if pool_partials is not None:
+        return None
     if split:
         merge(part_o, part_ml, out, sq, group)
     return out
 
 
-def _output(q: Tensor, out: Tensor | None) -> Tensor:
+def output(q: Tensor, out: Tensor | None) -> Tensor:
+    """`out` checked to take q's result, or a new tensor like q."""
     if out is None:
         return torch.empty_like(q)
     if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:

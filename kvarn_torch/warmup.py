@@ -8,7 +8,7 @@ runtime ints and sliced table pointers are not specialized, see triton_attention
 attention programs `launch_config` can pick (16, 32 or 64 query rows), each split or
 not (split adds the merge kernel), the gather kernel of long prefill continuations, the
 rotation of their queries, the pool write of new tokens and the quantize kernel of a
-commit, and on GPUs that run it the Gluon decode kernel with its pool-and-merge launch.
+commit, and on GPUs that run it the Gluon decode kernel with its pool launch and merge.
 `compile_kernels` launches each once on a scratch cache of two blocks; Triton
 keeps them in memory and on disk.
 """
@@ -54,7 +54,7 @@ def compile_kernels(preset: str, num_q_heads: int, num_kv_heads: int, head_dim: 
             launches += splits  # the split launch is followed by the merge kernel
     if gluon_attention.unsupported(q, cache) is None:  # the decode kernel of large batches
         gluon_attention.attention(q, cache, tables, seq_lens)
-        launches += 2  # record kernel, pool tiles and merge (triton_attention)
+        launches += 3  # record kernel, pool tiles (triton_attention), merge
     triton_gather.gather(cache, tables[0], 2)
     codec.rotate(q[0])  # the query heads of dense continuations
     kv = torch.zeros((1, num_kv_heads, head_dim), dtype=dtype, device=device)

@@ -171,17 +171,18 @@ def test_sub_block_tiles():
 
 def exact_partials(q, cache, bt, sl, splits: int, rows: int):
     """Split-KV partials of the quantized blocks alone, as gluon_attention's kernel leaves
-    them: [B, Hk, 1, splits, rows, D] unnormalized outputs (rotated frame) and [..., 2,
-    rows] base-2 max and sum. Blocks go to splits in order; a split without tokens has sum
-    0, and it and the padding rows past the GQA group hold NaN (they must not be read)."""
+    them, in buffers with one split more (the pool's): [B, Hk, 1, splits + 1, rows, D]
+    unnormalized outputs (rotated frame) and [..., 2, rows] base-2 max and sum. Blocks go
+    to splits in order; a split without tokens holds zeros, sum 0 and max -inf, and the
+    padding rows past the GQA group NaN (they must not be read)."""
     b, _, hq, d = q.shape
     hk, g = cache.num_kv_heads, cache.tile
     group = hq // hk
     k, v = kc.gather_kv(cache, bt)  # [B, T, Hk, D]
     qr = reference.rotate(q.float())[:, 0].reshape(b, hk, group, d)
     s2 = torch.einsum("bhgd,bthd->bhgt", qr, k) * d ** -0.5 * triton_attention.LOG2E
-    part_o = torch.full((b, hk, 1, splits, rows, d), float("nan"))
-    part_ml = torch.full((b, hk, 1, splits, 2, rows), float("nan"))
+    part_o = torch.full((b, hk, 1, splits + 1, rows, d), float("nan"))
+    part_ml = torch.full((b, hk, 1, splits + 1, 2, rows), float("nan"))
     for i in range(b):
         blocks = [j for j in range(-(-int(sl[i]) // g)) if cache.block_to_slot[bt[i, j]] < 0]
         per = -(-len(blocks) // splits) if blocks else 1
@@ -189,6 +190,8 @@ def exact_partials(q, cache, bt, sl, splits: int, rows: int):
             mine = blocks[s * per: (s + 1) * per]
             pos = [t for j in mine for t in range(j * g, min((j + 1) * g, int(sl[i])))]
             if not pos:
+                part_o[i, :, 0, s, :group] = 0.0
+                part_ml[i, :, 0, s, 0, :group] = float("-inf")
                 part_ml[i, :, 0, s, 1, :group] = 0.0
                 continue
             x = s2[i][:, :, pos]  # [Hk, group, n]
@@ -200,19 +203,21 @@ def exact_partials(q, cache, bt, sl, splits: int, rows: int):
     return part_o.to(DEVICE), part_ml.to(DEVICE)
 
 
-def test_pool_kernel_merges_the_partials_of_another_kernel():
-    """gluon_attention's launch order (GPU-only there), here with exact partials: the pool
-    program attends to the sink and tail blocks, merges the quantized blocks' partials
-    (empty splits and padding rows unread) and stores the whole attention."""
+def test_pool_partial_merges_with_the_partials_of_another_kernel():
+    """gluon_attention's launches (GPU-only there), here with exact partials of the
+    quantized blocks: the pool launch writes the sink and tail blocks' partial after
+    them, and the merge kernel stores the whole attention (padding rows unread)."""
     cache, bt, sl = build_cache(preset="kvarn_k4v2_g128", d=128, hk=2, lens=(700, 300, 129, 5))
     hq = 8
     gen = torch.Generator().manual_seed(4)
     q = (2.0 * torch.randn(bt.shape[0], 1, hq, 128, generator=gen)).half().to(DEVICE)
     want = attention_reference.attention(q, cache, bt, sl)
-    for splits in (1, 3, 6):  # 6: more than one MERGE_CHUNK and empty splits
-        partials = exact_partials(q, cache, bt, sl, splits, rows=16)
-        got = triton_attention.attention(q, cache, bt, sl, splits=1, rows=16,
-                                         pool_partials=partials)
+    for splits in (1, 3, 6):  # 6: empty splits
+        part_o, part_ml = exact_partials(q, cache, bt, sl, splits, rows=16)
+        assert triton_attention.attention(q, cache, bt, sl, splits=1, rows=16,
+                                          pool_partials=(part_o, part_ml, splits)) is None
+        got = torch.empty_like(q)
+        triton_attention.merge(part_o, part_ml, got, 1, hq // cache.num_kv_heads)
         assert torch.isfinite(got).all()
         err = (got.float() - want).abs().max() / want.abs().max()
         assert err < TOL[torch.float16], f"{splits} splits: relative error {err:.2e}"
@@ -261,7 +266,8 @@ def test_empty_sequence_gives_zeros():
 def test_num_splits_only_when_short_of_programs():
     assert triton_attention.num_splits(16 * 8, 256, 132) > 1
     assert triton_attention.num_splits(64 * 8, 256, 132) == 1
-    assert triton_attention.num_splits(1, 3, 132) == 1  # too few tiles to split
+    assert triton_attention.num_splits(1, 1, 132) == 1  # one tile: nothing to split
+    assert triton_attention.num_splits(1, 3, 132) == 3  # never fewer tiles than a split
     assert triton_attention.num_splits(2, 10_000, 132) <= triton_attention.MAX_SPLITS
 
 

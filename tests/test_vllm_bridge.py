@@ -507,8 +507,9 @@ def _causal_varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, out):
         ki = k[ks:ke].float().repeat_interleave(group, 1)
         vi = v[ks:ke].float().repeat_interleave(group, 1)
         s = torch.einsum("qhd,khd->hqk", qi, ki) * scale
-        pos_q = torch.arange(qe - qs)[:, None] + (ke - ks) - (qe - qs)
-        s = s.masked_fill(torch.arange(ke - ks)[None, :] > pos_q, float("-inf"))
+        pos_q = torch.arange(qe - qs, device=q.device)[:, None] + (ke - ks) - (qe - qs)
+        s = s.masked_fill(torch.arange(ke - ks, device=q.device)[None, :] > pos_q,
+                          float("-inf"))
         out[qs:qe] = torch.einsum("hqk,khd->qhd", s.softmax(-1), vi).to(out.dtype)
 
 
@@ -523,7 +524,8 @@ def test_dense_continuation_matches_exact_attention_over_the_cache(registered, s
     cache, bt, sl = build_cache(preset="kvarn_k4v2_g64", d=d, hk=hk, lens=(n,), state=state)
     q = (2.0 * torch.randn(1, sq, hk * group, d, generator=torch.Generator().manual_seed(3))
          ).to(cache.dtype).to(cache.device)
-    want = attention_reference.attention(q, cache, bt, sl, torch.tensor([sq], dtype=torch.int32))
+    want = attention_reference.attention(q, cache, bt, sl,
+                                         torch.tensor([sq], dtype=torch.int32, device=q.device))
     run = Run(False, 0, 1, 0, sq, sq, cu=torch.tensor([0, sq], dtype=torch.int32),
               dense_blocks=-(-n // 64) + 1, cu_k=torch.tensor([0, n], dtype=torch.int32))
     impl = types.SimpleNamespace(_fa=_causal_varlen_reference, scale=d ** -0.5)
