@@ -76,9 +76,12 @@ MERGE_WARPS = 4
 WARPGROUP = 4  # warps of one Hopper warpgroup MMA
 DEFAULT_SMS = 132  # an H100 SXM; the real count is read from the device when on CUDA
 PROGRAMS_PER_SM = 4  # split the context until about this many programs per SM
-# Never split a sequence finer than this many tiles. 1 x 4K (32 tiles) on an H200: 13.8 us
-# at 32 splits, 14.4 at 16, 17.6 at 12, FA3 fp16 13.9 (results/decode_splits_h200_1x4k.txt).
-MIN_TILES_PER_SPLIT = 1
+MIN_TILES_PER_SPLIT = 2  # never split a sequence finer than this many tiles...
+# ...unless a tile per split still leaves at most this many programs per SM. On an H200
+# (results/decode_attention_h200_split_tiles.json, decode_splits_h200_1x4k.txt): 1 x 4K,
+# 32 tiles x 8 KV heads, 13.9 us at 32 splits (256 programs), 14.4 at 16; but 2 x 4K takes
+# 22.4 us at 32 splits (512 programs), 18.8 at 16.
+ONE_TILE_SPLITS_PER_SM = 2
 MAX_SPLITS = 32
 POOL_SCAN = tl.constexpr(64)  # tiles whose pool slots one vector load looks up
 NO_TILE = tl.constexpr(2**31 - 1)
@@ -472,9 +475,12 @@ def _num_sms(device: torch.device) -> int:
 def num_splits(programs: int, max_tiles: int, num_sms: int = DEFAULT_SMS) -> int:
     """Split the context only when the (batch, KV head, row block) programs leave the GPU's
     SMs short of work: then aim at PROGRAMS_PER_SM programs per SM, with at least
-    MIN_TILES_PER_SPLIT tiles in each split."""
+    MIN_TILES_PER_SPLIT tiles in each split, or one tile per split where that keeps
+    within ONE_TILE_SPLITS_PER_SM programs per SM (short contexts, latency-bound)."""
     if programs >= num_sms:
         return 1
+    if programs * max_tiles <= ONE_TILE_SPLITS_PER_SM * num_sms:
+        return max(1, min(max_tiles, MAX_SPLITS))
     want = PROGRAMS_PER_SM * num_sms // programs  # rounded down: no partial last wave
     return max(1, min(want, max_tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
 

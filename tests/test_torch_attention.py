@@ -267,7 +267,10 @@ def test_num_splits_only_when_short_of_programs():
     assert triton_attention.num_splits(16 * 8, 256, 132) > 1
     assert triton_attention.num_splits(64 * 8, 256, 132) == 1
     assert triton_attention.num_splits(1, 1, 132) == 1  # one tile: nothing to split
-    assert triton_attention.num_splits(1, 3, 132) == 3  # never fewer tiles than a split
+    assert triton_attention.num_splits(1, 3, 132) == 3  # a tile per split: 3 programs
+    # 1 x 4K and 2 x 4K at 8 KV heads: a tile per split while that is <= 2 programs per SM
+    assert triton_attention.num_splits(8, 32, 132) == 32
+    assert triton_attention.num_splits(16, 32, 132) == 16
     assert triton_attention.num_splits(2, 10_000, 132) <= triton_attention.MAX_SPLITS
 
 
