@@ -128,7 +128,7 @@ def attention_report(rows: int, block_n: int, warps: int, arch: int,
                      maxnreg: int | None = None, split: bool = True,
                      pool_only: bool = False) -> dict:
     """One decode launch of the attention kernel as `triton_attention.attention` makes it
-    (pool_only: the pool blocks and the merge of the Gluon kernel's partials)."""
+    (pool_only: the Gluon path's launch over the pool blocks)."""
     kernel = triton_attention._attention_kernel
     consts = dict(GROUP=4, ROWS=rows, D=128, LOG_D=7, G=128, BLOCK_N=block_n, CAUSAL=True,
                   SPLIT=split, UPCAST=False, INV_SQRT_D=128 ** -0.5, POOL_ONLY=pool_only,
