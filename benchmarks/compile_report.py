@@ -162,7 +162,7 @@ def gluon_attention_report(arch: int) -> dict:
     `gluon_attention.attention` launches it: one warp a program."""
     kernel = gluon_attention._record_kernel
     consts = {k: v for k, v in _record_offsets("kvarn_k4v2_g128", 128).items()
-              if k not in ("K_BITS", "V_BITS")} | dict(GROUP=4)
+              if k in kernel.arg_names} | dict(GROUP=4)
     pointers = dict(q_ptr="*fp16", part_o_ptr="*fp32", part_ml_ptr="*fp32", words_ptr="*i32",
                     halves_ptr="*fp16", block_tables_ptr="*i32",
                     seq_lens_ptr="*i32", block_to_slot_ptr="*i32")

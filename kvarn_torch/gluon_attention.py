@@ -380,12 +380,14 @@ def _record_kernel(
     q_ptr, part_o_ptr, part_ml_ptr, words_ptr, halves_ptr, block_tables_ptr,
     seq_lens_ptr, block_to_slot_ptr, qk_scale, splits, part_splits, q_stride_b, q_stride_h,
     page_stride_block, page_stride_head, bt_stride_b, GROUP: gl.constexpr,
-    K_CODES: gl.constexpr, A_K: gl.constexpr, Z_K: gl.constexpr, TAU_K: gl.constexpr,
-    V_CODES: gl.constexpr, SIGMA_V: gl.constexpr, A_V: gl.constexpr, Z_V: gl.constexpr,
+    K_CODES: gl.constexpr, A_K: gl.constexpr, TAU_K: gl.constexpr, V_CODES: gl.constexpr,
+    SIGMA_V: gl.constexpr, A_V: gl.constexpr,
 ):
     """One warp: the records of split program_id(2) of sequence program_id(0), KV head
     program_id(1), for its GROUP query heads of q [B, 1, Hq, D] (rotated here and scaled
-    by qk_scale = softmax scale * log2 e / sqrt(D): base-2 scores)."""
+    by qk_scale = softmax scale * log2 e / sqrt(D): base-2 scores). z_K and z_V are read
+    as the second halves of the a_K and a_V copies (the record layout puts each right
+    after its a; `test_record_layout_fits_the_shared_copies`)."""
     b = gl.program_id(0)
     h = gl.program_id(1)
     split = gl.program_id(2)
@@ -563,9 +565,9 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
         block_tables, seq_lens, cache.block_to_slot,
         float(scale * LOG2E / math.sqrt(d)), splits, splits + 1, q.stride(0), q.stride(2),
         cache.pages.stride(0), cache.pages.stride(1), block_tables.stride(0), GROUP=group,
-        K_CODES=lay.k_codes.offset, A_K=lay.a_k.offset, Z_K=lay.z_k.offset,
-        TAU_K=lay.tau_k.offset, V_CODES=lay.v_codes.offset, SIGMA_V=lay.sigma_v.offset,
-        A_V=lay.a_v.offset, Z_V=lay.z_v.offset, num_warps=NUM_WARPS,
+        K_CODES=lay.k_codes.offset, A_K=lay.a_k.offset, TAU_K=lay.tau_k.offset,
+        V_CODES=lay.v_codes.offset, SIGMA_V=lay.sigma_v.offset, A_V=lay.a_v.offset,
+        num_warps=NUM_WARPS,
         **({} if max_registers is None else {"maxnreg": max_registers}))
     triton_attention.attention(q, cache, block_tables, seq_lens, softmax_scale=softmax_scale,
                                splits=1, rows=ROWS, pool_partials=(part_o, part_ml, splits))
