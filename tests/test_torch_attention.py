@@ -28,7 +28,8 @@ import pytest  # noqa: E402
 import kvarn_torch  # noqa: E402,F401
 from kvarn.format import get_preset, layout  # noqa: E402
 from kvarn_jax import cache as jcache  # noqa: E402
-from kvarn_torch import attention_reference, codec, reference, triton_attention, triton_gather  # noqa: E402
+from kvarn_torch import attention_reference, codec, reference  # noqa: E402
+from kvarn_torch import triton_attention, triton_gather  # noqa: E402
 from kvarn_torch import cache as kc  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -168,7 +169,6 @@ def test_sub_block_tiles():
     check_attention(cache, bt, sl, hq=4, block_n=32, splits=3)
 
 
-
 def exact_partials(q, cache, bt, sl, splits: int, rows: int):
     """Split-KV partials of the quantized blocks alone, as gluon_attention's kernel leaves
     them, in buffers with one split more (the pool's): [B, Hk, 1, splits + 1, rows, D]
@@ -221,6 +221,7 @@ def test_pool_partial_merges_with_the_partials_of_another_kernel():
         assert torch.isfinite(got).all()
         err = (got.float() - want).abs().max() / want.abs().max()
         assert err < TOL[torch.float16], f"{splits} splits: relative error {err:.2e}"
+
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

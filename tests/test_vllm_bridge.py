@@ -439,22 +439,17 @@ def test_forward_writes_every_row_into_vllms_output(registered):
     """The impl's forward (no FlashAttention here, so every row goes through the cache
     kernel) writes each decode and continuation row straight into vLLM's output buffer,
     the values of direct kernel calls on the same rows."""
-    from kvarn_torch import cache as kc
+    from test_torch_attention import build_cache
+
     from kvarn_torch import triton_attention
     from kvarn_vllm.backend import KVarNAttentionImpl
 
     hk, hq, d, g = 2, 4, 64, 64
     lens = [150, 70, 10]
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    cache = kc.init(8, hk, d, pool_slots=8, preset="kvarn_k4v2_g64", device=dev)
-    bt = torch.tensor([[5, 0, 7, 0], [2, 6, 0, 0], [3, 0, 0, 0]], dtype=torch.int32)
+    cache, bt, sl = build_cache(preset="kvarn_k4v2_g64", d=d, hk=hk, lens=lens)
+    assert cache.block_to_slot[bt[0, 1]] < 0  # a quantized block beside the pool ones
+    dev = cache.device
     gen = torch.Generator().manual_seed(0)
-    sm = torch.cat([bt[i, torch.arange(n) // g].long() * g + torch.arange(n) % g
-                    for i, n in enumerate(lens)])
-    kv = [torch.randn(sm.shape[0], hk, d, generator=gen).half() for _ in range(2)]
-    kc.append(cache, *(x.to(dev) for x in kv), sm.to(dev), impl="reference")
-    bt, sl = bt.to(dev), torch.tensor(lens, dtype=torch.int32, device=dev)
-    kc.commit(cache, bt, sl, torch.ones_like(sl), impl="reference")  # block 7 quantized
     impl = KVarNAttentionImpl.__new__(KVarNAttentionImpl)  # no vLLM config needed
     impl.num_heads, impl.num_kv_heads, impl.head_size, impl.scale = hq, hk, d, d ** -0.5
     impl.cache, impl.pool_k, impl._fa = cache, cache.pool_k, None
