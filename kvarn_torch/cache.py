@@ -148,7 +148,9 @@ def _mark(num_blocks: int, block_tables: Tensor, mask: Tensor) -> Tensor:
     """[num_blocks] bool: physical blocks referenced where `mask` [B, M] holds."""
     ids = torch.where(mask & (block_tables >= 0), block_tables, num_blocks).long()
     marks = torch.zeros(num_blocks + 1, dtype=torch.bool, device=block_tables.device)
-    marks[ids.flatten()] = True  # every write is True: duplicates are harmless
+    # index_fill_ takes the value as a kernel argument; `marks[ids] = True` would copy a
+    # host scalar to the GPU and wait for the stream (a host sync per step in vLLM).
+    marks.index_fill_(0, ids.flatten(), True)  # duplicates are harmless: all write True
     return marks[:num_blocks]
 
 
