@@ -15,6 +15,7 @@ import argparse
 import datetime
 import gc
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -180,7 +181,9 @@ def main() -> None:
             benchmark="vllm_throughput", model=f"{args.shape} shape, dummy weights",
             tensor_parallel_size=args.tensor_parallel_size,
             device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
-            commit=args.commit, args=vars(args), results=results), indent=1))
+            commit=args.commit,
+            command="python benchmarks/vllm_throughput.py " + " ".join(sys.argv[1:]),
+            args=vars(args), results=results), indent=1))
         plot(json.loads(Path(args.json).read_text()), Path(args.json).with_suffix(".png"))
 
 
