@@ -89,7 +89,7 @@ def host_syncs(llm, args) -> list[dict]:
     count, stacks = collections.Counter(), {}
 
     def record(message, *_, **__):
-        if "synchroniz" not in str(message):
+        if "called a synchronizing" not in str(message):  # not the mode's own notice
             return
         frames = [f for f in traceback.extract_stack() if not f.filename.endswith("warnings.py")]
         key = tuple(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[-6:-1])
