@@ -86,7 +86,7 @@ def host_syncs(llm, args) -> list[dict]:
     """Run the burst under torch's sync debug mode; -> the distinct call stacks (innermost
     frames outside `warnings`) that synchronized the host with the GPU, most frequent
     first."""
-    count, stacks = collections.Counter(), {}
+    count = collections.Counter()
 
     def record(message, *_, **__):
         if "called a synchronizing" not in str(message):  # not the mode's own notice
@@ -94,7 +94,6 @@ def host_syncs(llm, args) -> list[dict]:
         frames = [f for f in traceback.extract_stack() if not f.filename.endswith("warnings.py")]
         key = tuple(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[-6:-1])
         count[key] += 1
-        stacks.setdefault(key, str(message).split("(")[0].strip())
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
