@@ -334,7 +334,26 @@ def test_pool_group_step_matches_one_layer_at_a_time():
     assert all(c.pages[2].any() for c in caches)
 
 
+def test_a_step_with_nothing_to_do_launches_no_bookkeeping(monkeypatch):
+    """A decode token inside a block the pool holds, nothing ready, nothing finished: the
+    mirror knows it, and the step launches none of the cache's bookkeeping ops."""
+    from kvarn_torch import cache as kvcache
+    from kvarn_vllm.lifecycle import Scheduled, StepPlan
+
+    caches, group = _layers()
+    rng = torch.Generator().manual_seed(0)
+    _run_step(caches, group, StepPlan([Scheduled("a", [1, 2], 0, G + 6)]), rng)
+    for name in ("commit_marks", "release_marks", "flush", "allocate"):
+        monkeypatch.setattr(kvcache, name,
+                            lambda *a, name=name, **k: pytest.fail(f"{name} was launched"))
+    _run_step(caches, group, StepPlan([Scheduled("a", [1, 2], G + 6, 1)]), rng)
+    assert group.mirror.held == {1, 2}
+
+
 def test_a_mirror_that_misses_tiles_stops_the_engine():
+    """Step 1 has a ready tile the mirror forgot, and nothing else it knows to do: the
+    GPU-side bookkeeping is skipped. Step 2 releases a request, so its flush counts the
+    missed tiles on the GPU, and step 3 stops the engine."""
     from kvarn_vllm.lifecycle import RequestBlocks
 
     caches, group = _layers()
@@ -343,9 +362,10 @@ def test_a_mirror_that_misses_tiles_stops_the_engine():
     rb.observe(outs[0])
     _run_step(caches, group, rb.plan, rng)
     group.mirror.held.clear()  # the mirror forgets the prompt's blocks: it counts 0 tiles
-    rb.observe(outs[1])
-    _run_step(caches, group, rb.plan, rng)
-    rb.observe(outs[2])
+    for out in outs[1:3]:
+        rb.observe(out)
+        _run_step(caches, group, rb.plan, rng)
+    rb.observe(outs[3])
     with pytest.raises(RuntimeError, match="not counted by the host-side pool mirror"):
         _run_step(caches, group, rb.plan, rng)
 

@@ -14,8 +14,9 @@ attention metadata: `RequestBlocks` follows the scheduler outputs the worker rec
 (block ids and token counts per request), and `PoolGroup` keeps a host mirror of which
 blocks hold a pool slot, driven by the same rules, so it knows each step's tile count
 without reading it back from the GPU (a host sync per step would stall vLLM's overlap of
-CPU and GPU work). The GPU counts what the mirror missed; a mismatch stops the engine
-loudly, one step late, like an exhausted pool.
+CPU and GPU work). The GPU counts what the mirror missed whenever it flushes; a mismatch
+stops the engine loudly in the step after, like an exhausted pool. Steps the mirror
+finds nothing to do for launch no bookkeeping at all.
 """
 
 from __future__ import annotations
@@ -162,10 +163,10 @@ class PoolMirror:
         self.held -= quantize | free
         return len(quantize)
 
-    def allocate(self, plan: StepPlan) -> int:
-        """Give slots to the blocks this step starts; -> slots still missing (0 if the pool
-        holds them all)."""
-        g, missing = self.tile, 0
+    def allocate(self, plan: StepPlan) -> tuple[int, int]:
+        """Give slots to the blocks this step starts; -> (slots given, slots still missing:
+        0 if the pool holds them all)."""
+        g, granted, missing = self.tile, 0, 0
         for s in plan.scheduled:
             if s.new_tokens <= 0:
                 continue
@@ -175,9 +176,10 @@ class PoolMirror:
                 if b not in self.held:
                     if len(self.held) < self.pool_slots:
                         self.held.add(b)
+                        granted += 1
                     else:
                         missing += 1
-        return missing
+        return granted, missing
 
 
 class PoolGroup:
@@ -224,13 +226,18 @@ class PoolGroup:
              slot_mapping: Tensor, plan: StepPlan, *, sync: bool = False) -> None:
         """One step: quantize and free as the plan's finished requests and accepted blocks
         require, then allocate for the step's writes. `sync` counts the tiles on the GPU
-        (one host sync) instead of trusting the mirror."""
+        (one host sync) instead of trusting the mirror.
+
+        Trusting it, a step the mirror finds nothing to quantize, free or allocate for
+        (most decode steps) launches none of the ~35 small bookkeeping ops: their host
+        time would hold up vLLM's next step. A tile the mirror missed is then counted at
+        the next flush (a commit or a release) instead of this step's."""
         if not self.started:
             self._start()
         self._check_counters()
         head = self.caches[0]
         n = self.mirror.flush(plan)
-        missing = self.mirror.allocate(plan)
+        granted, missing = self.mirror.allocate(plan)
         if missing and not sync:
             pool = self.mirror.pool_slots
             raise PoolExhausted(
@@ -246,14 +253,15 @@ class PoolGroup:
             lens = torch.tensor([f.tokens for f in plan.finished], dtype=torch.int32)
             quantize, free = kvcache.release_marks(head, _to_device(table, head.device),
                                                    _to_device(lens, head.device))
-        if block_table.shape[0]:
+        if block_table.shape[0] and (sync or n or quantize is not None):
             ready = kvcache.commit_marks(head, block_table, seq_lens, query_lens)
             quantize = ready if quantize is None else quantize | ready
         if quantize is not None:
             kvcache.flush(self.caches, quantize, free if free is not None else
                           torch.zeros_like(quantize), None if sync else n,
                           backlog=None if sync else self.backlog)
-        kvcache.allocate(head, slot_mapping)
+        if sync or granted:
+            kvcache.allocate(head, slot_mapping)
         # read by the next step; the layers' writes of this step count in the one after
         self._seen[0].copy_(self.tables.dropped_tokens, non_blocking=True)
         self._seen[1].copy_(self.backlog, non_blocking=True)
