@@ -215,7 +215,9 @@ class PoolGroup:
             raise PoolExhausted(
                 f"kvarn tail pool exhausted: {dropped} token writes found none of the "
                 f"{pool} slots free, so their K/V were lost. Raise KVARN_POOL_SLOTS above "
-                f"{pool}, or lower --max-num-seqs / --max-num-batched-tokens")
+                f"{pool}, or lower --max-num-seqs / --max-num-batched-tokens (the host-side "
+                f"mirror holds {len(self.mirror.held)} slots now; well below {pool}, it "
+                "missed a block: please report it, KVARN_SYNC_COMMIT=1 allocates on the GPU)")
         if backlog:
             raise RuntimeError(
                 f"kvarn internal error: {backlog} tiles were ready to quantize but not "
