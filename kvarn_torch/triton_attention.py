@@ -534,7 +534,7 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     pool_partials (part_o, part_ml, first): attend to the pool tiles only and write their
     split-KV partial as split `first` of these buffers ([B, Hk, row blocks, splits, rows,
     D] and [..., 2, rows]; another kernel writes the quantized tiles' splits:
-    `gluon_attention`); returns None.
+    `gluon_attention`); returns None, and `out` is not used.
 
     out: where to write the result (q's shape and dtype; e.g. a view of the caller's
     output buffer, saving a copy), a new tensor by default.
@@ -590,7 +590,8 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     split = splits > 1
     tiles_per_split = triton.cdiv(max_tiles, splits)
 
-    out = output(q, out)
+    # A pool-only launch stores partials only: q stands in for the output it never writes.
+    out = q if pool_partials is not None else output(q, out)
     part_splits, part_first = splits, 0
     if pool_partials is not None:
         part_o, part_ml, part_first = pool_partials
