@@ -201,7 +201,7 @@ def kernels_report(arch: int) -> list[dict]:
         triton_attention._merge_kernel,
         dict(part_o_ptr="*fp32", part_ml_ptr="*fp32", out_ptr="*fp16"),
         dict(GROUP=4, ROWS=16, D=128, LOG_D=7, INV_SQRT_D=128 ** -0.5,
-             SPLIT_CHUNK=triton_attention.MAX_SPLITS),
+             SPLIT_CHUNK=triton_attention.MERGE_SPLIT_CHUNK),
         arch, num_warps=triton_attention.MERGE_WARPS))
     rows.append(_compile_one(
         triton_gather._gather_kernel,

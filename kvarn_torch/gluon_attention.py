@@ -38,8 +38,9 @@ freely if both operands agree: the K codes' tokens and the V codes' channels are
 in the order the fragment registers receive them from their reads (documented at each
 read below), and the output channels are put back in order at the partial store.
 
-Output: split-KV partials in `triton_attention`'s format ([B, Hk, 1, splits + 1, 16, D]
-unnormalized accumulators, base-2 max and sum per row; the last split is the pool's),
+Output: split-KV partials in `triton_attention`'s format ([B, Hk, 1, splits + POOL_SPLITS,
+16, D] unnormalized accumulators, base-2 max and sum per row; the last splits are the
+pool's),
 merged, normalized and rotated back by `triton_attention._merge_kernel`.
 """
 
@@ -66,6 +67,9 @@ NUM_WARPS = 1  # a program is one warp: its softmax state never leaves it
 PROGRAMS_PER_SM = 8  # resident at once: 65,536 registers / (255 x 32); 8 x 27 KB shared
 MIN_KV_SEQUENCES = 64
 MAX_SPLITS = 64  # 1 x 32K on an H200: 50 us at 32 splits, 42 us at 64
+# The pool launch splits each sequence's tiles in halves: the sink block (first) and the
+# tail (last) go to two programs instead of one after the other.
+POOL_SPLITS = 2
 MASKED = triton_attention.MASKED
 LOG2E = triton_attention.LOG2E
 UNIT = gl.constexpr(2.0**24)  # a code c masked into an fp16 mantissa is c * 2**-24
@@ -537,11 +541,12 @@ def applies(q: Tensor, cache: KVarNCache) -> bool:
 
 def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tensor,
               softmax_scale: float | None = None, splits: int | None = None,
-              max_registers: int | None = None, out: Tensor | None = None) -> Tensor:
+              max_registers: int | None = None, out: Tensor | None = None,
+              pool_splits: int = POOL_SPLITS) -> Tensor:
     """Decode attention, q [B, 1, Hq, D] -> [B, 1, Hq, D]: the quantized blocks with this
     module's kernel, the pool blocks (sink, tail) with triton_attention's, one merge.
     `splits`: of the quantized blocks (default: about PROGRAMS_PER_SM programs per SM);
-    `out`: as in triton_attention.attention."""
+    `pool_splits`: of the pool launch; `out`: as in triton_attention.attention."""
     b, _, hq, d = q.shape
     hk = cache.num_kv_heads
     why = unsupported(q, cache)
@@ -557,20 +562,22 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     if splits is None:
         sms = triton_attention._num_sms(q.device)
         splits = max(1, min(PROGRAMS_PER_SM * sms // (b * hk), max_blocks, MAX_SPLITS))
-    shape = (b, hk, 1, splits + 1)  # the last split: the pool blocks
+    shape = (b, hk, 1, splits + pool_splits)  # the last splits: the pool blocks
     part_o = torch.empty(shape + (ROWS, d), dtype=torch.float32, device=q.device)
     part_ml = torch.empty(shape + (2, ROWS), dtype=torch.float32, device=q.device)
     _record_kernel[(b, hk, splits)](
         q, part_o, part_ml, cache.pages.view(torch.int32), cache.pages.view(torch.float16),
         block_tables, seq_lens, cache.block_to_slot,
-        float(scale * LOG2E / math.sqrt(d)), splits, splits + 1, q.stride(0), q.stride(2),
+        float(scale * LOG2E / math.sqrt(d)), splits, splits + pool_splits, q.stride(0),
+        q.stride(2),
         cache.pages.stride(0), cache.pages.stride(1), block_tables.stride(0), GROUP=group,
         K_CODES=lay.k_codes.offset, A_K=lay.a_k.offset, TAU_K=lay.tau_k.offset,
         V_CODES=lay.v_codes.offset, SIGMA_V=lay.sigma_v.offset, A_V=lay.a_v.offset,
         num_warps=NUM_WARPS,
         **({} if max_registers is None else {"maxnreg": max_registers}))
     triton_attention.attention(q, cache, block_tables, seq_lens, softmax_scale=softmax_scale,
-                               splits=1, rows=ROWS, pool_partials=(part_o, part_ml, splits))
+                               splits=pool_splits, rows=ROWS,
+                               pool_partials=(part_o, part_ml, splits))
     out = triton_attention.output(q, out)
     triton_attention.merge(part_o, part_ml, out, 1, group)
     return out

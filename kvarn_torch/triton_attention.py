@@ -73,6 +73,7 @@ NUM_WARPS_SMALL = 4  # ROWS = 16 and head_dim <= 128
 NUM_WARPS_LARGE = 8  # ROWS = 32 or head_dim 256, within max_warps
 NUM_STAGES = 1  # loads are software-pipelined by hand in the kernel, not by Triton
 MERGE_WARPS = 4
+MERGE_SPLIT_CHUNK = 32  # partials per load of the merge kernel
 WARPGROUP = 4  # warps of one Hopper warpgroup MMA
 DEFAULT_SMS = 132  # an H100 SXM; the real count is read from the device when on CUDA
 PROGRAMS_PER_SM = 4  # split the context until about this many programs per SM
@@ -431,35 +432,36 @@ def _merge_kernel(
     Every split program of the attention kernel stores its partial (one that saw no token:
     zeros, sum 0, max MASKED), so the three loads need not wait for each other.
 
-    One program per row, SPLIT_CHUNK splits per load (all of them, as launched): the
-    partials' loads are all in flight at once, where a loop over splits waited for each."""
+    One program per real query row (a decode call's padding rows, 12 of 16 at GQA 4, get
+    none), SPLIT_CHUNK splits per load: the partials' loads are all in flight at once,
+    where a loop over splits waited for each."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    row_block = tl.program_id(2) // ROWS
-    r = tl.program_id(2) % ROWS
-    rows = row_block * ROWS + r + tl.arange(0, 1)
-    if row_block * ROWS + r < num_query_tokens * GROUP:  # padding rows have nothing to store
-        first = ((b.to(tl.int64) * tl.num_programs(1) + h) * (tl.num_programs(2) // ROWS)
-                 + row_block) * splits
-        d = tl.arange(0, D)
-        m = tl.zeros([1], tl.float32) + MASKED
-        l = tl.zeros([1], tl.float32)
-        acc = tl.zeros([1, D], tl.float32)
-        for c in range(0, chunks):  # == cdiv(splits, SPLIT_CHUNK), 1 unless asked for more
-            s = c * SPLIT_CHUNK + tl.arange(0, SPLIT_CHUNK)
-            part = first + s
-            m_s = tl.load(part_ml_ptr + part * 2 * ROWS + r, mask=s < splits, other=MASKED)
-            l_s = tl.load(part_ml_ptr + part * 2 * ROWS + ROWS + r, mask=s < splits, other=0.0)
-            o_s = tl.load(part_o_ptr + (part * ROWS + r)[:, None] * D + d[None, :],
-                          mask=(s < splits)[:, None], other=0.0)
-            m_new = tl.maximum(m, tl.max(m_s, 0))
-            alpha = tl.exp2(m - m_new)
-            beta = tl.exp2(m_s - m_new)
-            acc = acc * alpha[:, None] + tl.sum(o_s * beta[:, None], 0)[None, :]
-            l = l * alpha + tl.sum(l_s * beta, 0)
-            m = m_new
-        _store_rows(out_ptr, acc, l, b, h, rows, num_query_tokens * GROUP, out_stride_b,
-                    out_stride_s, out_stride_h, GROUP, 1, D, LOG_D, INV_SQRT_D)
+    row = tl.program_id(2)  # < num_query_tokens * GROUP
+    row_block = row // ROWS
+    r = row % ROWS
+    rows = row + tl.arange(0, 1)
+    row_blocks = tl.cdiv(num_query_tokens * GROUP, ROWS)
+    first = ((b.to(tl.int64) * tl.num_programs(1) + h) * row_blocks + row_block) * splits
+    d = tl.arange(0, D)
+    m = tl.zeros([1], tl.float32) + MASKED
+    l = tl.zeros([1], tl.float32)
+    acc = tl.zeros([1, D], tl.float32)
+    for c in range(0, chunks):  # == cdiv(splits, SPLIT_CHUNK)
+        s = c * SPLIT_CHUNK + tl.arange(0, SPLIT_CHUNK)
+        part = first + s
+        m_s = tl.load(part_ml_ptr + part * 2 * ROWS + r, mask=s < splits, other=MASKED)
+        l_s = tl.load(part_ml_ptr + part * 2 * ROWS + ROWS + r, mask=s < splits, other=0.0)
+        o_s = tl.load(part_o_ptr + (part * ROWS + r)[:, None] * D + d[None, :],
+                      mask=(s < splits)[:, None], other=0.0)
+        m_new = tl.maximum(m, tl.max(m_s, 0))
+        alpha = tl.exp2(m - m_new)
+        beta = tl.exp2(m_s - m_new)
+        acc = acc * alpha[:, None] + tl.sum(o_s * beta[:, None], 0)[None, :]
+        l = l * alpha + tl.sum(l_s * beta, 0)
+        m = m_new
+    _store_rows(out_ptr, acc, l, b, h, rows, num_query_tokens * GROUP, out_stride_b,
+                out_stride_s, out_stride_h, GROUP, 1, D, LOG_D, INV_SQRT_D)
 
 
 # ---------------------------------------------------------------- host side
@@ -532,9 +534,9 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     programs per SM, spills past it) are tuning knobs with defaults from `launch_config`.
 
     pool_partials (part_o, part_ml, first): attend to the pool tiles only and write their
-    split-KV partial as split `first` of these buffers ([B, Hk, row blocks, splits, rows,
-    D] and [..., 2, rows]; another kernel writes the quantized tiles' splits:
-    `gluon_attention`); returns None, and `out` is not used.
+    split-KV partials as splits `first` .. `first + splits - 1` of these buffers ([B, Hk,
+    row blocks, all splits, rows, D] and [..., 2, rows]; another kernel writes the
+    quantized tiles' splits: `gluon_attention`); returns None, and `out` is not used.
 
     out: where to write the result (q's shape and dtype; e.g. a view of the caller's
     output buffer, saving a copy), a new tensor by default.
@@ -596,12 +598,13 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     if pool_partials is not None:
         part_o, part_ml, part_first = pool_partials
         part_splits, split = part_o.shape[3], True
-        if (splits != 1 or part_o.shape != (b, hk, row_blocks, part_splits, rows, d)
+        if (part_first + splits > part_splits
+                or part_o.shape != (b, hk, row_blocks, part_splits, rows, d)
                 or part_ml.shape != (b, hk, row_blocks, part_splits, 2, rows)):
             raise ValueError(f"pool_partials must be [B, Hk, {row_blocks}, splits, {rows}, {d}] "
-                             f"and [B, Hk, {row_blocks}, splits, 2, {rows}] buffers, with "
-                             f"splits=1; got {list(part_o.shape)}, {list(part_ml.shape)}, "
-                             f"{splits}")
+                             f"and [B, Hk, {row_blocks}, splits, 2, {rows}] buffers with room "
+                             f"for the pool's {splits} splits from split {part_first} on; got "
+                             f"{list(part_o.shape)}, {list(part_ml.shape)}")
     elif split:
         part_o = torch.empty((b, hk, row_blocks, splits, rows, d), dtype=torch.float32,
                              device=q.device)
@@ -661,14 +664,16 @@ def _shape_constants(group: int, rows: int, d: int) -> dict:
 
 
 def merge(part_o: Tensor, part_ml: Tensor, out: Tensor, num_query_tokens: int,
-          group: int) -> None:
+          group: int, *, split_chunk: int = MERGE_SPLIT_CHUNK,
+          num_warps: int = MERGE_WARPS) -> None:
     """Split-KV partials part_o [B, Hk, row blocks, splits, rows, D] and part_ml (base-2
     max and sum per row) -> out [B, Sq, Hq, D]: merged, normalized and rotated back, one
-    program per query row."""
+    program per query row. `split_chunk` (splits per load) and `num_warps` are tuning
+    knobs."""
     b, hk, row_blocks, splits, rows, d = part_o.shape
-    _merge_kernel[(b, hk, row_blocks * rows)](
+    _merge_kernel[(b, hk, num_query_tokens * group)](
         part_o, part_ml, out, num_query_tokens, splits,
-        runtime_int(_merge_kernel, triton.cdiv(splits, MAX_SPLITS)),
+        runtime_int(_merge_kernel, triton.cdiv(splits, split_chunk)),
         out.stride(0), out.stride(1), out.stride(2),
-        SPLIT_CHUNK=MAX_SPLITS, num_warps=MERGE_WARPS, **_shape_constants(group, rows, d),
+        SPLIT_CHUNK=split_chunk, num_warps=num_warps, **_shape_constants(group, rows, d),
     )

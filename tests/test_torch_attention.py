@@ -159,7 +159,7 @@ def test_split_and_unsplit_agree():
     for splits in (2, 5):
         many, _ = check_attention(cache, bt, sl, hq=4, splits=splits)
         assert (many.float() - one.float()).abs().max() < 2e-3
-    # more splits than tiles (most empty) and than one merge chunk (MAX_SPLITS); a tile
+    # more splits than tiles (most empty) and than one merge chunk (MERGE_SPLIT_CHUNK); a tile
     # per split rounds each tile's p to fp16 against its own max: within the tolerance
     check_attention(cache, bt, sl, hq=4, splits=40)
 
@@ -169,9 +169,9 @@ def test_sub_block_tiles():
     check_attention(cache, bt, sl, hq=4, block_n=32, splits=3)
 
 
-def exact_partials(q, cache, bt, sl, splits: int, rows: int):
+def exact_partials(q, cache, bt, sl, splits: int, rows: int, pool_splits: int = 1):
     """Split-KV partials of the quantized blocks alone, as gluon_attention's kernel leaves
-    them, in buffers with one split more (the pool's): [B, Hk, 1, splits + 1, rows, D]
+    them, in buffers with room for the pool's: [B, Hk, 1, splits + pool_splits, rows, D]
     unnormalized outputs (rotated frame) and [..., 2, rows] base-2 max and sum. Blocks go
     to splits in order; a split without tokens holds zeros, sum 0 and max -inf, and the
     padding rows past the GQA group NaN (they must not be read)."""
@@ -181,8 +181,8 @@ def exact_partials(q, cache, bt, sl, splits: int, rows: int):
     k, v = kc.gather_kv(cache, bt)  # [B, T, Hk, D]
     qr = reference.rotate(q.float())[:, 0].reshape(b, hk, group, d)
     s2 = torch.einsum("bhgd,bthd->bhgt", qr, k) * d ** -0.5 * triton_attention.LOG2E
-    part_o = torch.full((b, hk, 1, splits + 1, rows, d), float("nan"))
-    part_ml = torch.full((b, hk, 1, splits + 1, 2, rows), float("nan"))
+    part_o = torch.full((b, hk, 1, splits + pool_splits, rows, d), float("nan"))
+    part_ml = torch.full((b, hk, 1, splits + pool_splits, 2, rows), float("nan"))
     for i in range(b):
         blocks = [j for j in range(-(-int(sl[i]) // g)) if cache.block_to_slot[bt[i, j]] < 0]
         per = -(-len(blocks) // splits) if blocks else 1
@@ -205,22 +205,29 @@ def exact_partials(q, cache, bt, sl, splits: int, rows: int):
 
 def test_pool_partial_merges_with_the_partials_of_another_kernel():
     """gluon_attention's launches (GPU-only there), here with exact partials of the
-    quantized blocks: the pool launch writes the sink and tail blocks' partial after
-    them, and the merge kernel stores the whole attention (padding rows unread)."""
+    quantized blocks: the pool launch writes the sink and tail blocks' partials after
+    them (in one split or several), and the merge kernel stores the whole attention
+    (padding rows unread), in one load of partials or several."""
     cache, bt, sl = build_cache(preset="kvarn_k4v2_g128", d=128, hk=2, lens=(700, 300, 129, 5))
     hq = 8
     gen = torch.Generator().manual_seed(4)
     q = (2.0 * torch.randn(bt.shape[0], 1, hq, 128, generator=gen)).half().to(DEVICE)
     want = attention_reference.attention(q, cache, bt, sl)
-    for splits in (1, 3, 6):  # 6: empty splits
-        part_o, part_ml = exact_partials(q, cache, bt, sl, splits, rows=16)
-        assert triton_attention.attention(q, cache, bt, sl, splits=1, rows=16,
+    # 6: empty splits; 3 pool splits of a 2-block sequence: an empty one
+    for splits, pool_splits, chunk in ((1, 1, 32), (3, 2, 32), (6, 3, 4)):
+        part_o, part_ml = exact_partials(q, cache, bt, sl, splits, 16, pool_splits)
+        assert triton_attention.attention(q, cache, bt, sl, splits=pool_splits, rows=16,
                                           pool_partials=(part_o, part_ml, splits)) is None
         got = torch.empty_like(q)
-        triton_attention.merge(part_o, part_ml, got, 1, hq // cache.num_kv_heads)
+        triton_attention.merge(part_o, part_ml, got, 1, hq // cache.num_kv_heads,
+                               split_chunk=chunk)
         assert torch.isfinite(got).all()
         err = (got.float() - want).abs().max() / want.abs().max()
-        assert err < TOL[torch.float16], f"{splits} splits: relative error {err:.2e}"
+        assert err < TOL[torch.float16], f"{splits} + {pool_splits} splits: error {err:.2e}"
+    with pytest.raises(ValueError, match="room for the pool's 2 splits from split 3"):
+        part_o, part_ml = exact_partials(q, cache, bt, sl, 3, 16, 1)
+        triton_attention.attention(q, cache, bt, sl, splits=2, rows=16,
+                                   pool_partials=(part_o, part_ml, 3))
 
 
 @pytest.mark.parametrize("causal", [True, False])
