@@ -58,15 +58,19 @@ def profile(dtype: str, args) -> dict:
 
 
 def gpu_idle(events, top: int, min_gap_us: float = 20.0) -> dict:
-    """GPU idle gaps (no kernel or copy running, >= min_gap_us) and the host ranges (ops,
-    runtime calls, record_function ranges; nested ones each count) that overlap them."""
-    gpu = sorted((e.time_range.start, e.time_range.end) for e in events
+    """GPU idle gaps (no kernel or copy running, >= min_gap_us), the host ranges (ops,
+    runtime calls, record_function ranges; nested ones each count) that overlap them, and
+    the GPU work on either side of them (which step's launches left the GPU waiting)."""
+    gpu = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
                  if e.device_type == DeviceType.CUDA)
-    gaps, end = [], gpu[0][1]
-    for s, e in gpu[1:]:
+    gaps, end, last = [], gpu[0][1], gpu[0][2]
+    between = collections.Counter()
+    for s, e, name in gpu[1:]:
         if s - end >= min_gap_us:
             gaps.append((end, s))
-        end = max(end, e)
+            between[f"{last[:60]} -> {name[:60]}"] += s - end
+        if e >= end:
+            end, last = e, name
     starts = [a for a, _ in gaps]
     during = collections.Counter()
     for e in events:
@@ -79,7 +83,8 @@ def gpu_idle(events, top: int, min_gap_us: float = 20.0) -> dict:
             i += 1
     return dict(gaps=len(gaps), seconds=sum(b - a for a, b in gaps) / 1e6,
                 host_during=[dict(name=n, ms=t / 1e3) for n, t in during.most_common(top)
-                             if t > 0])
+                             if t > 0],
+                between=[dict(kernels=n, ms=t / 1e3) for n, t in between.most_common(top)])
 
 
 def host_syncs(llm, args) -> list[dict]:
@@ -133,6 +138,9 @@ def main() -> None:
             print(f"  GPU idle {idle['seconds']:.3f} s in {idle['gaps']} gaps; host meanwhile:")
             for h in idle["host_during"]:
                 print(f"  {h['ms']:9.1f} ms  {h['name']}")
+            print("  GPU idle between (last kernel -> next kernel):")
+            for h in idle["between"]:
+                print(f"  {h['ms']:9.1f} ms  {h['kernels']}")
         for sync in r.get("host_syncs", []):
             print(f"  host sync x{sync['calls']}: " + " <- ".join(reversed(sync["stack"])))
         gc.collect()  # the engine sits in reference cycles: free its memory for the next
