@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from kvarn.format import DEFAULT_PRESET, layout
-from kvarn_torch import codec, triton_write
+from kvarn_torch import codec, triton_tiles, triton_write
 
 INT32_MAX = 2**31 - 1
 
@@ -318,21 +318,7 @@ def flush(caches: Layers, quantize_blocks: Tensor, free_blocks: Tensor,
         ok = slots < head.pool_slots
         take = torch.where(ok, slots, 0)
         blocks = holder[take].long()
-
-        def tiles(pool: Tensor) -> Tensor:  # [n, G, Hk, D] -> [n * Hk, G, D]
-            _, g, hk, d = pool.shape
-            return pool[take].transpose(1, 2).reshape(n * hk, g, d)
-
-        # one codec call for all layers: [L * n * Hk] tiles when the layers agree in shape
-        same = all(c.pool_k.shape == head.pool_k.shape for c in layers)
-        groups = [layers] if same else [[c] for c in layers]
-        for group in groups:
-            k = torch.cat([tiles(c.pool_k) for c in group])
-            v = torch.cat([tiles(c.pool_v) for c in group])
-            records = codec.quantize(k, v, head.preset, head.iters, impl=impl)
-            for c, rec in zip(group, records.chunk(len(group))):
-                _scatter_(c.pages, (blocks.clamp(min=0),), rec.reshape(n, c.num_kv_heads, -1),
-                          ok)
+        _quantize_slots(layers, take, torch.where(ok, blocks, -1), impl)
 
     release = quantized | (held & free_blocks[safe] & ~chosen)
     head.block_to_slot.scatter_reduce_(
@@ -340,6 +326,38 @@ def flush(caches: Layers, quantize_blocks: Tensor, free_blocks: Tensor,
         torch.where(release, -1, INT32_MAX).to(torch.int32), reduce="amin")
     holder.masked_fill_(release, -1)
     return caches
+
+
+def _quantize_slots(layers: list[KVarNCache], slots: Tensor, blocks: Tensor,
+                    impl: codec.Impl) -> None:
+    """Quantize pool slots `slots` [n] of every layer (one codec call) and write each
+    layer's records into its pages at `blocks` [n] (negative: not written)."""
+    head = layers[0]
+    pools_k, pools_v = [c.pool_k for c in layers], [c.pool_v for c in layers]
+    pages = [c.pages for c in layers]
+    if (codec.use_triton(impl, head.pool_k, triton_tiles._copy_kernel)
+            and triton_tiles.uniform(pools_k + pools_v) and triton_tiles.uniform(pages)):
+        # one launch each way for all layers, where the torch ops below launch ~10 a layer
+        k = triton_tiles.gather_tiles(pools_k, slots)
+        v = triton_tiles.gather_tiles(pools_v, slots)
+        records = codec.quantize(k, v, head.preset, head.iters, impl=impl)
+        triton_tiles.scatter_records(records, pages, blocks)
+        return
+    n = slots.shape[0]
+
+    def tiles(pool: Tensor) -> Tensor:  # [n, G, Hk, D] -> [n * Hk, G, D]
+        _, g, hk, d = pool.shape
+        return pool[slots].transpose(1, 2).reshape(n * hk, g, d)
+
+    # one codec call for all layers when they agree in shape
+    same = all(c.pool_k.shape == head.pool_k.shape for c in layers)
+    for group in [layers] if same else [[c] for c in layers]:
+        k = torch.cat([tiles(c.pool_k) for c in group])
+        v = torch.cat([tiles(c.pool_v) for c in group])
+        records = codec.quantize(k, v, head.preset, head.iters, impl=impl)
+        for c, rec in zip(group, records.chunk(len(group))):
+            _scatter_(c.pages, (blocks.clamp(min=0),), rec.reshape(n, c.num_kv_heads, -1),
+                      blocks >= 0)
 
 
 def commit_marks(cache: KVarNCache, block_tables: Tensor, seq_lens: Tensor,

@@ -29,7 +29,7 @@ import kvarn_torch  # noqa: E402,F401
 from kvarn.format import get_preset, layout  # noqa: E402
 from kvarn_jax import cache as jcache  # noqa: E402
 from kvarn_torch import attention_reference, codec, reference  # noqa: E402
-from kvarn_torch import triton_attention, triton_gather  # noqa: E402
+from kvarn_torch import triton_attention, triton_gather, triton_tiles  # noqa: E402
 from kvarn_torch import cache as kc  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -422,6 +422,51 @@ def test_max_tiles_defers_the_rest_and_matches_an_unbounded_commit():
     kc.commit(b, bt, sl, ql, max_tiles=2, impl="reference")  # ... and the last one, padded
     for name in ("pages", "pool_k", "pool_v", "block_to_slot", "slot_to_block"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_flush_of_all_layers_in_one_launch_is_the_reference_byte_for_byte(dtype, monkeypatch):
+    """The Triton flush (every layer's tiles gathered in one launch, the records scattered
+    in one) against the torch ops, for three layers sharing slot tables: pages, pools and
+    tables byte-identical, with max_tiles above the ready count (padding, never written)
+    and a layer of another shape (served by the torch ops)."""
+    def layers(d_last):
+        out = []
+        for d in (64, 64, d_last):
+            c = kc.init(8, 2, d, pool_slots=6, dtype=dtype, preset="kvarn_k4v2_g64",
+                        device=DEVICE)
+            if out:
+                c = dataclasses.replace(c, block_to_slot=out[0].block_to_slot,
+                                        slot_to_block=out[0].slot_to_block,
+                                        dropped_tokens=out[0].dropped_tokens)
+            out.append(c)
+        return out
+
+    launches = []
+    gather = triton_tiles.gather_tiles
+    monkeypatch.setattr(triton_tiles, "gather_tiles", lambda *a: launches.append(1) or gather(*a))
+    bt = torch.tensor([[5, 2, 7, 0, -1]], dtype=torch.int32, device=DEVICE)
+    sm = slot_mapping(bt.cpu(), 0, 0, 260, 64).to(DEVICE)
+    for d_last in (64, 128):
+        runs = []
+        for impl in ("reference", "triton"):
+            caches = layers(d_last)
+            gen = torch.Generator().manual_seed(5)
+            kc.allocate(caches[0], sm)
+            for c in caches:
+                k, v = (kv_like(gen, 260, 2, c.head_dim).to(dtype).to(DEVICE) for _ in range(2))
+                kc.write(c, k, v, sm, impl="reference")
+            ready = kc.commit_marks(caches[0], bt, torch.tensor([260], device=DEVICE),
+                                    torch.tensor([1], device=DEVICE))  # blocks 2, 7, 0
+            kc.flush(caches, ready, torch.zeros_like(ready), max_tiles=5, impl=impl)
+            runs.append(caches)
+        for ref, got in zip(*runs):
+            assert in_pool(ref) == in_pool(got) == {5}
+            for name in ("pages", "pool_k", "pool_v", "block_to_slot", "slot_to_block"):
+                assert torch.equal(getattr(ref, name), getattr(got, name)), name
+            assert all(ref.pages[b].any() for b in (2, 7, 0))
+            assert not ref.pages[5].any() and not ref.pages[1].any()
+    assert len(launches) == 2  # K and V of the uniform layers; the mixed ones took torch ops
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 KERNELS = ("_attention_kernel", "_merge_kernel", "_gather_kernel", "_rotate_kernel",
-           "_write_kernel", "_quantize_kernel", "_record_kernel")
+           "_write_kernel", "_copy_kernel", "_quantize_kernel", "_record_kernel")
 
 
 def test_every_kernel_compiles_for_sm90():
@@ -24,5 +24,5 @@ def test_every_kernel_compiles_for_sm90():
     compiled = [line.split()[0].removeprefix("kernel=") for line in run.stdout.splitlines()]
     assert set(compiled) == set(KERNELS), run.stdout
     # 6 attention launches and the Gluon path's pool launch, merge, gather, 3 rotate,
-    # 4 write, 4 quantize, the Gluon kernel
-    assert len(compiled) == 21
+    # 4 write, 2 flush copies, 4 quantize, the Gluon kernel
+    assert len(compiled) == 23
