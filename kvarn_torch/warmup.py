@@ -60,7 +60,9 @@ def compile_kernels(preset: str, num_q_heads: int, num_kv_heads: int, head_dim: 
     kv = torch.zeros((1, num_kv_heads, head_dim), dtype=dtype, device=device)
     slots = torch.zeros(1, dtype=torch.int64, device=device)  # vLLM's slot mappings are int64
     kvcache.write(cache, kv, kv, slots)
-    codec.quantize(cache.pool_k[:1, :, 0], cache.pool_v[:1, :, 0], preset, cache.iters)
+    cache.slot_to_block[0] = 0  # block 0's slot: a flush moves and quantizes its tiles
+    marked = torch.zeros(2, dtype=torch.bool, device=device)
+    kvcache.flush(cache, marked.logical_not(), marked, max_tiles=1)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
-    return launches + 4
+    return launches + 6  # gather, rotate, write; a flush: copy in, quantize, copy out

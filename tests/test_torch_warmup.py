@@ -5,12 +5,14 @@ warm-up must run and cover every launch configuration; on a GPU, serving-shaped 
 after it must not compile anything new.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
 import kvarn_torch  # noqa: F401  (Triton's interpreter without a GPU)
 from kvarn_torch import cache as kc
-from kvarn_torch import triton_attention, triton_gather, triton_write, warmup
+from kvarn_torch import triton_attention, triton_gather, triton_tiles, triton_write, warmup
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -27,7 +29,7 @@ def test_variants_cover_every_launch_config(heads, head_dim, tile):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_compile_kernels_runs(dtype):
     n = warmup.compile_kernels("kvarn_k4v2_g64", 4, 2, 64, dtype, DEVICE)
-    assert n == 3 * (1 + 2) + 4  # 3 row sizes, unsplit and split (+ merge); 4 others
+    assert n == 3 * (1 + 2) + 6  # 3 row sizes, unsplit and split (+ merge); 6 others
 
 
 def _compiled(kernel) -> int:
@@ -39,7 +41,8 @@ def test_serving_calls_compile_nothing_after_warmup():
     preset, hq, hk, d, g = "kvarn_k4v2_g128", 32, 8, 128, 128
     warmup.compile_kernels(preset, hq, hk, d, torch.float16, DEVICE)
     kernels = (triton_attention._attention_kernel, triton_attention._merge_kernel,
-               triton_gather._gather_kernel, triton_write._write_kernel)
+               triton_gather._gather_kernel, triton_write._write_kernel,
+               triton_tiles._copy_kernel)
     before = [_compiled(k) for k in kernels]
 
     cache = kc.init(300, hk, d, pool_slots=8, preset=preset, device=DEVICE)
@@ -56,6 +59,11 @@ def test_serving_calls_compile_nothing_after_warmup():
         qkv = torch.randn(t, (hq + 2 * hk) * d, device=DEVICE, dtype=torch.float16)
         k, v = (x.view(t, hk, d) for x in qkv[:, hq * d:].split(hk * d, dim=1))
         kc.write(cache, k, v, torch.arange(t, device=DEVICE) + 4 * g)
+    cache.slot_to_block[:4] = torch.arange(4, dtype=torch.int32, device=DEVICE)
+    layers = [cache, dataclasses.replace(cache, pages=cache.pages.clone(),
+                                         pool_k=cache.pool_k.clone(), pool_v=cache.pool_v.clone())]
+    marked = torch.zeros(300, dtype=torch.bool, device=DEVICE)
+    kc.flush(layers, marked.logical_not(), marked, max_tiles=3)  # a commit's flush, 2 layers
     after = [_compiled(k) for k in kernels]
     assert after == before, [f"{k.__name__}: {a} -> {b} variants"
                              for k, a, b in zip(kernels, before, after) if a != b]
