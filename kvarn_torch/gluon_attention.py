@@ -71,6 +71,13 @@ MAX_SPLITS = 64  # 1 x 32K on an H200: 50 us at 32 splits, 42 us at 64
 # (2) took 35.8 us instead of 30.3 at 64 x 1152 tokens, 32/8 heads, on an H200: a second
 # wave of programs (two fit an SM) and the query rotation of each.
 POOL_SPLITS = 1
+# From this many (sequence, KV head) programs on, the pool launch runs 2-warp programs over
+# 64-token tiles: its 4-warp programs over whole blocks need 255 registers, two fit an SM,
+# and 512 of them took a second wave. On an H200 (32/8 heads, bf16): 64 x 1152 tokens 77.1
+# us instead of 80.6, 128 x 1152 123.0 instead of 130.2, 128 x 4K 252.9 instead of 261.5;
+# below it the 4-warp programs win (32 x 1152: 51.8 us, 2 warps 54.3; 16 x 32K: 219.1, 227.5).
+NARROW_POOL_MIN_PROGRAMS = 512
+NARROW_POOL = dict(block_n=64, num_warps=2)
 MASKED = triton_attention.MASKED
 LOG2E = triton_attention.LOG2E
 UNIT = gl.constexpr(2.0**24)  # a code c masked into an fp16 mantissa is c * 2**-24
@@ -576,9 +583,10 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
         V_CODES=lay.v_codes.offset, SIGMA_V=lay.sigma_v.offset, A_V=lay.a_v.offset,
         num_warps=NUM_WARPS,
         **({} if max_registers is None else {"maxnreg": max_registers}))
+    narrow = NARROW_POOL if b * hk >= NARROW_POOL_MIN_PROGRAMS else {}
     triton_attention.attention(q, cache, block_tables, seq_lens, softmax_scale=softmax_scale,
                                splits=pool_splits, rows=ROWS,
-                               pool_partials=(part_o, part_ml, splits))
+                               pool_partials=(part_o, part_ml, splits), **narrow)
     out = triton_attention.output(q, out)
     triton_attention.merge(part_o, part_ml, out, 1, group)
     return out

@@ -53,8 +53,12 @@ def compile_kernels(preset: str, num_q_heads: int, num_kv_heads: int, head_dim: 
                                        rows=rows, block_n=block_n, num_warps=warps)
             launches += splits  # the split launch is followed by the merge kernel
     if gluon_attention.unsupported(q, cache) is None:  # the decode kernel of large batches
-        gluon_attention.attention(q, cache, tables, seq_lens)
-        launches += 3  # record kernel, pool tiles (triton_attention), merge
+        wide = -(-gluon_attention.NARROW_POOL_MIN_PROGRAMS // num_kv_heads)
+        for b in (1, wide):  # the pool launch's two program shapes
+            gluon_attention.attention(q.expand(b, -1, -1, -1).contiguous(), cache,
+                                      tables.expand(b, -1).contiguous(),
+                                      seq_lens.expand(b).contiguous())
+            launches += 3  # record kernel, pool tiles (triton_attention), merge
     triton_gather.gather(cache, tables[0], 2)
     codec.rotate(q[0])  # the query heads of dense continuations
     kv = torch.zeros((1, num_kv_heads, head_dim), dtype=dtype, device=device)

@@ -214,10 +214,13 @@ def test_pool_partial_merges_with_the_partials_of_another_kernel():
     q = (2.0 * torch.randn(bt.shape[0], 1, hq, 128, generator=gen)).half().to(DEVICE)
     want = attention_reference.attention(q, cache, bt, sl)
     # 6: empty splits; 3 pool splits of a 2-block sequence: an empty one
-    for splits, pool_splits, chunk in ((1, 1, 32), (3, 2, 32), (6, 3, 4)):
+    # the 2-warp, 64-token-tile launch of wide batches too (gluon_attention.NARROW_POOL)
+    for splits, pool_splits, chunk, shape in ((1, 1, 32, {}), (3, 2, 32, {}), (6, 3, 4, {}),
+                                              (2, 1, 32, dict(block_n=64, num_warps=2))):
         part_o, part_ml = exact_partials(q, cache, bt, sl, splits, 16, pool_splits)
         assert triton_attention.attention(q, cache, bt, sl, splits=pool_splits, rows=16,
-                                          pool_partials=(part_o, part_ml, splits)) is None
+                                          pool_partials=(part_o, part_ml, splits),
+                                          **shape) is None
         got = torch.empty_like(q)
         triton_attention.merge(part_o, part_ml, got, 1, hq // cache.num_kv_heads,
                                split_chunk=chunk)
