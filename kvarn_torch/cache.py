@@ -19,7 +19,8 @@ quantizes every full block whose tokens were all accepted before this step
 its slot; `release` does the same for finished sequences, sinks included, and drops
 partial blocks. `commit` and `release` also take the caches of several layers that share
 one pair of slot tables (vLLM's layers share block ids): the slot bookkeeping runs once
-and one codec call quantizes the tiles of every layer; `allocate` (slot tables only) and
+and one codec call quantizes the tiles of every layer (on the GPU, one `triton_tiles`
+launch gathers them and one writes the records back); `allocate` (slot tables only) and
 `write` (one layer's pool) are the two halves of `append` for the same reason.
 
 Every function works with vectorized index math and no Python loop over tokens or
