@@ -59,14 +59,18 @@ def _words(x: Tensor) -> tuple[int, ...]:
 
 
 _TABLES: dict[tuple, tuple[Tensor, Tensor]] = {}
+MAX_TABLES = 64  # an engine flushes one set of pools and one of pages; tests make many
 
 
 def _table(buffers: list[Tensor]) -> Tensor:
     """The buffers' base addresses as an int64 tensor on their device. Cached: a flush's
-    buffers (pools, pages) live as long as the engine; the pinned host copy is kept with
-    it so that the asynchronous upload never reads freed memory."""
+    buffers (pools, pages) live as long as the engine, and an upload per flush would cost
+    launches; the pinned host copy is kept with it so that the asynchronous upload never
+    reads freed memory."""
     key = (str(buffers[0].device),) + tuple(b.data_ptr() for b in buffers)
     if key not in _TABLES:
+        if len(_TABLES) >= MAX_TABLES:
+            del _TABLES[next(iter(_TABLES))]  # the oldest, its upload long done
         host = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64)
         if buffers[0].is_cuda:
             host = host.pin_memory()
