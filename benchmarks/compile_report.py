@@ -228,13 +228,14 @@ def kernels_report(arch: int) -> list[dict]:
                 dict(G=128, HEADS=heads, HEADS_P2=triton.next_power_of_2(heads), D=128,
                      LOG_D=7, SCALE=128 ** -0.5, KIND=kind),
                 arch, num_warps=triton_write.NUM_WARPS, enable_fp_fusion=False))
-    for gather in (True, False):  # a flush's pool tiles (D=128) and records (k4v2_g128)
-        rows_, cols = (128, 64) if gather else (1, layout("kvarn_k4v2_g128", 128).record_bytes // 4)
+    record_words = layout("kvarn_k4v2_g128", 128).record_bytes // 4
+    # a flush's fp16 pool tiles (128 tokens x 64 words) and its k4v2_g128 records, D=128
+    for gather, unit_rows, cols in ((True, 128, 64), (False, 1, record_words)):
         rows.append(_compile_one(
             triton_tiles._copy_kernel,
             dict(table_ptr="*i64", stacked_ptr="*i32", index_ptr="*i64"),
-            dict(ROWS=rows_, ROW_BLOCK=triton_tiles.row_block(rows_, cols), COLS=cols, COLS_P2=triton.next_power_of_2(cols),
-                 GATHER=gather),
+            dict(ROWS=unit_rows, ROW_BLOCK=triton_tiles.row_block(unit_rows, cols), COLS=cols,
+                 COLS_P2=triton.next_power_of_2(cols), GATHER=gather),
             arch, num_warps=triton_tiles.NUM_WARPS))
     for bf16 in (False, True):
         rows += [dict(kernel="_quantize_kernel", **r)
