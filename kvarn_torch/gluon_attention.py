@@ -77,7 +77,7 @@ POOL_SPLITS = 1
 # us instead of 80.6, 128 x 1152 123.0 instead of 130.2, 128 x 4K 252.9 instead of 261.5;
 # below it the 4-warp programs win (32 x 1152: 51.8 us, 2 warps 54.3; 16 x 32K: 219.1, 227.5).
 NARROW_POOL_MIN_PROGRAMS = 512
-NARROW_POOL = dict(block_n=64, num_warps=2)
+NARROW_POOL = dict(block_n=64, num_warps=2, num_stages=2)
 MASKED = triton_attention.MASKED
 LOG2E = triton_attention.LOG2E
 UNIT = gl.constexpr(2.0**24)  # a code c masked into an fp16 mantissa is c * 2**-24
@@ -428,12 +428,15 @@ def _record_kernel(
     vzs = gl.allocate_shared_memory(gl.float16, [STAGES, 64, 4], SMEM)  # a_V, z_V
     k_off, v_off, c1, c2 = _copy_offsets()
     head_rec = h * page_stride_head
-    # Software pipeline: record i + 1 is copied while record i is computed; block ids and
-    # their pool slots are read one record further ahead (clamped to the split's last).
+    # Software pipeline: record i + 1 is copied while record i is computed, unless its
+    # block is in the pool; pool slots are read one record ahead of the copies, block ids
+    # two (clamped to the split's last).
     has = lo < hi
     blk = gl.load(bt_row + lo, mask=has, other=0).to(gl.int64)
     blk_next = gl.load(bt_row + gl.minimum(lo + 1, hi - 1), mask=has, other=0).to(gl.int64)
+    blk_after = gl.load(bt_row + gl.minimum(lo + 2, hi - 1), mask=has, other=0).to(gl.int64)
     slot = gl.load(block_to_slot_ptr + blk, mask=has, other=0)
+    slot_next = gl.load(block_to_slot_ptr + blk_next, mask=has, other=0)
     if has:
         _copy_record(ks, vs, kzs, taus, vzs, 0, words_ptr, halves_ptr,
                      blk * page_stride_block + head_rec, k_off, v_off, c1, c2, K_CODES,
@@ -451,9 +454,9 @@ def _record_kernel(
     qn = gl.convert_layout(q_norm, T_ROW)
     for blk_i in range(lo, hi):
         stage = (blk_i - lo) % STAGES
-        blk_after = gl.load(bt_row + gl.minimum(blk_i + 2, hi - 1)).to(gl.int64)
-        slot_next = gl.load(block_to_slot_ptr + blk_next)
-        if blk_i + 1 < hi:
+        blk_later = gl.load(bt_row + gl.minimum(blk_i + 3, hi - 1)).to(gl.int64)
+        slot_after = gl.load(block_to_slot_ptr + blk_after)
+        if (blk_i + 1 < hi) & (slot_next < 0):
             _copy_record(ks, vs, kzs, taus, vzs, 1 - stage, words_ptr, halves_ptr,
                          blk_next * page_stride_block + head_rec, k_off, v_off, c1, c2,
                          K_CODES, V_CODES, A_K, TAU_K, A_V)
@@ -508,7 +511,9 @@ def _record_kernel(
         gl.thread_barrier()  # every lane done with this stage before its next copy
         blk = blk_next
         blk_next = blk_after
+        blk_after = blk_later
         slot = slot_next
+        slot_next = slot_after
     async_copy.wait_group(0)
 
     rq = gl.arange(0, HALF, layout=O_COL)

@@ -87,7 +87,6 @@ MIN_TILES_PER_SPLIT = 2  # never split a sequence finer than this many tiles...
 ONE_TILE_SPLITS_PER_SM = 2
 MAX_SPLITS = 32
 POOL_SCAN = tl.constexpr(64)  # tiles whose pool slots one vector load looks up
-NO_TILE = tl.constexpr(2**31 - 1)
 LOG2E = 1.4426950408889634
 MASKED = tl.constexpr(-0.7 * float(np.finfo(np.float32).max))  # exp2 turns it into 0, no NaN
 
@@ -250,14 +249,24 @@ def _softmax_step(s, pos, limit, m_i, l_i):
 
 
 @triton.jit
-def _pool_tile(q32, acc, m_i, l_i, pool_k_ptr, pool_v_ptr, base, offs_n, pos, limit, kv_end,
-               pool_stride_tok, D: tl.constexpr, UPCAST: tl.constexpr):
-    """Attend to BLOCK_N tokens of a pool block, read as stored (rotated, model dtype).
+def _pool_tile(i, rank, pending, tt, slots, h, q32, acc, m_i, l_i, pool_k_ptr, pool_v_ptr,
+               limit, kv_end, pool_stride_slot, pool_stride_tok, pool_stride_head,
+               D: tl.constexpr, TILES_PER_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """Attend to pool tile i (in order) of a scan chunk (tiles tt, their pool slots; the
+    pool tiles `pending`, numbered by `rank`): BLOCK_N tokens of a pool block, read as
+    stored (rotated, model dtype).
 
     Its dots keep the query rows as the tall operand (q32 [ROWS, D]); scores and output
     are transposed to the record tiles' orientation. (Transposed like those, with both
     operands in shared memory, Triton 3.6's warpgroup MMA gave wrong results at 16 rows
     on an H200.)"""
+    here = (pending != 0) & (rank == i)
+    t = tl.sum(tl.where(here, tt, 0), 0)
+    slot = tl.sum(tl.where(here, slots, 0), 0)
+    offs_n = (t % TILES_PER_BLOCK) * BLOCK_N + tl.arange(0, BLOCK_N)  # in the block
+    base = slot.to(tl.int64) * pool_stride_slot + h * pool_stride_head
+    pos = t * BLOCK_N + tl.arange(0, BLOCK_N)  # in the sequence
     d = tl.arange(0, D)
     ptrs = base + offs_n[:, None] * pool_stride_tok + d[None, :]
     live = (pos < kv_end)[:, None]  # the rest of the block may hold stale data
@@ -398,17 +407,25 @@ def _attention_kernel(
         if tile_lo + c < tile_hi:
             tt = tile_lo + c + tl.arange(0, POOL_SCAN)
             _, slots = _locate(bt_row, block_to_slot_ptr, tt, tile_hi, TILES_PER_BLOCK)
-            pending = (tt < tile_hi) & (slots >= 0)
-            while tl.max(pending.to(tl.int32)) > 0:
-                t = tl.min(tl.where(pending, tt, NO_TILE))
-                slot = tl.max(tl.where(tt == t, slots, -1))
-                pending = pending & (tt != t)
-                offs_n = (t % TILES_PER_BLOCK) * BLOCK_N + tl.arange(0, BLOCK_N)  # in the block
-                base = slot.to(tl.int64) * pool_stride_slot + h * pool_stride_head
-                pos = t * BLOCK_N + tl.arange(0, BLOCK_N)  # in the sequence
-                acc, m_i, l_i = _pool_tile(q32, acc, m_i, l_i, pool_k_ptr, pool_v_ptr, base,
-                                           offs_n, pos, limit, kv_end, pool_stride_tok, D,
-                                           UPCAST)
+            pending = ((tt < tile_hi) & (slots >= 0)).to(tl.int32)
+            rank = tl.cumsum(pending, 0) - pending  # order among this chunk's pool tiles
+            n_pool = tl.sum(pending, 0)
+            if UPCAST:  # the interpreter: range() over a reduction would warn (NumPy)
+                i = 0
+                while i < n_pool:
+                    acc, m_i, l_i = _pool_tile(i, rank, pending, tt, slots, h, q32, acc, m_i,
+                                               l_i, pool_k_ptr, pool_v_ptr, limit, kv_end,
+                                               pool_stride_slot, pool_stride_tok,
+                                               pool_stride_head, D, TILES_PER_BLOCK, BLOCK_N,
+                                               UPCAST)
+                    i += 1
+            else:  # a for loop, whose loads Triton pipelines (num_stages > 1)
+                for i in range(0, n_pool):
+                    acc, m_i, l_i = _pool_tile(i, rank, pending, tt, slots, h, q32, acc, m_i,
+                                               l_i, pool_k_ptr, pool_v_ptr, limit, kv_end,
+                                               pool_stride_slot, pool_stride_tok,
+                                               pool_stride_head, D, TILES_PER_BLOCK, BLOCK_N,
+                                               UPCAST)
 
     acc = tl.trans(acc)  # [ROWS, D]
     if SPLIT:  # partials [B, Hk, row_blocks, part_splits, ...] for the merge kernel
