@@ -127,7 +127,8 @@ def _record_offsets(preset: str, head_dim: int) -> dict:
 
 def attention_report(rows: int, block_n: int, warps: int, arch: int,
                      maxnreg: int | None = None, split: bool = True,
-                     pool_only: bool = False) -> dict:
+                     pool_only: bool = False,
+                     num_stages: int = triton_attention.NUM_STAGES) -> dict:
     """One decode launch of the attention kernel as `triton_attention.attention` makes it
     (pool_only: the Gluon path's launch over the pool blocks)."""
     kernel = triton_attention._attention_kernel
@@ -155,7 +156,7 @@ def attention_report(rows: int, block_n: int, warps: int, arch: int,
     return dict(rows=rows, block_n=block_n, warps=warps, maxnreg=maxnreg, split=split,
                 pool_only=pool_only,
                 **_compiled(src, arch, loop_op="LOP3.LUT", num_warps=warps,
-                            num_stages=triton_attention.NUM_STAGES, maxnreg=maxnreg))
+                            num_stages=num_stages, maxnreg=maxnreg))
 
 
 def gluon_attention_report(arch: int) -> dict:
@@ -198,6 +199,11 @@ def kernels_report(arch: int) -> list[dict]:
     gluon_pool = triton_attention.launch_config(128, 128, 4, gluon_attention.ROWS.value)
     rows.append(dict(kernel="_attention_kernel",
                      **attention_report(*gluon_pool, arch, split=True, pool_only=True)))
+    narrow = gluon_attention.NARROW_POOL  # wide batches: loads pipelined by Triton
+    rows.append(dict(kernel="_attention_kernel",
+                     **attention_report(gluon_pool[0], narrow["block_n"], narrow["num_warps"],
+                                        arch, split=True, pool_only=True,
+                                        num_stages=narrow["num_stages"])))
     rows.append(_compile_one(
         triton_attention._merge_kernel,
         dict(part_o_ptr="*fp32", part_ml_ptr="*fp32", out_ptr="*fp16"),

@@ -77,6 +77,9 @@ POOL_SPLITS = 1
 # us instead of 80.6, 128 x 1152 123.0 instead of 130.2, 128 x 4K 252.9 instead of 261.5;
 # below it the 4-warp programs win (32 x 1152: 51.8 us, 2 warps 54.3; 16 x 32K: 219.1, 227.5).
 NARROW_POOL_MIN_PROGRAMS = 512
+# Its loads pipelined by Triton (num_stages 2): 64 x 1152 24.3 us instead of 26.2 unpipelined
+# (26.7 with the while loop of f2df9c5), 128 x 4K 45.5 instead of 47.8; the 4-warp launch
+# gains nothing from it (results/decode_pool_launch_h200.txt).
 NARROW_POOL = dict(block_n=64, num_warps=2, num_stages=2)
 MASKED = triton_attention.MASKED
 LOG2E = triton_attention.LOG2E
