@@ -28,7 +28,7 @@ import pytest  # noqa: E402
 import kvarn_torch  # noqa: E402,F401
 from kvarn.format import get_preset, layout  # noqa: E402
 from kvarn_jax import cache as jcache  # noqa: E402
-from kvarn_torch import attention_reference, codec, reference  # noqa: E402
+from kvarn_torch import attention_reference, codec, gluon_attention, reference  # noqa: E402
 from kvarn_torch import triton_attention, triton_gather, triton_tiles  # noqa: E402
 from kvarn_torch import cache as kc  # noqa: E402
 
@@ -164,6 +164,15 @@ def test_split_and_unsplit_agree():
     check_attention(cache, bt, sl, hq=4, splits=40)
 
 
+@pytest.mark.parametrize("state", ["mixed", "pool"])
+def test_pool_tiles_in_several_scan_chunks(state):
+    """More tiles than one look-up of pool slots (POOL_SCAN) covers: the pool tiles of every
+    chunk are visited, the sink's and the tail's (mixed) or all of them (pool)."""
+    cache, bt, sl = build_cache(lens=(1100, 40), state=state)
+    assert -(-1100 // 16) > triton_attention.POOL_SCAN.value
+    check_attention(cache, bt, sl, hq=4, block_n=16, splits=1)
+
+
 def test_sub_block_tiles():
     cache, bt, sl = build_cache(preset="kvarn_k4v2_g128", d=64, lens=(300, 100))
     check_attention(cache, bt, sl, hq=4, block_n=32, splits=3)
@@ -216,7 +225,7 @@ def test_pool_partial_merges_with_the_partials_of_another_kernel():
     # 6: empty splits; 3 pool splits of a 2-block sequence: an empty one
     # the 2-warp, 64-token-tile launch of wide batches too (gluon_attention.NARROW_POOL)
     for splits, pool_splits, chunk, shape in ((1, 1, 32, {}), (3, 2, 32, {}), (6, 3, 4, {}),
-                                              (2, 1, 32, dict(block_n=64, num_warps=2))):
+                                              (2, 1, 32, gluon_attention.NARROW_POOL)):
         part_o, part_ml = exact_partials(q, cache, bt, sl, splits, 16, pool_splits)
         assert triton_attention.attention(q, cache, bt, sl, splits=pool_splits, rows=16,
                                           pool_partials=(part_o, part_ml, splits),
