@@ -222,7 +222,7 @@ def test_request_blocks_follow_the_scheduler():
 G, HK, D = 64, 2, 64
 
 
-def _layers(n_layers=2, num_blocks=24, slots=8):
+def _layers(n_layers=2, num_blocks=24, slots=8, keep_finished=True):
     from kvarn_torch import cache as kvcache
     from kvarn_vllm import lifecycle
 
@@ -235,7 +235,7 @@ def _layers(n_layers=2, num_blocks=24, slots=8):
         c.block_to_slot, c.slot_to_block, c.dropped_tokens = (
             tables.block_to_slot, tables.slot_to_block, tables.dropped_tokens)
         caches.append(c)
-    return caches, lifecycle.PoolGroup(caches, tables)
+    return caches, lifecycle.PoolGroup(caches, tables, keep_finished)
 
 
 def _run_step(caches, group, plan, rng, sync=False):
@@ -281,14 +281,16 @@ def _schedule():
     ]
 
 
-def test_pool_group_mirror_counts_every_step_like_the_gpu():
+@pytest.mark.parametrize("keep_finished", [True, False])
+def test_pool_group_mirror_counts_every_step_like_the_gpu(keep_finished):
     """The host mirror's tile counts give the same records and slot tables as counting on
-    the GPU, step by step, and the GPU finds nothing the mirror missed."""
+    the GPU, step by step, and the GPU finds nothing the mirror missed (finished requests'
+    full blocks quantized, as prefix caching needs, or dropped)."""
     from kvarn_vllm.lifecycle import RequestBlocks
 
     runs = []
     for sync in (True, False):
-        caches, group = _layers()
+        caches, group = _layers(keep_finished=keep_finished)
         rb, rng, states = RequestBlocks(), torch.Generator().manual_seed(0), []
         for out in _schedule():
             rb.observe(out)
@@ -332,6 +334,47 @@ def test_pool_group_step_matches_one_layer_at_a_time():
                torch.zeros(0, dtype=torch.int64), StepPlan([], [Finished("a", [2, 5, 7], 151)]))
     assert (caches[0].slot_to_block == -1).all()
     assert all(c.pages[2].any() for c in caches)
+
+
+def test_without_prefix_caching_finished_blocks_are_dropped_unquantized(monkeypatch):
+    """keep_finished=False (vLLM without prefix caching): a finished request's blocks,
+    full ones included, give their slots back and nothing is quantized for them; a commit
+    in the same step still is."""
+    from kvarn_torch import cache as kvcache
+    from kvarn_vllm.lifecycle import Finished, Scheduled, StepPlan
+
+    caches, group = _layers(keep_finished=False)
+    rng = torch.Generator().manual_seed(0)
+    _run_step(caches, group, StepPlan([Scheduled("a", [2, 5, 7], 0, 150),
+                                       Scheduled("b", [3, 4, 6], 0, 130)]), rng)
+    quantized = []
+    real = kvcache._quantize_slots
+    monkeypatch.setattr(kvcache, "_quantize_slots",
+                        lambda layers, slots, blocks, impl: quantized.append(blocks.tolist())
+                        or real(layers, slots, blocks, impl))
+    # "a" (sink 2, full 5, partial 7) finishes; "b" decodes: its full block 4 is committed
+    _run_step(caches, group, StepPlan([Scheduled("b", [3, 4, 6], 130, 1)],
+                                      [Finished("a", [2, 5, 7], 150)]), rng)
+    assert quantized == [[4]]
+    held = {int(b) for b in caches[0].slot_to_block if b >= 0}
+    assert held == group.mirror.held == {3, 6}
+    assert all(not c.pages[b].any() for c in caches for b in (2, 5, 7))
+    assert int(group.backlog) == 0
+
+
+def test_finished_blocks_are_kept_for_prefix_caching_and_kv_connectors():
+    from types import SimpleNamespace
+
+    from vllm.config import CacheConfig
+    from kvarn_vllm.backend import keeps_finished_blocks
+
+    def cfg(prefix, transfer=None):
+        return SimpleNamespace(cache_config=CacheConfig(enable_prefix_caching=prefix),
+                               kv_transfer_config=transfer)
+
+    assert keeps_finished_blocks(cfg(True))
+    assert not keeps_finished_blocks(cfg(False))
+    assert keeps_finished_blocks(cfg(False, transfer=object()))
 
 
 def test_a_step_with_nothing_to_do_launches_no_bookkeeping(monkeypatch):

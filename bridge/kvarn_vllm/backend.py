@@ -165,6 +165,14 @@ DENSE_MIN_QUERY = 128
 DENSE_MAX_TOKENS = 65536
 
 
+def keeps_finished_blocks(vllm_config) -> bool:
+    """Whether finished requests' full blocks must stay readable (lifecycle.PoolGroup's
+    `keep_finished`): vLLM reads them again only as prefix hits or through a KV connector
+    (prefix caching None, not decided yet: keep them, the safe side)."""
+    return (vllm_config.cache_config.enable_prefix_caching is not False
+            or getattr(vllm_config, "kv_transfer_config", None) is not None)
+
+
 def mixed_runs(starts: list[int], fresh: list[bool], first: int) -> list[Run]:
     """Group requests first.. of a batch (`starts` = query_start_loc, B + 1 host ints)
     into launches; requests without query tokens are skipped."""
@@ -204,7 +212,8 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
                 return None  # the KV cache is not allocated yet (profiling run)
             head = caches[0]
             self.group = lifecycle.PoolGroup(caches, lifecycle.SlotTables(
-                head.block_to_slot, head.slot_to_block, head.dropped_tokens))
+                head.block_to_slot, head.slot_to_block, head.dropped_tokens),
+                keep_finished=keeps_finished_blocks(self.vllm_config))
         return self.group
 
     def _metadata(self, cam: CommonAttentionMetadata) -> KVarNMetadata:

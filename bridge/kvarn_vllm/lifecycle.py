@@ -137,8 +137,10 @@ class PoolMirror:
     """Which blocks hold a pool slot, on the host, following the rules of
     `kvarn_torch.cache` (allocate / commit / release) from the scheduler's numbers."""
 
-    def __init__(self, tile: int, sink_blocks: int, pool_slots: int) -> None:
+    def __init__(self, tile: int, sink_blocks: int, pool_slots: int,
+                 keep_finished: bool = True) -> None:
         self.tile, self.sink, self.pool_slots = tile, sink_blocks, pool_slots
+        self.keep_finished = keep_finished  # see PoolGroup
         self.held: set[int] = set()
         self.checked: dict[str, int] = {}  # per request: blocks below this are settled
 
@@ -149,7 +151,7 @@ class PoolMirror:
         free: set[int] = set()
         for f in plan.finished:
             self.checked.pop(f.req_id, None)
-            full = min(f.tokens // g, len(f.blocks))
+            full = min(f.tokens // g, len(f.blocks)) if self.keep_finished else 0
             quantize.update(b for b in f.blocks[:full] if b in self.held)
             free.update(b for b in f.blocks[full: -(-f.tokens // g)] if b in self.held)
         for s in plan.scheduled:
@@ -183,13 +185,21 @@ class PoolMirror:
 
 
 class PoolGroup:
-    """The caches of the layers of one KV-cache group and their per-step bookkeeping."""
+    """The caches of the layers of one KV-cache group and their per-step bookkeeping.
 
-    def __init__(self, caches: list[KVarNCache], tables: SlotTables) -> None:
+    `keep_finished`: quantize the full blocks of finished and preempted requests (DESIGN
+    §4's release), which prefix caching needs: vLLM may hand such a block to a later request
+    as a prefix hit, after its pool slot went to another block. Without prefix caching
+    nothing reads those blocks again, so False drops them with their slots (no quantize
+    launch: in a burst of 64 x 1K prompts, every sequence's sink block at its end)."""
+
+    def __init__(self, caches: list[KVarNCache], tables: SlotTables,
+                 keep_finished: bool = True) -> None:
         self.caches = caches
         self.tables = tables
         head = caches[0]
-        self.mirror = PoolMirror(head.tile, head.sink_blocks, head.pool_slots)
+        self.keep_finished = keep_finished
+        self.mirror = PoolMirror(head.tile, head.sink_blocks, head.pool_slots, keep_finished)
         self.started = False
         # GPU-side counters read one step late through pinned copies (no step waits):
         # tokens that found no slot, and ready tiles the mirror did not count.
@@ -253,15 +263,21 @@ class PoolGroup:
             for i, f in enumerate(plan.finished):
                 table[i, : len(f.blocks)] = torch.tensor(f.blocks, dtype=torch.int32)
             lens = torch.tensor([f.tokens for f in plan.finished], dtype=torch.int32)
-            quantize, free = kvcache.release_marks(head, _to_device(table, head.device),
-                                                   _to_device(lens, head.device))
-        if block_table.shape[0] and (sync or n or quantize is not None):
+            full, free = kvcache.release_marks(head, _to_device(table, head.device),
+                                               _to_device(lens, head.device))
+            if self.keep_finished:
+                quantize = full
+            else:
+                free = free | full
+        if block_table.shape[0] and (sync or n or free is not None):
             ready = kvcache.commit_marks(head, block_table, seq_lens, query_lens)
             quantize = ready if quantize is None else quantize | ready
-        if quantize is not None:
-            kvcache.flush(self.caches, quantize, free if free is not None else
-                          torch.zeros_like(quantize), None if sync else n,
-                          backlog=None if sync else self.backlog)
+        if quantize is not None or free is not None:
+            like = quantize if quantize is not None else free
+            kvcache.flush(self.caches,
+                          quantize if quantize is not None else torch.zeros_like(like),
+                          free if free is not None else torch.zeros_like(like),
+                          None if sync else n, backlog=None if sync else self.backlog)
         if sync or granted:
             kvcache.allocate(head, slot_mapping)
         # read by the next step; the layers' writes of this step count in the one after
