@@ -4,7 +4,8 @@ worker, on top of `kvarn_torch.cache`.
 vLLM's layers share block ids, so they share one pair of slot tables (`SlotTables`); each
 layer has its own pages (vLLM's KV-cache tensor) and pool. Once per step, in the metadata
 builder and outside any CUDA graph, `PoolGroup.step` quantizes the blocks of finished and
-preempted requests and every full block whose tokens were all accepted before this step
+preempted requests (where vLLM can read them again: prefix caching; else it drops them)
+and every full block whose tokens were all accepted before this step
 (one codec call for all layers), frees their slots, and gives a pool slot to every block
 this step writes. The layers' `do_kv_cache_update` then only rotate and scatter their
 tokens (graph-safe, no allocation).
