@@ -199,7 +199,6 @@ class PoolGroup:
         self.caches = caches
         self.tables = tables
         head = caches[0]
-        self.keep_finished = keep_finished
         self.mirror = PoolMirror(head.tile, head.sink_blocks, head.pool_slots, keep_finished)
         self.started = False
         # GPU-side counters read one step late through pinned copies (no step waits):
@@ -264,21 +263,17 @@ class PoolGroup:
             for i, f in enumerate(plan.finished):
                 table[i, : len(f.blocks)] = torch.tensor(f.blocks, dtype=torch.int32)
             lens = torch.tensor([f.tokens for f in plan.finished], dtype=torch.int32)
-            full, free = kvcache.release_marks(head, _to_device(table, head.device),
-                                               _to_device(lens, head.device))
-            if self.keep_finished:
-                quantize = full
-            else:
-                free = free | full
-        if block_table.shape[0] and (sync or n or free is not None):
+            quantize, free = kvcache.release_marks(head, _to_device(table, head.device),
+                                                   _to_device(lens, head.device))
+            if not self.mirror.keep_finished:  # dropped with their slots, none quantized
+                quantize, free = torch.zeros_like(quantize), free | quantize
+        if block_table.shape[0] and (sync or n or quantize is not None):
             ready = kvcache.commit_marks(head, block_table, seq_lens, query_lens)
             quantize = ready if quantize is None else quantize | ready
-        if quantize is not None or free is not None:
-            like = quantize if quantize is not None else free
-            kvcache.flush(self.caches,
-                          quantize if quantize is not None else torch.zeros_like(like),
-                          free if free is not None else torch.zeros_like(like),
-                          None if sync else n, backlog=None if sync else self.backlog)
+        if quantize is not None:
+            kvcache.flush(self.caches, quantize, free if free is not None else
+                          torch.zeros_like(quantize), None if sync else n,
+                          backlog=None if sync else self.backlog)
         if sync or granted:
             kvcache.allocate(head, slot_mapping)
         # read by the next step; the layers' writes of this step count in the one after
