@@ -222,7 +222,7 @@ def test_request_blocks_follow_the_scheduler():
 G, HK, D = 64, 2, 64
 
 
-def _layers(n_layers=2, num_blocks=24, slots=8, keep_finished=True):
+def _layers(n_layers=2, num_blocks=24, slots=8, on_finish="quantize"):
     from kvarn_torch import cache as kvcache
     from kvarn_vllm import lifecycle
 
@@ -235,7 +235,7 @@ def _layers(n_layers=2, num_blocks=24, slots=8, keep_finished=True):
         c.block_to_slot, c.slot_to_block, c.dropped_tokens = (
             tables.block_to_slot, tables.slot_to_block, tables.dropped_tokens)
         caches.append(c)
-    return caches, lifecycle.PoolGroup(caches, tables, keep_finished)
+    return caches, lifecycle.PoolGroup(caches, tables, on_finish)
 
 
 def _run_step(caches, group, plan, rng, sync=False):
@@ -281,16 +281,16 @@ def _schedule():
     ]
 
 
-@pytest.mark.parametrize("keep_finished", [True, False])
-def test_pool_group_mirror_counts_every_step_like_the_gpu(keep_finished):
+@pytest.mark.parametrize("on_finish", ["quantize", "drop", "retire_sinks"])
+def test_pool_group_mirror_counts_every_step_like_the_gpu(on_finish):
     """The host mirror's tile counts give the same records and slot tables as counting on
     the GPU, step by step, and the GPU finds nothing the mirror missed (finished requests'
-    full blocks quantized, as prefix caching needs, or dropped)."""
+    full blocks quantized, as prefix caching needs, dropped, or their sinks retired)."""
     from kvarn_vllm.lifecycle import RequestBlocks
 
     runs = []
     for sync in (True, False):
-        caches, group = _layers(keep_finished=keep_finished)
+        caches, group = _layers(on_finish=on_finish)
         rb, rng, states = RequestBlocks(), torch.Generator().manual_seed(0), []
         for out in _schedule():
             rb.observe(out)
@@ -300,7 +300,9 @@ def test_pool_group_mirror_counts_every_step_like_the_gpu(keep_finished):
                 assert held == group.mirror.held
             states.append((held, [c.pages.clone() for c in caches]))
         assert int(group.backlog) == 0 and int(caches[0].dropped_tokens) == 0
-        assert not held  # everything finished: every slot is free again
+        # everything finished: every slot is free again, but for the retired sinks
+        assert held == set(group.mirror.retired)
+        assert held == ({1, 4} if on_finish == "retire_sinks" else set())
         runs.append(states)
     for (held_a, pages_a), (held_b, pages_b) in zip(*runs):
         assert held_a == held_b
@@ -343,7 +345,7 @@ def test_without_prefix_caching_finished_blocks_are_dropped_unquantized(monkeypa
     from kvarn_torch import cache as kvcache
     from kvarn_vllm.lifecycle import Finished, Scheduled, StepPlan
 
-    caches, group = _layers(keep_finished=False)
+    caches, group = _layers(on_finish="drop")
     rng = torch.Generator().manual_seed(0)
     _run_step(caches, group, StepPlan([Scheduled("a", [2, 5, 7], 0, 150),
                                        Scheduled("b", [3, 4, 6], 0, 130)]), rng)
@@ -362,19 +364,53 @@ def test_without_prefix_caching_finished_blocks_are_dropped_unquantized(monkeypa
     assert int(group.backlog) == 0
 
 
+def test_retired_sinks_serve_prefix_hits_until_their_slots_are_needed():
+    """on_finish="retire_sinks": a finished request's full sink keeps its slot (nothing
+    quantized), a prefix hit reads it from the pool, and when a step needs the slot the
+    oldest retired sink is quantized to the same bytes release would have written."""
+    from kvarn_vllm.lifecycle import Finished, Scheduled, StepPlan
+
+    def prompt_and_finish(on_finish):
+        caches, group = _layers(slots=4, on_finish=on_finish)
+        rng = torch.Generator().manual_seed(0)
+        _run_step(caches, group, StepPlan([Scheduled("a", [2, 5], 0, 100)]), rng)
+        _run_step(caches, group, StepPlan([], [Finished("a", [2, 5], 100)]), rng)
+        return caches, group, rng
+
+    released, _, _ = prompt_and_finish("quantize")
+    caches, group, rng = prompt_and_finish("retire_sinks")
+    assert group.mirror.retired == {2: None} and group.mirror.held == {2}
+    assert int(caches[0].block_to_slot[2]) >= 0 and not caches[0].pages[2].any()
+    sink = [c.pool_k[int(c.block_to_slot[2])].clone() for c in caches]
+    # a prefix hit on the sink: read from the pool, live again, retired again at its end
+    _run_step(caches, group, StepPlan([Scheduled("h", [2, 9], 64, 10)]), rng)
+    assert not group.mirror.retired and int(caches[0].block_to_slot[2]) >= 0
+    assert all(torch.equal(c.pool_k[int(c.block_to_slot[2])], k) for c, k in zip(caches, sink))
+    _run_step(caches, group, StepPlan([], [Finished("h", [2, 9], 74)]), rng)
+    assert group.mirror.retired == {2: None}
+    # four new blocks and four slots: the retired sink makes room, quantized
+    _run_step(caches, group, StepPlan([Scheduled("x", [10, 11, 12, 13], 0, 256)]), rng)
+    assert not group.mirror.retired and int(caches[0].block_to_slot[2]) == -1
+    assert all(torch.equal(c.pages[2], r.pages[2]) for c, r in zip(caches, released))
+    held = {int(b) for b in caches[0].slot_to_block if b >= 0}
+    assert held == group.mirror.held == {10, 11, 12, 13}
+    assert int(group.backlog) == 0 and int(caches[0].dropped_tokens) == 0
+
+
 def test_finished_blocks_are_kept_for_prefix_caching_and_kv_connectors():
     from types import SimpleNamespace
 
     from vllm.config import CacheConfig
-    from kvarn_vllm.backend import keeps_finished_blocks
+    from kvarn_vllm.backend import on_finish
 
     def cfg(prefix, transfer=None):
         return SimpleNamespace(cache_config=CacheConfig(enable_prefix_caching=prefix),
                                kv_transfer_config=transfer)
 
-    assert keeps_finished_blocks(cfg(True))
-    assert not keeps_finished_blocks(cfg(False))
-    assert keeps_finished_blocks(cfg(False, transfer=object()))
+    assert on_finish(cfg(True)) == "retire_sinks"
+    assert on_finish(cfg(False)) == "drop"
+    assert on_finish(cfg(True, transfer=object())) == "quantize"
+    assert on_finish(cfg(False, transfer=object())) == "quantize"
 
 
 def test_a_step_with_nothing_to_do_launches_no_bookkeeping(monkeypatch):

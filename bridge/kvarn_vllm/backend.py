@@ -165,12 +165,16 @@ DENSE_MIN_QUERY = 128
 DENSE_MAX_TOKENS = 65536
 
 
-def keeps_finished_blocks(vllm_config) -> bool:
-    """Whether finished requests' full blocks must stay readable (lifecycle.PoolGroup's
-    `keep_finished`): vLLM reads them again only as prefix hits or through a KV connector
-    (prefix caching None, not decided yet: keep them, the safe side)."""
-    return (vllm_config.cache_config.enable_prefix_caching is not False
-            or getattr(vllm_config, "kv_transfer_config", None) is not None)
+def on_finish(vllm_config) -> lifecycle.OnFinish:
+    """What becomes of finished requests' blocks (`lifecycle.OnFinish`): a KV connector
+    reads the records of every full block; prefix caching reads them through our own
+    attention, which finds a retired sink in the pool; otherwise nothing reads them.
+    Prefix caching None (not decided yet) takes the safe side."""
+    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+        return "quantize"
+    if vllm_config.cache_config.enable_prefix_caching is not False:
+        return "retire_sinks"
+    return "drop"
 
 
 def mixed_runs(starts: list[int], fresh: list[bool], first: int) -> list[Run]:
@@ -213,7 +217,7 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
             head = caches[0]
             self.group = lifecycle.PoolGroup(caches, lifecycle.SlotTables(
                 head.block_to_slot, head.slot_to_block, head.dropped_tokens),
-                keep_finished=keeps_finished_blocks(self.vllm_config))
+                on_finish=on_finish(self.vllm_config))
         return self.group
 
     def _metadata(self, cam: CommonAttentionMetadata) -> KVarNMetadata:

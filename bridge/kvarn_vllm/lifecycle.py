@@ -3,12 +3,13 @@ worker, on top of `kvarn_torch.cache`.
 
 vLLM's layers share block ids, so they share one pair of slot tables (`SlotTables`); each
 layer has its own pages (vLLM's KV-cache tensor) and pool. Once per step, in the metadata
-builder and outside any CUDA graph, `PoolGroup.step` quantizes the blocks of finished and
-preempted requests (where vLLM can read them again: prefix caching; else it drops them)
-and every full block whose tokens were all accepted before this step
-(one codec call for all layers), frees their slots, and gives a pool slot to every block
-this step writes. The layers' `do_kv_cache_update` then only rotate and scatter their
-tokens (graph-safe, no allocation).
+builder and outside any CUDA graph, `PoolGroup.step` settles the blocks of finished and
+preempted requests (`OnFinish`: dropped, quantized, or quantized but for the sinks, which
+stay in the pool for prefix hits until their slots are needed), quantizes every full block
+whose tokens were all accepted before this step (one codec call for all layers), frees
+their slots, and gives a pool slot to every block this step writes. The layers'
+`do_kv_cache_update` then only rotate and scatter their tokens (graph-safe, no
+allocation).
 
 Neither which requests finished nor how many tiles a step quantizes is part of the
 attention metadata: `RequestBlocks` follows the scheduler outputs the worker receives
@@ -23,6 +24,7 @@ finds nothing to do for launch no bookkeeping at all.
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -57,6 +59,17 @@ class StepPlan:
 
 class PoolExhausted(RuntimeError):
     pass
+
+
+# What becomes of a finished (or preempted) request's blocks:
+# * "drop": nothing reads them again (no prefix caching, no KV connector): slots freed,
+#   nothing quantized;
+# * "quantize": DESIGN §4's release, full blocks quantized, partial ones dropped (a KV
+#   connector reads the records);
+# * "retire_sinks": the same, but a full sink block keeps its pool slot ("retired"), so a
+#   prefix hit reads it unquantized, as the request that wrote it did; the oldest retired
+#   sink is quantized when a step needs its slot (upstream KVarN's rule).
+OnFinish = Literal["drop", "quantize", "retire_sinks"]
 
 
 class RequestBlocks:
@@ -139,11 +152,21 @@ class PoolMirror:
     `kvarn_torch.cache` (allocate / commit / release) from the scheduler's numbers."""
 
     def __init__(self, tile: int, sink_blocks: int, pool_slots: int,
-                 keep_finished: bool = True) -> None:
+                 on_finish: OnFinish = "quantize") -> None:
+        if on_finish not in ("drop", "quantize", "retire_sinks"):
+            raise ValueError(f"on_finish must be drop, quantize or retire_sinks; got "
+                             f"{on_finish!r}")
         self.tile, self.sink, self.pool_slots = tile, sink_blocks, pool_slots
-        self.keep_finished = keep_finished  # see PoolGroup
+        self.on_finish = on_finish
         self.held: set[int] = set()
+        self.retired: dict[int, None] = {}  # held sinks of finished requests, oldest first
         self.checked: dict[str, int] = {}  # per request: blocks below this are settled
+
+    def kept_sinks(self, f: Finished) -> int:
+        """How many leading blocks of finished request `f` retire instead of quantizing."""
+        if self.on_finish != "retire_sinks":
+            return 0
+        return min(self.sink, f.tokens // self.tile, len(f.blocks))
 
     def flush(self, plan: StepPlan) -> int:
         """Apply release and commit; -> how many held blocks get quantized."""
@@ -152,10 +175,16 @@ class PoolMirror:
         free: set[int] = set()
         for f in plan.finished:
             self.checked.pop(f.req_id, None)
-            full = min(f.tokens // g, len(f.blocks)) if self.keep_finished else 0
-            quantize.update(b for b in f.blocks[:full] if b in self.held)
+            full = min(f.tokens // g, len(f.blocks)) if self.on_finish != "drop" else 0
+            kept = self.kept_sinks(f)
+            self.retired.update((b, None) for b in f.blocks[:kept] if b in self.held)
+            quantize.update(b for b in f.blocks[kept:full] if b in self.held)
             free.update(b for b in f.blocks[full: -(-f.tokens // g)] if b in self.held)
         for s in plan.scheduled:
+            # in use again (a prefix hit on the sink, or vLLM reused the block); a block
+            # allocated ahead of the writes stays retired until they come
+            for b in s.blocks[: -(-(s.computed + s.new_tokens) // g)]:
+                self.retired.pop(b, None)
             # blocks below `checked` were committed when they filled; a prefix hit's blocks
             # are checked on first sight (another request may still hold one in the pool)
             full = min(s.computed // g, len(s.blocks))
@@ -166,40 +195,51 @@ class PoolMirror:
         self.held -= quantize | free
         return len(quantize)
 
-    def allocate(self, plan: StepPlan) -> tuple[int, int]:
-        """Give slots to the blocks this step starts; -> (slots given, slots still missing:
-        0 if the pool holds them all)."""
-        g, granted, missing = self.tile, 0, 0
+    def _starting(self, plan: StepPlan) -> list[int]:
+        """The blocks this step starts that hold no slot, in order of first appearance."""
+        g, out = self.tile, {}
         for s in plan.scheduled:
             if s.new_tokens <= 0:
                 continue
             first = -(-s.computed // g)  # blocks from here on are written from offset 0
             last = (s.computed + s.new_tokens - 1) // g
-            for b in s.blocks[first: last + 1]:
-                if b not in self.held:
-                    if len(self.held) < self.pool_slots:
-                        self.held.add(b)
-                        granted += 1
-                    else:
-                        missing += 1
-        return granted, missing
+            out.update((b, None) for b in s.blocks[first: last + 1] if b not in self.held)
+        return list(out)
+
+    def evict(self, plan: StepPlan) -> list[int]:
+        """The retired sinks to quantize (oldest first) so that this step's new blocks find
+        free slots; they leave the mirror's held set."""
+        short = len(self._starting(plan)) - (self.pool_slots - len(self.held))
+        out = list(self.retired)[: max(0, short)]
+        for b in out:
+            del self.retired[b]
+            self.held.discard(b)
+        return out
+
+    def allocate(self, plan: StepPlan) -> tuple[int, int]:
+        """Give slots to the blocks this step starts; -> (slots given, slots still missing:
+        0 if the pool holds them all)."""
+        start = self._starting(plan)
+        granted = min(len(start), self.pool_slots - len(self.held))
+        self.held.update(start[:granted])
+        return granted, len(start) - granted
 
 
 class PoolGroup:
     """The caches of the layers of one KV-cache group and their per-step bookkeeping.
 
-    `keep_finished`: quantize the full blocks of finished and preempted requests (DESIGN
-    §4's release), which prefix caching needs: vLLM may hand such a block to a later request
-    as a prefix hit, after its pool slot went to another block. Without prefix caching
-    nothing reads those blocks again, so False drops them with their slots (no quantize
-    launch: in a burst of 64 x 1K prompts, every sequence's sink block at its end)."""
+    `on_finish` (see `OnFinish`) settles finished and preempted requests' blocks. Prefix
+    caching needs them readable: vLLM may hand such a block to a later request as a prefix
+    hit, after its pool slot went to another block. Without prefix caching nothing reads
+    them again, and "drop" saves their quantize launch (in a burst of 64 x 1K prompts,
+    every sequence's sink block at its end)."""
 
     def __init__(self, caches: list[KVarNCache], tables: SlotTables,
-                 keep_finished: bool = True) -> None:
+                 on_finish: OnFinish = "quantize") -> None:
         self.caches = caches
         self.tables = tables
         head = caches[0]
-        self.mirror = PoolMirror(head.tile, head.sink_blocks, head.pool_slots, keep_finished)
+        self.mirror = PoolMirror(head.tile, head.sink_blocks, head.pool_slots, on_finish)
         self.started = False
         # GPU-side counters read one step late through pinned copies (no step waits):
         # tokens that found no slot, and ready tiles the mirror did not count.
@@ -249,6 +289,8 @@ class PoolGroup:
         self._check_counters()
         head = self.caches[0]
         n = self.mirror.flush(plan)
+        evicted = self.mirror.evict(plan)
+        n += len(evicted)
         granted, missing = self.mirror.allocate(plan)
         if missing and not sync:
             pool = self.mirror.pool_slots
@@ -262,11 +304,17 @@ class PoolGroup:
             table = torch.full((len(plan.finished), width), -1, dtype=torch.int32)
             for i, f in enumerate(plan.finished):
                 table[i, : len(f.blocks)] = torch.tensor(f.blocks, dtype=torch.int32)
+                table[i, : self.mirror.kept_sinks(f)] = -1  # retired: neither marked
             lens = torch.tensor([f.tokens for f in plan.finished], dtype=torch.int32)
             quantize, free = kvcache.release_marks(head, _to_device(table, head.device),
                                                    _to_device(lens, head.device))
-            if not self.mirror.keep_finished:  # dropped with their slots, none quantized
+            if self.mirror.on_finish == "drop":  # dropped with their slots, none quantized
                 quantize, free = torch.zeros_like(quantize), free | quantize
+        if evicted:
+            ids = _to_device(torch.tensor(evicted, dtype=torch.int64), head.device)
+            marks = torch.zeros(head.num_blocks, dtype=torch.bool, device=head.device)
+            marks.index_fill_(0, ids, True)
+            quantize = marks if quantize is None else quantize | marks
         if block_table.shape[0] and (sync or n or quantize is not None):
             ready = kvcache.commit_marks(head, block_table, seq_lens, query_lens)
             quantize = ready if quantize is None else quantize | ready
