@@ -81,6 +81,10 @@ NARROW_POOL_MIN_PROGRAMS = 512
 # (26.7 with the while loop of f2df9c5), 128 x 4K 45.5 instead of 47.8; the 4-warp launch
 # gains nothing from it (results/decode_pool_launch_h200.txt).
 NARROW_POOL = dict(block_n=64, num_warps=2, num_stages=2)
+# Up to this many record splits, the pool launch merges them into its own result and stores
+# the output (no merge launch); past it the merge kernel's one program per query row, all
+# loads in flight, is faster than one load after another.
+MERGE_IN_POOL_MAX_SPLITS = 4
 MASKED = triton_attention.MASKED
 LOG2E = triton_attention.LOG2E
 UNIT = gl.constexpr(2.0**24)  # a code c masked into an fp16 mantissa is c * 2**-24
@@ -592,9 +596,11 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
         num_warps=NUM_WARPS,
         **({} if max_registers is None else {"maxnreg": max_registers}))
     narrow = NARROW_POOL if b * hk >= NARROW_POOL_MIN_PROGRAMS else {}
-    triton_attention.attention(q, cache, block_tables, seq_lens, softmax_scale=softmax_scale,
-                               splits=pool_splits, rows=ROWS,
-                               pool_partials=(part_o, part_ml, splits), **narrow)
     out = triton_attention.output(q, out)
-    triton_attention.merge(part_o, part_ml, out, 1, group)
+    merge = pool_splits == 1 and splits <= MERGE_IN_POOL_MAX_SPLITS
+    triton_attention.attention(q, cache, block_tables, seq_lens, softmax_scale=softmax_scale,
+                               splits=pool_splits, rows=ROWS, merge_partials=merge, out=out,
+                               pool_partials=(part_o, part_ml, splits), **narrow)
+    if not merge:
+        triton_attention.merge(part_o, part_ml, out, 1, group)
     return out

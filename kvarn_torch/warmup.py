@@ -8,7 +8,8 @@ runtime ints and sliced table pointers are not specialized, see triton_attention
 attention programs `launch_config` can pick (16, 32 or 64 query rows), each split or
 not (split adds the merge kernel), the gather kernel of long prefill continuations, the
 rotation of their queries, the pool write of new tokens and the quantize kernel of a
-commit, and on GPUs that run it the Gluon decode kernel with its pool launch and merge.
+commit, and on GPUs that run it the Gluon decode kernel with its pool launch (merging the
+record splits itself, or leaving them to the merge kernel).
 `compile_kernels` launches each once on a scratch cache of two blocks; Triton
 keeps them in memory and on disk.
 """
@@ -55,10 +56,12 @@ def compile_kernels(preset: str, num_q_heads: int, num_kv_heads: int, head_dim: 
     if gluon_attention.unsupported(q, cache) is None:  # the decode kernel of large batches
         wide = -(-gluon_attention.NARROW_POOL_MIN_PROGRAMS // num_kv_heads)
         for b in (1, wide):  # the pool launch's two program shapes
-            gluon_attention.attention(q.expand(b, -1, -1, -1).contiguous(), cache,
-                                      tables.expand(b, -1).contiguous(),
-                                      seq_lens.expand(b).contiguous())
-            launches += 3  # record kernel, pool tiles (triton_attention), merge
+            # few record splits merged in the pool launch, or more and the merge kernel
+            for splits in (1, gluon_attention.MERGE_IN_POOL_MAX_SPLITS + 1):
+                gluon_attention.attention(q.expand(b, -1, -1, -1).contiguous(), cache,
+                                          tables.expand(b, -1).contiguous(),
+                                          seq_lens.expand(b).contiguous(), splits=splits)
+                launches += 2 if splits <= gluon_attention.MERGE_IN_POOL_MAX_SPLITS else 3
     triton_gather.gather(cache, tables[0], 2)
     codec.rotate(q[0])  # the query heads of dense continuations
     kv = torch.zeros((1, num_kv_heads, head_dim), dtype=dtype, device=device)
