@@ -20,6 +20,7 @@ import datetime
 import gc
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -193,6 +194,8 @@ def main() -> None:
             + (f", attention heads widened x{tp_size}" if tp_size > 1 else ""),
             tensor_parallel_size=tp_size,
             batch_invariant=os.environ.get("VLLM_BATCH_INVARIANT", "0") == "1",
+            command=("VLLM_BATCH_INVARIANT=1 " * (os.environ.get("VLLM_BATCH_INVARIANT") == "1")
+                     + "python " + " ".join(sys.argv)),
             device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
             commit=args.commit, prompts=[len(t) for t in tp], new_tokens=n, summary=summary,
             errors=errors, kv_tokens={k: r["kv_tokens"] for k, r in results.items()}),
