@@ -40,8 +40,8 @@ read below), and the output channels are put back in order at the partial store.
 
 Output: split-KV partials in `triton_attention`'s format ([B, Hk, 1, splits + POOL_SPLITS,
 16, D] unnormalized accumulators, base-2 max and sum per row; the last splits are the
-pool's),
-merged, normalized and rotated back by `triton_attention._merge_kernel`.
+pool's), merged, normalized and rotated back by the pool launch itself when there are
+few (`MERGE_IN_POOL_MAX_SPLITS`), else by `triton_attention._merge_kernel`.
 """
 
 from __future__ import annotations
