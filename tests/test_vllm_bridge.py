@@ -408,6 +408,8 @@ def test_finished_blocks_are_kept_for_prefix_caching_and_kv_connectors():
                                kv_transfer_config=transfer)
 
     assert on_finish(cfg(True)) == "retire_sinks"
+    assert on_finish(cfg(True), sync_commit=True) == "quantize"  # speculative decoding
+    assert on_finish(cfg(False), sync_commit=True) == "drop"
     assert on_finish(cfg(False)) == "drop"
     assert on_finish(cfg(True, transfer=object())) == "quantize"
     assert on_finish(cfg(False, transfer=object())) == "quantize"

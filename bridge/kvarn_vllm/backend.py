@@ -165,15 +165,18 @@ DENSE_MIN_QUERY = 128
 DENSE_MAX_TOKENS = 65536
 
 
-def on_finish(vllm_config) -> lifecycle.OnFinish:
+def on_finish(vllm_config, sync_commit: bool = False) -> lifecycle.OnFinish:
     """What becomes of finished requests' blocks (`lifecycle.OnFinish`): a KV connector
     reads the records of every full block; prefix caching reads them through our own
     attention, which finds a retired sink in the pool; otherwise nothing reads them.
-    Prefix caching None (not decided yet) takes the safe side."""
+    Prefix caching None (not decided yet) takes the safe side. Retired sinks hold slots
+    beyond the pool's sizing, freed when the host mirror sees a step short of slots: not
+    where the GPU counts instead (`sync_commit`: speculative decoding, whose optimistic
+    token counts the mirror could trail)."""
     if getattr(vllm_config, "kv_transfer_config", None) is not None:
         return "quantize"
     if vllm_config.cache_config.enable_prefix_caching is not False:
-        return "retire_sinks"
+        return "quantize" if sync_commit else "retire_sinks"
     return "drop"
 
 
@@ -217,7 +220,7 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
             head = caches[0]
             self.group = lifecycle.PoolGroup(caches, lifecycle.SlotTables(
                 head.block_to_slot, head.slot_to_block, head.dropped_tokens),
-                on_finish=on_finish(self.vllm_config))
+                on_finish=on_finish(self.vllm_config, self.sync_commit))
         return self.group
 
     def _metadata(self, cam: CommonAttentionMetadata) -> KVarNMetadata:
