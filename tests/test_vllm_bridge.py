@@ -397,6 +397,39 @@ def test_retired_sinks_serve_prefix_hits_until_their_slots_are_needed():
     assert int(group.backlog) == 0 and int(caches[0].dropped_tokens) == 0
 
 
+def test_a_retired_sink_recycled_by_vllm_takes_new_tokens_in_its_slot():
+    """vLLM may hand a retired sink's block id to a new request for other tokens (its
+    prefix-cache entry evicted): the block keeps its slot, is written from offset 0 and,
+    once full, committed to the same record bytes as a block that started in a fresh slot;
+    a block allocated ahead of its writes stays retired (and evictable) until they come."""
+    from kvarn_vllm.lifecycle import Finished, Scheduled, StepPlan
+
+    def run(on_finish):
+        caches, group = _layers(slots=4, on_finish=on_finish)
+        rng = torch.Generator().manual_seed(1)
+        n = [7, 9, 2, 11]  # tokens 0-63, 64-127, 128-191, 192-
+        steps = [StepPlan([Scheduled("a", [2, 5], 0, 100)]),
+                 StepPlan([], [Finished("a", [2, 5], 100)]),
+                 StepPlan([Scheduled("n", n[:3], 0, 100)]),  # block 2 allocated ahead
+                 StepPlan([Scheduled("n", n[:3], 100, 92)]),  # ... and written: full
+                 StepPlan([Scheduled("n", n, 192, 1)])]  # blocks 9 and 2 committed
+        for i, plan in enumerate(steps):
+            _run_step(caches, group, plan, rng)
+            if on_finish == "retire_sinks" and i == 2:
+                assert group.mirror.retired == {2: None}  # not written yet: still retired
+            held = {int(b) for b in caches[0].slot_to_block if b >= 0}
+            assert held == group.mirror.held
+        assert int(group.backlog) == 0 and int(caches[0].dropped_tokens) == 0
+        return caches, group
+
+    fresh, _ = run("quantize")
+    reused, group = run("retire_sinks")
+    assert not group.mirror.retired and group.mirror.held == {7, 11}
+    for c, f in zip(reused, fresh):
+        for b in (2, 9):
+            assert c.pages[b].any() and torch.equal(c.pages[b], f.pages[b])
+
+
 def test_finished_blocks_are_kept_for_prefix_caching_and_kv_connectors():
     from types import SimpleNamespace
 
