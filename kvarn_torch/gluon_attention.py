@@ -596,11 +596,13 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
         num_warps=NUM_WARPS,
         **({} if max_registers is None else {"maxnreg": max_registers}))
     narrow = NARROW_POOL if b * hk >= NARROW_POOL_MIN_PROGRAMS else {}
-    out = triton_attention.output(q, out)
     merge = pool_splits == 1 and splits <= MERGE_IN_POOL_MAX_SPLITS
-    triton_attention.attention(q, cache, block_tables, seq_lens, softmax_scale=softmax_scale,
-                               splits=pool_splits, rows=ROWS, merge_partials=merge, out=out,
-                               pool_partials=(part_o, part_ml, splits), **narrow)
-    if not merge:
-        triton_attention.merge(part_o, part_ml, out, 1, group)
+    merged = triton_attention.attention(
+        q, cache, block_tables, seq_lens, softmax_scale=softmax_scale, splits=pool_splits,
+        rows=ROWS, merge_partials=merge, out=out, pool_partials=(part_o, part_ml, splits),
+        **narrow)
+    if merge:
+        return merged
+    out = triton_attention.output(q, out)
+    triton_attention.merge(part_o, part_ml, out, 1, group)
     return out

@@ -56,11 +56,11 @@ def compile_kernels(preset: str, num_q_heads: int, num_kv_heads: int, head_dim: 
     if gluon_attention.unsupported(q, cache) is None:  # the decode kernel of large batches
         wide = -(-gluon_attention.NARROW_POOL_MIN_PROGRAMS // num_kv_heads)
         for b in (1, wide):  # the pool launch's two program shapes
+            qb, tb = q.expand(b, -1, -1, -1).contiguous(), tables.expand(b, -1).contiguous()
+            lb = seq_lens.expand(b).contiguous()
             # few record splits merged in the pool launch, or more and the merge kernel
             for splits in (1, gluon_attention.MERGE_IN_POOL_MAX_SPLITS + 1):
-                gluon_attention.attention(q.expand(b, -1, -1, -1).contiguous(), cache,
-                                          tables.expand(b, -1).contiguous(),
-                                          seq_lens.expand(b).contiguous(), splits=splits)
+                gluon_attention.attention(qb, cache, tb, lb, splits=splits)
                 launches += 2 if splits <= gluon_attention.MERGE_IN_POOL_MAX_SPLITS else 3
     triton_gather.gather(cache, tables[0], 2)
     codec.rotate(q[0])  # the query heads of dense continuations

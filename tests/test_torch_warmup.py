@@ -55,12 +55,12 @@ def test_serving_calls_compile_nothing_after_warmup():
             q = torch.randn(b * sq, hq, d, device=DEVICE, dtype=torch.float16)
             triton_attention.attention(q.view(b, sq, hq, d), cache, tables[r0: r0 + b],
                                        lens[r0: r0 + b])
-    if gluon_attention.unsupported(q.view(b, sq, hq, d), cache) is None:
-        # the Gluon decode: many record splits (merge kernel), a few (merged in the pool
-        # launch), the 2-warp pool launch of wide batches
-        for b in (1, 30, 64):
-            rows = torch.arange(b, device=DEVICE) % 30
-            q = torch.randn(b, 1, hq, d, device=DEVICE, dtype=torch.float16)
+    # the Gluon decode: many record splits (merge kernel), a few (merged in the pool
+    # launch), the 2-warp pool launch of wide batches
+    for b in (1, 30, 64):
+        rows = torch.arange(b, device=DEVICE) % 30
+        q = torch.randn(b, 1, hq, d, device=DEVICE, dtype=torch.float16)
+        if gluon_attention.unsupported(q, cache) is None:
             gluon_attention.attention(q, cache, tables[rows], lens[rows])
     triton_gather.gather(cache, tables[7], 10)
     for t in (1, 16, 300):  # K and V as vLLM hands them: slices of the fused qkv projection

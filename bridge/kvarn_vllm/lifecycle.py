@@ -24,7 +24,7 @@ finds nothing to do for launch no bookkeeping at all.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -153,8 +153,8 @@ class PoolMirror:
 
     def __init__(self, tile: int, sink_blocks: int, pool_slots: int,
                  on_finish: OnFinish = "quantize") -> None:
-        if on_finish not in ("drop", "quantize", "retire_sinks"):
-            raise ValueError(f"on_finish must be drop, quantize or retire_sinks; got "
+        if on_finish not in get_args(OnFinish):
+            raise ValueError(f"on_finish must be one of {get_args(OnFinish)}; got "
                              f"{on_finish!r}")
         self.tile, self.sink, self.pool_slots = tile, sink_blocks, pool_slots
         self.on_finish = on_finish
@@ -206,23 +206,20 @@ class PoolMirror:
             out.update((b, None) for b in s.blocks[first: last + 1] if b not in self.held)
         return list(out)
 
-    def evict(self, plan: StepPlan) -> list[int]:
-        """The retired sinks to quantize (oldest first) so that this step's new blocks find
-        free slots; they leave the mirror's held set."""
-        short = len(self._starting(plan)) - (self.pool_slots - len(self.held))
-        out = list(self.retired)[: max(0, short)]
-        for b in out:
+    def allocate(self, plan: StepPlan) -> tuple[list[int], int, int]:
+        """Give slots to the blocks this step starts, first making room by evicting
+        retired sinks (oldest first) where the free slots fall short; -> (the evicted
+        blocks, to quantize; slots given; slots still missing: 0 if the pool holds them
+        all)."""
+        start = self._starting(plan)
+        short = len(start) - (self.pool_slots - len(self.held))
+        evicted = list(self.retired)[: max(0, short)]
+        for b in evicted:
             del self.retired[b]
             self.held.discard(b)
-        return out
-
-    def allocate(self, plan: StepPlan) -> tuple[int, int]:
-        """Give slots to the blocks this step starts; -> (slots given, slots still missing:
-        0 if the pool holds them all)."""
-        start = self._starting(plan)
         granted = min(len(start), self.pool_slots - len(self.held))
         self.held.update(start[:granted])
-        return granted, len(start) - granted
+        return evicted, granted, len(start) - granted
 
 
 class PoolGroup:
@@ -289,9 +286,8 @@ class PoolGroup:
         self._check_counters()
         head = self.caches[0]
         n = self.mirror.flush(plan)
-        evicted = self.mirror.evict(plan)
+        evicted, granted, missing = self.mirror.allocate(plan)
         n += len(evicted)
-        granted, missing = self.mirror.allocate(plan)
         if missing and not sync:
             pool = self.mirror.pool_slots
             raise PoolExhausted(
