@@ -531,6 +531,23 @@ def _record_kernel(
     gl.store(part_ml_ptr + part * 2 * ROWS + ROWS + rt, gl.sum(l_acc, 1))
 
 
+def num_splits(pairs: int, pool_splits: int, max_blocks: int, num_sms: int) -> int:
+    """Record splits for `pairs` (sequence, KV head) pairs: the record kernel and the
+    concurrent pool launch together about PROGRAMS_PER_SM programs per SM."""
+    room = PROGRAMS_PER_SM * num_sms - pairs * pool_splits
+    return max(1, min(room // pairs, max_blocks, MAX_SPLITS))
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream the record kernel runs on while the pool launch runs on the caller's."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
+    return _SIDE_STREAMS[device]
+
+
 def unsupported(q: Tensor, cache: KVarNCache) -> str | None:
     """What `attention` would need changed to take this call, or None if it takes it."""
     b, sq, hq, d = q.shape
@@ -580,29 +597,28 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
         q = q.contiguous()
     max_blocks = block_tables.shape[1]
     if splits is None:
-        sms = triton_attention._num_sms(q.device)
-        splits = max(1, min(PROGRAMS_PER_SM * sms // (b * hk), max_blocks, MAX_SPLITS))
+        splits = num_splits(b * hk, pool_splits, max_blocks, triton_attention._num_sms(q.device))
     shape = (b, hk, 1, splits + pool_splits)  # the last splits: the pool blocks
     part_o = torch.empty(shape + (ROWS, d), dtype=torch.float32, device=q.device)
     part_ml = torch.empty(shape + (2, ROWS), dtype=torch.float32, device=q.device)
-    _record_kernel[(b, hk, splits)](
-        q, part_o, part_ml, cache.pages.view(torch.int32), cache.pages.view(torch.float16),
-        block_tables, seq_lens, cache.block_to_slot,
-        float(scale * LOG2E / math.sqrt(d)), splits, splits + pool_splits, q.stride(0),
-        q.stride(2),
-        cache.pages.stride(0), cache.pages.stride(1), block_tables.stride(0), GROUP=group,
-        K_CODES=lay.k_codes.offset, A_K=lay.a_k.offset, TAU_K=lay.tau_k.offset,
-        V_CODES=lay.v_codes.offset, SIGMA_V=lay.sigma_v.offset, A_V=lay.a_v.offset,
-        num_warps=NUM_WARPS,
-        **({} if max_registers is None else {"maxnreg": max_registers}))
+    main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        _record_kernel[(b, hk, splits)](
+            q, part_o, part_ml, cache.pages.view(torch.int32), cache.pages.view(torch.float16),
+            block_tables, seq_lens, cache.block_to_slot,
+            float(scale * LOG2E / math.sqrt(d)), splits, splits + pool_splits, q.stride(0),
+            q.stride(2),
+            cache.pages.stride(0), cache.pages.stride(1), block_tables.stride(0), GROUP=group,
+            K_CODES=lay.k_codes.offset, A_K=lay.a_k.offset, TAU_K=lay.tau_k.offset,
+            V_CODES=lay.v_codes.offset, SIGMA_V=lay.sigma_v.offset, A_V=lay.a_v.offset,
+            num_warps=NUM_WARPS,
+            **({} if max_registers is None else {"maxnreg": max_registers}))
     narrow = NARROW_POOL if b * hk >= NARROW_POOL_MIN_PROGRAMS else {}
-    merge = pool_splits == 1 and splits <= MERGE_IN_POOL_MAX_SPLITS
-    merged = triton_attention.attention(
+    triton_attention.attention(
         q, cache, block_tables, seq_lens, softmax_scale=softmax_scale, splits=pool_splits,
-        rows=ROWS, merge_partials=merge, out=out, pool_partials=(part_o, part_ml, splits),
-        **narrow)
-    if merge:
-        return merged
+        rows=ROWS, pool_partials=(part_o, part_ml, splits), **narrow)
+    main.wait_stream(side)
     out = triton_attention.output(q, out)
     triton_attention.merge(part_o, part_ml, out, 1, group)
     return out
