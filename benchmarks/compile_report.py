@@ -127,15 +127,14 @@ def _record_offsets(preset: str, head_dim: int) -> dict:
 
 def attention_report(rows: int, block_n: int, warps: int, arch: int,
                      maxnreg: int | None = None, split: bool = True,
-                     pool_only: bool = False, merge: bool = False,
+                     pool_only: bool = False,
                      num_stages: int = triton_attention.NUM_STAGES) -> dict:
     """One decode launch of the attention kernel as `triton_attention.attention` makes it
-    (pool_only: the Gluon path's launch over the pool blocks; merge: which also merges the
-    record splits and stores the output)."""
+    (pool_only: the Gluon path's launch over the pool blocks)."""
     kernel = triton_attention._attention_kernel
     consts = dict(GROUP=4, ROWS=rows, D=128, LOG_D=7, G=128, BLOCK_N=block_n, CAUSAL=True,
-                  SPLIT=split and not merge, UPCAST=False, INV_SQRT_D=128 ** -0.5,
-                  POOL_ONLY=pool_only, MERGE=merge,
+                  SPLIT=split, UPCAST=False, INV_SQRT_D=128 ** -0.5,
+                  POOL_ONLY=pool_only,
                   **_record_offsets("kvarn_k4v2_g128", 128))
     pointers = dict(q_ptr="*fp16", out_ptr="*fp16", part_o_ptr="*fp32", part_ml_ptr="*fp32",
                     words_ptr="*i32", halves_ptr="*fp16", pool_k_ptr="*fp16",
@@ -156,7 +155,7 @@ def attention_report(rows: int, block_n: int, warps: int, arch: int,
                 attrs[(i,)] = aligned  # every stride of a serving launch is a multiple of 16
     src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
     return dict(rows=rows, block_n=block_n, warps=warps, maxnreg=maxnreg, split=split,
-                pool_only=pool_only, merge=merge,
+                pool_only=pool_only,
                 **_compiled(src, arch, loop_op="LOP3.LUT", num_warps=warps,
                             num_stages=num_stages, maxnreg=maxnreg))
 
@@ -200,13 +199,11 @@ def kernels_report(arch: int) -> list[dict]:
             rows.append(dict(kernel="_attention_kernel", **row))
     gluon_pool = triton_attention.launch_config(128, 128, 4, gluon_attention.ROWS.value)
     narrow = gluon_attention.NARROW_POOL  # wide batches: loads pipelined by Triton
-    for merge in (False, True):  # the record splits merged by the merge kernel, or in it
-        rows.append(dict(kernel="_attention_kernel",
-                         **attention_report(*gluon_pool, arch, pool_only=True, merge=merge)))
-        rows.append(dict(kernel="_attention_kernel",
-                         **attention_report(gluon_pool[0], narrow["block_n"],
-                                            narrow["num_warps"], arch, pool_only=True,
-                                            merge=merge, num_stages=narrow["num_stages"])))
+    rows.append(dict(kernel="_attention_kernel",
+                     **attention_report(*gluon_pool, arch, pool_only=True)))
+    rows.append(dict(kernel="_attention_kernel",
+                     **attention_report(gluon_pool[0], narrow["block_n"], narrow["num_warps"],
+                                        arch, pool_only=True, num_stages=narrow["num_stages"])))
     rows.append(_compile_one(
         triton_attention._merge_kernel,
         dict(part_o_ptr="*fp32", part_ml_ptr="*fp32", out_ptr="*fp16"),

@@ -40,8 +40,15 @@ read below), and the output channels are put back in order at the partial store.
 
 Output: split-KV partials in `triton_attention`'s format ([B, Hk, 1, splits + POOL_SPLITS,
 16, D] unnormalized accumulators, base-2 max and sum per row; the last splits are the
-pool's), merged, normalized and rotated back by the pool launch itself when there are
-few (`MERGE_IN_POOL_MAX_SPLITS`), else by `triton_attention._merge_kernel`.
+pool's), merged, normalized and rotated back by `triton_attention._merge_kernel`.
+
+Two streams. The record kernel runs on a side stream while the pool launch runs on the
+caller's; the merge waits for both. The record programs fill about half of the SMs'
+registers at the split counts of wide batches, and the pool launch's programs take the
+rest: on an H200 (32/8 heads, bf16), 64 x 1152 tokens 71.4 us one launch after the other
+(the pool launch merging the record splits) -> 56.8 us, 32 x 1152 51.8 -> 45.8, 128 x 4K
+244.9 -> 229.4, 16 x 32K 219.9 -> 211.8 (results/decode_two_streams_h200.txt). Inside a
+CUDA graph capture the fork and join become parallel branches of the graph.
 """
 
 from __future__ import annotations
@@ -64,7 +71,9 @@ ROWS = gl.constexpr(16)  # query rows per program: the M of mma.sync m16n8k16
 D = gl.constexpr(128)
 G = gl.constexpr(128)
 NUM_WARPS = 1  # a program is one warp: its softmax state never leaves it
-PROGRAMS_PER_SM = 8  # resident at once: 65,536 registers / (255 x 32); 8 x 27 KB shared
+# Record and pool programs together, per SM: the record kernel's are resident 8 at once
+# (65,536 registers / (255 x 32); 8 x 27 KB shared).
+PROGRAMS_PER_SM = 8
 MIN_KV_SEQUENCES = 64
 MAX_SPLITS = 64  # 1 x 32K on an H200: 50 us at 32 splits, 42 us at 64
 # The pool launch's programs per sequence and KV head. Splitting the sink from the tail
@@ -81,10 +90,6 @@ NARROW_POOL_MIN_PROGRAMS = 512
 # (26.7 with the while loop of f2df9c5), 128 x 4K 45.5 instead of 47.8; the 4-warp launch
 # gains nothing from it (results/decode_pool_launch_h200.txt).
 NARROW_POOL = dict(block_n=64, num_warps=2, num_stages=2)
-# Up to this many record splits, the pool launch merges them into its own result and stores
-# the output (no merge launch); past it the merge kernel's one program per query row, all
-# loads in flight, is faster than one load after another.
-MERGE_IN_POOL_MAX_SPLITS = 4
 MASKED = triton_attention.MASKED
 LOG2E = triton_attention.LOG2E
 UNIT = gl.constexpr(2.0**24)  # a code c masked into an fp16 mantissa is c * 2**-24

@@ -322,15 +322,13 @@ def _attention_kernel(
     K_CODES: tl.constexpr, A_K: tl.constexpr, Z_K: tl.constexpr, TAU_K: tl.constexpr,
     V_CODES: tl.constexpr, SIGMA_V: tl.constexpr, A_V: tl.constexpr, Z_V: tl.constexpr,
     CAUSAL: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
-    INV_SQRT_D: tl.constexpr, POOL_ONLY: tl.constexpr, MERGE: tl.constexpr,
+    INV_SQRT_D: tl.constexpr, POOL_ONLY: tl.constexpr,
 ):
     """has_query_lens 0: every sequence has num_query_tokens query rows (query_lens_ptr is
     not read; a decode call then launches nothing else to fill it). SPLIT: store split-KV
     partials as split part_first + split of part_splits per row block (the other splits
     may come from another kernel: see gluon_attention). POOL_ONLY: attend to the pool
-    tiles only (the quantized ones are another kernel's). MERGE (one split, one row block):
-    fold in the partials that another kernel stored as splits 0 .. part_first - 1, then
-    store the output as an unsplit launch does."""
+    tiles only (the quantized ones are another kernel's)."""
     TILES_PER_BLOCK: tl.constexpr = G // BLOCK_N
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -434,10 +432,6 @@ def _attention_kernel(
                                                UPCAST)
 
     acc = tl.trans(acc)  # [ROWS, D]
-    if MERGE:
-        first = (b.to(tl.int64) * tl.num_programs(1) + h) * part_splits
-        acc, l_i = _fold_partials(part_o_ptr, part_ml_ptr, first, part_first, acc, m_i, l_i,
-                                  ROWS, D)
     if SPLIT:  # partials [B, Hk, row_blocks, part_splits, ...] for the merge kernel
         part = (((b.to(tl.int64) * tl.num_programs(1) + h) * (tl.num_programs(2) // splits)
                  + row_block) * part_splits + part_first + split)
@@ -448,27 +442,6 @@ def _attention_kernel(
     else:
         _store_rows(out_ptr, acc, l_i, b, h, rows, n_rows, out_stride_b, out_stride_s,
                     out_stride_h, GROUP, ROWS, D, LOG_D, INV_SQRT_D)
-
-
-@triton.jit
-def _fold_partials(part_o_ptr, part_ml_ptr, first, n, acc, m_i, l_i,
-                   ROWS: tl.constexpr, D: tl.constexpr):
-    """acc [ROWS, D] and l_i merged by log-sum-exp with the n split-KV partials stored from
-    part index `first` on (the merge kernel's rule, for a few splits: one load at a time)."""
-    r = tl.arange(0, ROWS)
-    d = tl.arange(0, D)
-    for s in range(0, n):
-        part = first + s
-        m_s = tl.load(part_ml_ptr + part * 2 * ROWS + r)
-        l_s = tl.load(part_ml_ptr + part * 2 * ROWS + ROWS + r)
-        o_s = tl.load(part_o_ptr + part * ROWS * D + r[:, None] * D + d[None, :])
-        m_new = tl.maximum(m_i, m_s)
-        alpha = tl.exp2(m_i - m_new)
-        beta = tl.exp2(m_s - m_new)
-        acc = acc * alpha[:, None] + o_s * beta[:, None]
-        l_i = l_i * alpha + l_s * beta
-        m_i = m_new
-    return acc, l_i
 
 
 @triton.jit(do_not_specialize=["num_query_tokens", "splits", "chunks"])
@@ -571,7 +544,6 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
               num_warps: int | None = None, num_stages: int = NUM_STAGES,
               max_registers: int | None = None,
               pool_partials: tuple[Tensor, Tensor, int] | None = None,
-              merge_partials: bool = False,
               out: Tensor | None = None) -> Tensor | None:
     """q [B, Sq, Hq, D] (Sq = 1: decode; Sq > 1: the last query_lens[b] tokens of each
     sequence, already appended) -> out [B, Sq, Hq, D] in q's dtype (rows past
@@ -588,9 +560,6 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     split-KV partials as splits `first` .. `first + splits - 1` of these buffers ([B, Hk,
     row blocks, all splits, rows, D] and [..., 2, rows]; another kernel writes the
     quantized tiles' splits: `gluon_attention`); returns None, and `out` is not used.
-    merge_partials: with pool_partials, one split and one row block, fold those other
-    splits (0 .. first - 1, already stored) into the pool's own result and write the
-    output instead (no merge launch); returns out.
 
     out: where to write the result (q's shape and dtype; e.g. a view of the caller's
     output buffer, saving a copy), a new tensor by default.
@@ -646,16 +615,12 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     split = splits > 1
     tiles_per_split = triton.cdiv(max_tiles, splits)
 
-    if merge_partials and (pool_partials is None or splits != 1 or row_blocks != 1):
-        raise ValueError(f"merge_partials folds pool_partials into one split of one row "
-                         f"block; got pool_partials={pool_partials is not None}, {splits} splits, "
-                         f"{row_blocks} row blocks")
     # A pool-only launch stores partials only: q stands in for the output it never writes.
-    out = q if pool_partials is not None and not merge_partials else output(q, out)
+    out = q if pool_partials is not None else output(q, out)
     part_splits, part_first = splits, 0
     if pool_partials is not None:
         part_o, part_ml, part_first = pool_partials
-        part_splits, split = part_o.shape[3], not merge_partials
+        part_splits, split = part_o.shape[3], True
         if (part_first + splits > part_splits
                 or part_o.shape != (b, hk, row_blocks, part_splits, rows, d)
                 or part_ml.shape != (b, hk, row_blocks, part_splits, 2, rows)):
@@ -692,12 +657,12 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
         TAU_K=lay.tau_k.offset, V_CODES=lay.v_codes.offset, SIGMA_V=lay.sigma_v.offset,
         A_V=lay.a_v.offset, Z_V=lay.z_v.offset,
         CAUSAL=bool(causal), SPLIT=split, UPCAST=upcast,
-        POOL_ONLY=pool_partials is not None, MERGE=merge_partials,
+        POOL_ONLY=pool_partials is not None,
         num_warps=num_warps, num_stages=num_stages, **common,
         **({} if max_registers is None else {"maxnreg": max_registers}),
     )
     if pool_partials is not None:
-        return out if merge_partials else None
+        return None
     if split:
         merge(part_o, part_ml, out, sq, group)
     return out

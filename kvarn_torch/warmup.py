@@ -58,10 +58,8 @@ def compile_kernels(preset: str, num_q_heads: int, num_kv_heads: int, head_dim: 
         for b in (1, wide):  # the pool launch's two program shapes
             qb, tb = q.expand(b, -1, -1, -1).contiguous(), tables.expand(b, -1).contiguous()
             lb = seq_lens.expand(b).contiguous()
-            # few record splits merged in the pool launch, or more and the merge kernel
-            for splits in (1, gluon_attention.MERGE_IN_POOL_MAX_SPLITS + 1):
-                gluon_attention.attention(qb, cache, tb, lb, splits=splits)
-                launches += 2 if splits <= gluon_attention.MERGE_IN_POOL_MAX_SPLITS else 3
+            gluon_attention.attention(qb, cache, tb, lb)
+            launches += 3  # records, pool, merge
     triton_gather.gather(cache, tables[0], 2)
     codec.rotate(q[0])  # the query heads of dense continuations
     kv = torch.zeros((1, num_kv_heads, head_dim), dtype=dtype, device=device)

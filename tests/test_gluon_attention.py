@@ -90,6 +90,49 @@ def test_quantized_only_and_empty_sequences():
 
 
 @gpu
+def test_two_streams_on_a_side_stream_and_in_a_graph():
+    """The record kernel runs on a side stream: the result is the same when the caller
+    works on a stream of its own, and when the call is captured in a CUDA graph (the fork
+    and join become graph branches) and replayed on new inputs written in place."""
+    cache, table, seq_lens = serving_cache([1000, 4097, 300, 129] * 16, 8, torch.float16)
+    q = torch.randn(64, 1, 32, D, device="cuda", dtype=torch.float16)
+    want = gluon_attention.attention(q, cache, table, seq_lens)
+    assert rel_err(want, attention_reference.attention(q, cache, table, seq_lens)) < 4e-3
+    caller = torch.cuda.Stream()
+    caller.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(caller):
+        q.mul_(1.0)  # queued on the caller's stream ahead of the call that reads q
+        got = gluon_attention.attention(q, cache, table, seq_lens)
+    torch.cuda.current_stream().wait_stream(caller)
+    assert torch.equal(got, want)
+    out = torch.empty_like(q)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(caller):
+        gluon_attention.attention(q, cache, table, seq_lens, out=out)  # warm-up, eager
+        with torch.cuda.graph(graph, stream=caller):
+            gluon_attention.attention(q, cache, table, seq_lens, out=out)
+    q2 = torch.randn_like(q)
+    q.copy_(q2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, gluon_attention.attention(q2, cache, table, seq_lens))
+
+
+def test_record_splits_leave_the_pool_launch_its_programs():
+    """Record and pool programs together fill about PROGRAMS_PER_SM per SM (the two run
+    concurrently); at least one split, at most one per block and MAX_SPLITS."""
+    per_sm, sms = gluon_attention.PROGRAMS_PER_SM, 132
+    for pairs in (64, 128, 256, 512, 1024, 4096):
+        s = gluon_attention.num_splits(pairs, 1, 1000, sms)
+        assert s >= 1
+        assert s == 1 or pairs * (s + 1) <= per_sm * sms < pairs * (s + 2)
+    assert gluon_attention.num_splits(512, 1, 1000, sms) == 1  # 64 sequences x 8 KV heads
+    assert gluon_attention.num_splits(128, 1, 1000, sms) == 7  # 16 x 8
+    assert gluon_attention.num_splits(64, 1, 3, sms) == 3  # no more splits than blocks
+    assert gluon_attention.num_splits(1, 1, 1000, sms) == gluon_attention.MAX_SPLITS
+
+
+@gpu
 def test_applies_from_min_kv_sequences():
     """Serving takes this kernel for decode batches of >= MIN_KV_SEQUENCES (sequence, KV
     head) pairs it handles, triton_attention's below and for everything else."""

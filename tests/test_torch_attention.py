@@ -236,14 +236,6 @@ def test_pool_partial_merges_with_the_partials_of_another_kernel():
         assert torch.isfinite(got).all()
         err = (got.float() - want).abs().max() / want.abs().max()
         assert err < TOL[torch.float16], f"{splits} + {pool_splits} splits: error {err:.2e}"
-        if pool_splits == 1:  # the pool launch merging the other splits itself
-            merged = triton_attention.attention(q, cache, bt, sl, splits=1, rows=16,
-                                                merge_partials=True,
-                                                pool_partials=(part_o, part_ml, splits), **shape)
-            assert (merged.float() - got.float()).abs().max() <= 2e-3 * want.abs().max()
-    with pytest.raises(ValueError, match="merge_partials folds pool_partials into one split"):
-        triton_attention.attention(q, cache, bt, sl, splits=2, rows=16, merge_partials=True,
-                                   pool_partials=(part_o, part_ml, 2))
     with pytest.raises(ValueError, match="room for the pool's 2 splits from split 3"):
         part_o, part_ml = exact_partials(q, cache, bt, sl, 3, 16, 1)
         triton_attention.attention(q, cache, bt, sl, splits=2, rows=16,
