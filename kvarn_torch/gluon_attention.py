@@ -586,8 +586,9 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
               max_registers: int | None = None, out: Tensor | None = None,
               pool_splits: int = POOL_SPLITS) -> Tensor:
     """Decode attention, q [B, 1, Hq, D] -> [B, 1, Hq, D]: the quantized blocks with this
-    module's kernel, the pool blocks (sink, tail) with triton_attention's, one merge.
-    `splits`: of the quantized blocks (default: about PROGRAMS_PER_SM programs per SM);
+    module's kernel (on a side stream), the pool blocks (sink, tail) with
+    triton_attention's at the same time on the caller's stream, then one merge.
+    `splits`: of the quantized blocks (default: `num_splits`);
     `pool_splits`: of the pool launch; `out`: as in triton_attention.attention."""
     b, _, hq, d = q.shape
     hk = cache.num_kv_heads
