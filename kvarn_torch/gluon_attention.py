@@ -607,24 +607,26 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     shape = (b, hk, 1, splits + pool_splits)  # the last splits: the pool blocks
     part_o = torch.empty(shape + (ROWS, d), dtype=torch.float32, device=q.device)
     part_ml = torch.empty(shape + (2, ROWS), dtype=torch.float32, device=q.device)
+    out = triton_attention.output(q, out)
+    narrow = NARROW_POOL if b * hk >= NARROW_POOL_MIN_PROGRAMS else {}
     main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
     side.wait_stream(main)
-    with torch.cuda.stream(side):
-        _record_kernel[(b, hk, splits)](
-            q, part_o, part_ml, cache.pages.view(torch.int32), cache.pages.view(torch.float16),
-            block_tables, seq_lens, cache.block_to_slot,
-            float(scale * LOG2E / math.sqrt(d)), splits, splits + pool_splits, q.stride(0),
-            q.stride(2),
-            cache.pages.stride(0), cache.pages.stride(1), block_tables.stride(0), GROUP=group,
-            K_CODES=lay.k_codes.offset, A_K=lay.a_k.offset, TAU_K=lay.tau_k.offset,
-            V_CODES=lay.v_codes.offset, SIGMA_V=lay.sigma_v.offset, A_V=lay.a_v.offset,
-            num_warps=NUM_WARPS,
-            **({} if max_registers is None else {"maxnreg": max_registers}))
-    narrow = NARROW_POOL if b * hk >= NARROW_POOL_MIN_PROGRAMS else {}
-    triton_attention.attention(
-        q, cache, block_tables, seq_lens, softmax_scale=softmax_scale, splits=pool_splits,
-        rows=ROWS, pool_partials=(part_o, part_ml, splits), **narrow)
-    main.wait_stream(side)
-    out = triton_attention.output(q, out)
+    try:  # joined even if the pool launch rejects its inputs: the side stream writes part_o
+        with torch.cuda.stream(side):
+            _record_kernel[(b, hk, splits)](
+                q, part_o, part_ml, cache.pages.view(torch.int32),
+                cache.pages.view(torch.float16), block_tables, seq_lens, cache.block_to_slot,
+                float(scale * LOG2E / math.sqrt(d)), splits, splits + pool_splits, q.stride(0),
+                q.stride(2),
+                cache.pages.stride(0), cache.pages.stride(1), block_tables.stride(0),
+                GROUP=group, K_CODES=lay.k_codes.offset, A_K=lay.a_k.offset,
+                TAU_K=lay.tau_k.offset, V_CODES=lay.v_codes.offset, SIGMA_V=lay.sigma_v.offset,
+                A_V=lay.a_v.offset, num_warps=NUM_WARPS,
+                **({} if max_registers is None else {"maxnreg": max_registers}))
+        triton_attention.attention(
+            q, cache, block_tables, seq_lens, softmax_scale=softmax_scale, splits=pool_splits,
+            rows=ROWS, pool_partials=(part_o, part_ml, splits), **narrow)
+    finally:
+        main.wait_stream(side)
     triton_attention.merge(part_o, part_ml, out, 1, group)
     return out
