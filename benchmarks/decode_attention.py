@@ -105,9 +105,10 @@ def torch_view(cache):
 def time_jax(fn, q):
     """Microseconds of one fn(q) call in steady state: programs of REPS and 2 x REPS calls
     (unrolled in one jit, each call's output the next one's query: no op besides them),
-    timed apart, their difference / REPS. A JAX dispatch starts with ~0.2 ms of host
-    work before its first kernel (H200), which a CUDA-graph replay does not pay; the
-    difference cancels it, as a while loop's per-iteration overhead would not be."""
+    timed apart, their difference / REPS. A JAX dispatch spent 0.2-0.6 ms on the host
+    before its first kernel (H200, results/pallas_timing_h200.txt), which a CUDA-graph
+    replay does not pay; the difference cancels it (a while loop's per-iteration
+    overhead would stay)."""
     def program(reps):
         def run(q):
             for _ in range(reps):

@@ -85,6 +85,18 @@ def init(num_blocks: int, num_kv_heads: int, head_dim: int, *, pool_slots: int,
     )
 
 
+def _check_tables(block_tables: jax.Array, *lens: jax.Array) -> None:
+    if block_tables.ndim != 2:
+        raise ValueError(f"block_tables must be [B, M]; got shape {block_tables.shape}")
+    b = block_tables.shape[0]
+    for x in lens:
+        if x.shape != (b,):
+            raise ValueError(f"seq_lens / query_lens must be [B={b}]; got {x.shape}")
+    for x in (block_tables, *lens):
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise TypeError(f"block tables and lengths must be integer arrays; got {x.dtype}")
+
+
 def append(cache: KVarNCache, k: jax.Array, v: jax.Array, slot_mapping: jax.Array,
            *, impl: str = "auto") -> KVarNCache:
     """Write new tokens: k, v [T, num_kv_heads, D] (post-RoPE, model dtype) at cache
@@ -100,8 +112,12 @@ def append(cache: KVarNCache, k: jax.Array, v: jax.Array, slot_mapping: jax.Arra
     if k.shape != v.shape or k.shape[1:] != (cache.num_kv_heads, cache.head_dim):
         raise ValueError(f"k and v must be [T, {cache.num_kv_heads}, {cache.head_dim}]; "
                          f"got {k.shape} and {v.shape}")
-    if slot_mapping.shape != (t,):
-        raise ValueError(f"slot_mapping must be [T={t}]; got {slot_mapping.shape}")
+    if slot_mapping.shape != (t,) or not jnp.issubdtype(slot_mapping.dtype, jnp.integer):
+        raise ValueError(f"slot_mapping must be [T={t}] integers; got {slot_mapping.shape} "
+                         f"{slot_mapping.dtype}")
+    if k.dtype != cache.pool_k.dtype or v.dtype != cache.pool_k.dtype:
+        raise TypeError(f"k and v must be {cache.pool_k.dtype}, the pool's dtype (the model's); "
+                        f"got {k.dtype} and {v.dtype}")
     g = cache.tile
     valid = slot_mapping >= 0
     block = jnp.where(valid, slot_mapping // g, 0)
@@ -127,8 +143,8 @@ def append(cache: KVarNCache, k: jax.Array, v: jax.Array, slot_mapping: jax.Arra
     v_rot = codec.rotate(v, impl=impl)
     return dataclasses.replace(
         cache,
-        pool_k=cache.pool_k.at[target, offset].set(k_rot.astype(cache.pool_k.dtype), mode="drop"),
-        pool_v=cache.pool_v.at[target, offset].set(v_rot.astype(cache.pool_v.dtype), mode="drop"),
+        pool_k=cache.pool_k.at[target, offset].set(k_rot, mode="drop"),
+        pool_v=cache.pool_v.at[target, offset].set(v_rot, mode="drop"),
         block_to_slot=block_to_slot, slot_to_block=slot_to_block,
         dropped_tokens=cache.dropped_tokens
         + jnp.sum(valid & (slot < 0) & opens).astype(jnp.int32),
@@ -185,6 +201,7 @@ def commit(cache: KVarNCache, block_tables: jax.Array, seq_lens: jax.Array,
     seq_lens / query_lens [B]. At most `max_tiles` blocks (default: the pool size) are
     quantized per call; the rest wait for the next one.
     """
+    _check_tables(block_tables, seq_lens, query_lens)
     j = jnp.arange(block_tables.shape[1])
     committed = (seq_lens - query_lens)[:, None]
     full = (j[None, :] + 1) * cache.tile <= committed
@@ -196,6 +213,7 @@ def commit(cache: KVarNCache, block_tables: jax.Array, seq_lens: jax.Array,
 def release(cache: KVarNCache, block_tables: jax.Array, seq_lens: jax.Array,
             *, max_tiles: int | None = None, impl: str = "auto") -> KVarNCache:
     """Finished sequences: quantize their full blocks (sinks too), drop partial ones."""
+    _check_tables(block_tables, seq_lens)
     j = jnp.arange(block_tables.shape[1])[None, :]
     full = (j + 1) * cache.tile <= seq_lens[:, None]
     partial = ~full & (j * cache.tile < seq_lens[:, None])
@@ -208,6 +226,7 @@ def release(cache: KVarNCache, block_tables: jax.Array, seq_lens: jax.Array,
 def gather_kv(cache: KVarNCache, block_tables: jax.Array, max_blocks: int):
     """K, V [B, max_blocks * G, Hk, D] float32 (rotated frame) of each sequence's blocks,
     read from the pool or dequantized from the pages: the exact view attention sees."""
+    _check_tables(block_tables)
     bt = block_tables[:, :max_blocks]
     b, m = bt.shape
     hk, g, d = cache.num_kv_heads, cache.tile, cache.head_dim

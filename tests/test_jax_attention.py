@@ -309,6 +309,27 @@ def test_attention_shape_errors():
                                    splits=0)
 
 
+def test_cache_op_errors_name_the_fix():
+    s = Sequences([[3, 5, -1, -1]])
+    k = jnp.zeros((4, 2, D), jnp.float16)
+    slots = jnp.arange(4, dtype=jnp.int32)
+    with pytest.raises(ValueError, match=rf"k and v must be \[T, 2, {D}\]"):
+        cache.append(s.cache, k[:, :1], k[:, :1], slots)
+    with pytest.raises(ValueError, match=r"slot_mapping must be \[T=4\] integers"):
+        cache.append(s.cache, k, k, slots.astype(jnp.float32))
+    with pytest.raises(TypeError, match="k and v must be float16, the pool's dtype"):
+        cache.append(s.cache, k.astype(jnp.float32), k, slots)
+    tables, lens = jnp.asarray(s.tables), jnp.asarray(s.lens)
+    with pytest.raises(ValueError, match=r"block_tables must be \[B, M\]"):
+        cache.commit(s.cache, tables[0], lens, lens)
+    with pytest.raises(ValueError, match=r"seq_lens / query_lens must be \[B=1\]"):
+        cache.release(s.cache, tables, jnp.zeros((2,), jnp.int32))
+    with pytest.raises(TypeError, match="integer arrays"):
+        cache.commit(s.cache, tables, lens.astype(jnp.float32), lens)
+    with pytest.raises(TypeError, match="integer arrays"):
+        cache.gather_kv(s.cache, tables.astype(jnp.float32), 2)
+
+
 def test_cache_ops_jit_with_donation():
     s = Sequences([[3, 5, -1, -1]])
     step = jax.jit(lambda c, k, v, m: cache.append(c, k, v, m, impl="auto"),
