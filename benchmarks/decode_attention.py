@@ -102,6 +102,22 @@ def torch_view(cache):
         preset=cache.preset, sink_blocks=cache.sink_blocks, iters=cache.iters)
 
 
+def best_us(run, tries: int = 3) -> float:
+    """The shortest of `tries` timings of run() (it waits for its own work), microseconds
+    between CUDA events on torch's current stream."""
+    best = float("inf")
+    for _ in range(tries):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        run()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e3)
+    return best
+
+
 def time_jax(fn, q):
     """Microseconds of one fn(q) call in steady state: programs of REPS and 2 x REPS calls
     (unrolled in one jit, each call's output the next one's query: no op besides them),
@@ -109,28 +125,16 @@ def time_jax(fn, q):
     before its first kernel (H200, results/pallas_timing_h200.txt), which a CUDA-graph
     replay does not pay; the difference cancels it (a while loop's per-iteration
     overhead would stay)."""
-    def program(reps):
+    def program_us(reps):
         def run(q):
             for _ in range(reps):
                 q = fn(q)
             return q
-        return jax.jit(run)
-
-    def best(run):
+        run = jax.jit(run)
         run(q).block_until_ready()
-        out = float("inf")
-        for _ in range(3):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            run(q).block_until_ready()
-            end.record()
-            torch.cuda.synchronize()
-            out = min(out, start.elapsed_time(end) * 1e3)
-        return out
+        return best_us(lambda: run(q).block_until_ready())
 
-    return (best(program(2 * REPS)) - best(program(REPS))) / REPS
+    return (program_us(2 * REPS) - program_us(REPS)) / REPS
 
 
 def time_graph(fn):
@@ -147,16 +151,7 @@ def time_graph(fn):
             fn()
     graph.replay()
     torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(3):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e3 / REPS)
-    return best
+    return best_us(graph.replay) / REPS
 
 
 def fa3(b, ctx, hq, hk, d, fp8):
