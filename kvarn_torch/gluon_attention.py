@@ -124,11 +124,12 @@ C_COPY = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[32, 1],
 V_READ = gl.DistributedLinearLayout(
     reg_bases=[[1, 0], [2, 0], [4, 0]], lane_bases=[[0, 8], [0, 16], [0, 1], [0, 2], [0, 4]],
     warp_bases=[], block_bases=[], shape=[8, 32])
-# Per-token coefficients of a chunk [8 n, 4 i] (token 4 n + i): column n as T_COL holds it.
+# Per-token coefficients of a chunk [8 n, 4 i] (token 4 n + i): thread (g, t) holds quad g,
+# the tokens of rows g and g + 8 of a score tile (_scores).
 C_READ = gl.DistributedLinearLayout(
-    reg_bases=[[1, 0], [0, 1], [0, 2]], lane_bases=[[2, 0], [4, 0], [0, 0], [0, 0], [0, 0]],
+    reg_bases=[[0, 1], [0, 2]], lane_bases=[[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]],
     warp_bases=[], block_bases=[], shape=[8, 4])
-# Per-channel coefficients [32, 4] (channel 4 row + i) as SliceLayout(0, A_TOP) holds them.
+# Per-channel coefficients [32, 4] (channel 4 row + i) as SliceLayout(0, Q_ROWS) holds them.
 D_READ = gl.DistributedLinearLayout(
     reg_bases=[[0, 1], [2, 0], [4, 0], [8, 0], [16, 0]],
     lane_bases=[[0, 2], [1, 0], [0, 0], [0, 0], [0, 0]],
@@ -139,29 +140,25 @@ V_WORDS = gl.DistributedLinearLayout(
     reg_bases=[[0, 0, 1]],
     lane_bases=[[1, 0, 0], [2, 0, 0], [0, 1, 0], [0, 2, 0], [0, 4, 0]],
     warp_bases=[], block_bases=[], shape=[4, 8, 2])
-# The top 8 rows of an MMA accumulator [16, 8] and [16, D]: the real query rows of GQA
-# groups <= 8 (the bottom 8 are zero padding, computed by the MMA and dropped).
-_LANES = [[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]]
-TOP = gl.DistributedLinearLayout(reg_bases=[[0, 1]], lane_bases=_LANES, warp_bases=[],
-                                 block_bases=[], shape=[8, 8])
 # The query rows as loaded: a whole row per thread (lanes past the 8 rows repeat them), so
 # the butterflies of its rotation stay within a thread.
 Q_LOAD = gl.BlockedLayout(size_per_thread=[1, 128], threads_per_warp=[32, 1],
                           warps_per_cta=[1, 1], order=[1, 0])
 LOG_D = gl.constexpr(7)
-# The top 8 rows of an A operand [16, D] (the query), float32.
-A_TOP = gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 8], [0, 16], [0, 32], [0, 64]],
+# The query rows [8, D] (float32) as the B operand [D, 8] of the QK dot holds them
+# transposed: thread (g, t) has row g.
+Q_ROWS = gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 8], [0, 16], [0, 32], [0, 64]],
                                    lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]],
                                    warp_bases=[], block_bases=[], shape=[8, 128])
-T_ROW = gl.SliceLayout(1, TOP)
-T_COL = gl.SliceLayout(0, TOP)
-O_ROW = gl.SliceLayout(1, MMA)  # the accumulator [D, 8] of the transposed PV dot
-O_COL = gl.SliceLayout(0, MMA)
+# The accumulators of both dots are transposed, [tokens, 8] and [D, 8]: their rows are
+# tokens or channels, their columns the query rows.
+ROW = gl.SliceLayout(1, MMA)
+COL = gl.SliceLayout(0, MMA)
 # Triton reads module globals only as constexprs.
-(MMA, A_OP, B_OP, V_WORDS, TOP, A_TOP, Q_LOAD, T_ROW, T_COL, O_ROW, O_COL, SMEM, K_COPY,
- V_COPY, C_COPY, V_READ, C_READ, D_READ) = map(
-    gl.constexpr, (MMA, A_OP, B_OP, V_WORDS, TOP, A_TOP, Q_LOAD, T_ROW, T_COL, O_ROW, O_COL,
-                   SMEM, K_COPY, V_COPY, C_COPY, V_READ, C_READ, D_READ))
+(MMA, A_OP, B_OP, V_WORDS, Q_ROWS, Q_LOAD, ROW, COL, SMEM, K_COPY, V_COPY, C_COPY, V_READ,
+ C_READ, D_READ) = map(
+    gl.constexpr, (MMA, A_OP, B_OP, V_WORDS, Q_ROWS, Q_LOAD, ROW, COL, SMEM, K_COPY, V_COPY,
+                   C_COPY, V_READ, C_READ, D_READ))
 HALF = gl.constexpr(8)  # real query rows per program
 
 
@@ -269,23 +266,19 @@ def _v_words(v_chunk):
 
 @gluon.jit
 def _token_coefs(c_chunk):
-    """Per-token coefficients of a chunk (shared [8 n, 4 i]) as 4 float32 vectors [8] in
-    T_COL, vector i holding token 4 n + i."""
+    """Per-token coefficients of a chunk (shared [8 n, 4 i], token 4 n + i) as the 2 float32
+    vectors [16] (ROW) of its score tiles: tile j row m is token 4 (m % 8) + 2 j + m // 8."""
     x = gl.reshape(c_chunk.load(C_READ).to(gl.float32), [HALF, 2, 2])  # [n, i // 2, i % 2]
-    even, odd = gl.split(x)
-    t0, t2 = gl.split(even)
-    t1, t3 = gl.split(odd)
-    return (gl.convert_layout(t0, T_COL, assert_trivial=True),
-            gl.convert_layout(t1, T_COL, assert_trivial=True),
-            gl.convert_layout(t2, T_COL, assert_trivial=True),
-            gl.convert_layout(t3, T_COL, assert_trivial=True))
+    t01, t23 = gl.split(gl.permute(x, [2, 0, 1]))  # [i % 2, n] each
+    return (gl.convert_layout(gl.reshape(t01, [ROWS]), ROW, assert_trivial=True),
+            gl.convert_layout(gl.reshape(t23, [ROWS]), ROW, assert_trivial=True))
 
 
 @gluon.jit
 def _channel_coefs(c_rows):
-    """Per-channel coefficients (shared [32, 4]) as float32 [D] in A_TOP's columns."""
+    """Per-channel coefficients (shared [32, 4]) as float32 [D] in Q_ROWS's columns."""
     x = gl.reshape(c_rows.load(D_READ), [D]).to(gl.float32)
-    return gl.convert_layout(x, gl.SliceLayout(0, A_TOP), assert_trivial=True)
+    return gl.convert_layout(x, gl.SliceLayout(0, Q_ROWS), assert_trivial=True)
 
 
 @gluon.jit
@@ -319,14 +312,6 @@ def _v_operand(w_h0, w_h1):
 
 
 @gluon.jit
-def _top(x, LAYOUT: gl.constexpr):
-    """Rows 0 .. 7 of an MMA accumulator [16, N] (registers only)."""
-    y = gl.permute(gl.reshape(x, [2, HALF, x.shape[1]]), [1, 2, 0])
-    top, _ = gl.split(y)
-    return gl.convert_layout(top, LAYOUT, assert_trivial=True)
-
-
-@gluon.jit
 def _hadamard(x, LOG_D: gl.constexpr):
     """Unnormalized Walsh-Hadamard transform of each row of x [8, D] (float32), the
     butterflies of reference.fwht (stage s pairs i with i + 2**s)."""
@@ -338,34 +323,42 @@ def _hadamard(x, LOG_D: gl.constexpr):
 
 
 @gluon.jit
-def _q_operand(q_top, a_k):
-    """A operand [16, D]: fp16(q * a_K) in rows 0 .. 7, zeros below."""
-    qp = (q_top * a_k[None, :]).to(gl.float16)
-    y = gl.reshape(gl.permute(gl.join(qp, gl.zeros_like(qp)), [2, 0, 1]), [ROWS, D])
-    return gl.convert_layout(y, A_OP)
+def _q_operand(q_rows, a_k):
+    """B operand [D, 8] of the QK dot: fp16(q * a_K) transposed (registers only)."""
+    qp = (q_rows * a_k[None, :]).to(gl.float16)
+    return gl.convert_layout(gl.permute(qp, [1, 0]), B_OP, assert_trivial=True)
 
 
 @gluon.jit
-def _pv_b(p_even, p_odd):
-    """B operand [16, 8] (P^T) of a PV step from the fp16 weights [8 rows, 8] of two K
-    column blocks (i = 2 s, 2 s + 1): row k is column k % 8 of block k // 8. The
-    accumulator layout of a block already holds what a B register needs."""
-    x = gl.permute(gl.join(p_even, p_odd), [2, 1, 0])  # [block, column, row]
-    return gl.convert_layout(gl.reshape(x, [16, HALF]), B_OP)
+def _k_rows(u_a, u_b):
+    """A operand [16, D] of the QK dot from the K codes of two column blocks (B operands
+    [D, 8]): row m is column m % 8 of u_a (m < 8) or u_b (registers only)."""
+    x = gl.permute(gl.join(u_a, u_b), [2, 1, 0])  # [block, column, channel]
+    return gl.convert_layout(gl.reshape(x, [ROWS, D]), A_OP, assert_trivial=True)
 
 
 @gluon.jit
-def _scores(qp, coef_a, coef_a16, coef_b, k_chunk, tau_chunk):
-    """Scores [8, 8] (base 2, scaled) of the 4 column blocks of a 32-token chunk: block i
-    column n is token c0 + 4 n + i."""
+def _pv_b(pp):
+    """B operand [16, 8] (P^T) of a PV step from a tile of fp16 weights [16 tokens, 8 rows]
+    in the accumulator layout: movmatrix transposes each 8 x 8 half in registers, so that a
+    register holds two tokens of one query row."""
+    y = gl.inline_asm_elementwise("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", "=r,r",
+                                  [pp], dtype=gl.float16, is_pure=True, pack=2)
+    y = gl.permute(gl.reshape(y, [2, HALF, HALF]), [0, 2, 1])  # y[8 b + r, c] = pp[8 b + c, r]
+    return gl.convert_layout(gl.reshape(y, [ROWS, HALF]), B_OP, assert_trivial=True)
+
+
+@gluon.jit
+def _scores(q_t, ca, cb, k_chunk, tau_chunk):
+    """Scores (base 2, scaled) of a 32-token chunk as two tiles [16 tokens, 8 query rows]:
+    tile j row m is token c0 + 4 (m % 8) + 2 j + m // 8. ca [16, 8] carries the 1 / f of
+    the codes' bit positions (rows m >= 8: odd tokens, 16 x), cb [8] the z_K term."""
     u0, u1, u2, u3 = _k_operands(k_chunk)
-    t0, t1, t2, t3 = _token_coefs(tau_chunk)
-    zero = gl.zeros([ROWS, 8], gl.float32, MMA)
-    s0 = (_top(mma_v2(qp, u0, zero), TOP) * coef_a[:, None] + coef_b[:, None]) * t0[None, :]
-    s1 = (_top(mma_v2(qp, u1, zero), TOP) * coef_a16[:, None] + coef_b[:, None]) * t1[None, :]
-    s2 = (_top(mma_v2(qp, u2, zero), TOP) * coef_a[:, None] + coef_b[:, None]) * t2[None, :]
-    s3 = (_top(mma_v2(qp, u3, zero), TOP) * coef_a16[:, None] + coef_b[:, None]) * t3[None, :]
-    return s0, s1, s2, s3
+    t01, t23 = _token_coefs(tau_chunk)
+    zero = gl.zeros([ROWS, HALF], gl.float32, MMA)
+    s01 = (mma_v2(_k_rows(u0, u1), q_t, zero) * ca + cb[None, :]) * t01[:, None]
+    s23 = (mma_v2(_k_rows(u2, u3), q_t, zero) * ca + cb[None, :]) * t23[:, None]
+    return s01, s23
 
 
 @gluon.jit
@@ -375,25 +368,23 @@ def _max4(a, b, c, d):
 
 @gluon.jit
 def _probs(s, m_new, a_v, z_v):
-    """p = exp2(s - max) of one column block, p * a_V as the fp16 MMA operand, p * z_V."""
-    p = gl.exp2(s - m_new[:, None])
-    return p, (p * a_v[None, :]).to(gl.float16), p * z_v[None, :]
+    """p = exp2(s - max) of a score tile, p * a_V as the fp16 MMA operand, p * z_V."""
+    p = gl.exp2(s - m_new[None, :])
+    return p, (p * a_v[:, None]).to(gl.float16), p * z_v[:, None]
 
 
 @gluon.jit
-def _chunk_pv(o_rec, l_acc, pz_sum, s0, s1, s2, s3, m_new, v_chunk, av_chunk, zv_chunk):
+def _chunk_pv(o_rec, l_acc, pz_sum, s01, s23, m_new, v_chunk, av_chunk, zv_chunk):
     """Softmax weights of a 32-token chunk and their PV dots into o_rec."""
-    av0, av1, av2, av3 = _token_coefs(av_chunk)
-    zv0, zv1, zv2, zv3 = _token_coefs(zv_chunk)
-    p0, pp0, z0 = _probs(s0, m_new, av0, zv0)
-    p1, pp1, z1 = _probs(s1, m_new, av1, zv1)
-    p2, pp2, z2 = _probs(s2, m_new, av2, zv2)
-    p3, pp3, z3 = _probs(s3, m_new, av3, zv3)
-    l_acc = l_acc + ((p0 + p1) + (p2 + p3))
-    pz_sum = pz_sum + ((z0 + z1) + (z2 + z3))
+    av01, av23 = _token_coefs(av_chunk)
+    zv01, zv23 = _token_coefs(zv_chunk)
+    p01, pp01, z01 = _probs(s01, m_new, av01, zv01)
+    p23, pp23, z23 = _probs(s23, m_new, av23, zv23)
+    l_acc = l_acc + (p01 + p23)
+    pz_sum = pz_sum + (z01 + z23)
     a0h0, a0h1, a1h0, a1h1 = _v_words(v_chunk)
-    o_rec = mma_v2(_v_operand(a0h0, a0h1), _pv_b(pp0, pp1), o_rec)  # tokens c0 + (0, 1) mod 4
-    o_rec = mma_v2(_v_operand(a1h0, a1h1), _pv_b(pp2, pp3), o_rec)  # tokens c0 + (2, 3) mod 4
+    o_rec = mma_v2(_v_operand(a0h0, a0h1), _pv_b(pp01), o_rec)  # tokens c0 + (0, 1) mod 4
+    o_rec = mma_v2(_v_operand(a1h0, a1h1), _pv_b(pp23), o_rec)  # tokens c0 + (2, 3) mod 4
     return o_rec, l_acc, pz_sum
 
 
@@ -423,14 +414,14 @@ def _record_kernel(
     hi = gl.minimum(lo + per, n_blocks)
 
     # Output row n (transposed: [D, 8]): its channel and the 1 / f of its codes.
-    n = gl.arange(0, D, layout=O_ROW)
+    n = gl.arange(0, D, layout=ROW)
     mt = n // 16
     chan = 16 * (n % 8) + 8 * ((n // 8) % 2) + mt
     e = gl.where(mt < 5, mt, mt - 5)
     inv_f = UNIT / (1 << (2 * e)).to(gl.float32)
 
-    m_i = gl.full([HALF], MASKED, gl.float32, T_ROW)
-    l_acc = gl.zeros([HALF, 8], gl.float32, TOP)
+    m_i = gl.full([HALF], MASKED, gl.float32, COL)
+    l_acc = gl.zeros([ROWS, HALF], gl.float32, MMA)
     o = gl.zeros([D, HALF], gl.float32, MMA)
     bt_row = block_tables_ptr + b.to(gl.int64) * bt_stride_b
     ks = gl.allocate_shared_memory(gl.float16, [STAGES * 4, D, 8], SMEM)
@@ -460,10 +451,13 @@ def _record_kernel(
     dq = gl.arange(0, D, layout=gl.SliceLayout(0, Q_LOAD))
     q = gl.load(q_ptr + b.to(gl.int64) * q_stride_b + (h * GROUP + r[:, None]) * q_stride_h
                 + dq[None, :], mask=(r < GROUP)[:, None], other=0.0)
-    q = gl.convert_layout(_hadamard(q.to(gl.float32), LOG_D) * qk_scale, A_TOP)
+    q = gl.convert_layout(_hadamard(q.to(gl.float32), LOG_D) * qk_scale, Q_ROWS)
     q_norm = gl.maximum(gl.max(gl.abs(q), 1), 1e-30)
     q_unit = q / q_norm[:, None]  # |q_unit| <= 1: q_unit * a_K fits fp16
-    qn = gl.convert_layout(q_norm, T_ROW)
+    qn = gl.convert_layout(q_norm, COL)
+    # Score tile rows m >= 8 hold odd tokens, whose K codes enter the dot 16 x larger.
+    unit_f = gl.where(gl.arange(0, ROWS, layout=ROW) < HALF, UNIT, UNIT / 16)
+    coef_a = unit_f[:, None] * qn[None, :]
     for blk_i in range(lo, hi):
         stage = (blk_i - lo) % STAGES
         blk_later = gl.load(bt_row + gl.minimum(blk_i + 3, hi - 1)).to(gl.int64)
@@ -479,47 +473,38 @@ def _record_kernel(
             kz_s = kzs.index(stage)
             tau_s = taus.index(stage)
             vz_s = vzs.index(stage)
-            qp = _q_operand(q_unit, _channel_coefs(kz_s.slice(0, 32)))
+            q_t = _q_operand(q_unit, _channel_coefs(kz_s.slice(0, 32)))
             z_k = _channel_coefs(kz_s.slice(32, 32))
-            zq = gl.convert_layout(gl.sum(q_unit * z_k[None, :], 1), T_ROW)
-            coef_a = qn * UNIT
-            coef_a16 = qn * (UNIT / 16)
-            coef_b = qn * zq
+            coef_b = qn * gl.convert_layout(gl.sum(q_unit * z_k[None, :], 1), COL)
 
-            s00, s01, s02, s03 = _scores(qp, coef_a, coef_a16, coef_b, ks.index(4 * stage + 0),
-                                         tau_s.slice(0, 8))
-            s10, s11, s12, s13 = _scores(qp, coef_a, coef_a16, coef_b, ks.index(4 * stage + 1),
-                                         tau_s.slice(8, 8))
-            s20, s21, s22, s23 = _scores(qp, coef_a, coef_a16, coef_b, ks.index(4 * stage + 2),
-                                         tau_s.slice(16, 8))
-            s30, s31, s32, s33 = _scores(qp, coef_a, coef_a16, coef_b, ks.index(4 * stage + 3),
-                                         tau_s.slice(24, 8))
-            mx = gl.maximum(gl.maximum(_max4(s00, s01, s02, s03), _max4(s10, s11, s12, s13)),
-                            gl.maximum(_max4(s20, s21, s22, s23), _max4(s30, s31, s32, s33)))
-            m_new = gl.maximum(m_i, gl.max(mx, 1))
+            s0a, s0b = _scores(q_t, coef_a, coef_b, ks.index(4 * stage + 0), tau_s.slice(0, 8))
+            s1a, s1b = _scores(q_t, coef_a, coef_b, ks.index(4 * stage + 1), tau_s.slice(8, 8))
+            s2a, s2b = _scores(q_t, coef_a, coef_b, ks.index(4 * stage + 2), tau_s.slice(16, 8))
+            s3a, s3b = _scores(q_t, coef_a, coef_b, ks.index(4 * stage + 3), tau_s.slice(24, 8))
+            mx = gl.maximum(_max4(s0a, s0b, s1a, s1b), _max4(s2a, s2b, s3a, s3b))
+            m_new = gl.maximum(m_i, gl.max(mx, 0))
             alpha = gl.exp2(m_i - m_new)
             m_i = m_new
-            l_acc = l_acc * alpha[:, None]
+            l_acc = l_acc * alpha[None, :]
 
             o_rec = gl.zeros([D, HALF], gl.float32, MMA)
-            pz_sum = gl.zeros([HALF, 8], gl.float32, TOP)
-            o_rec, l_acc, pz_sum = _chunk_pv(
-                o_rec, l_acc, pz_sum, s00, s01, s02, s03, m_new, vs.index(4 * stage + 0),
-                vz_s.slice(0, 8), vz_s.slice(32, 8))
-            o_rec, l_acc, pz_sum = _chunk_pv(
-                o_rec, l_acc, pz_sum, s10, s11, s12, s13, m_new, vs.index(4 * stage + 1),
-                vz_s.slice(8, 8), vz_s.slice(40, 8))
-            o_rec, l_acc, pz_sum = _chunk_pv(
-                o_rec, l_acc, pz_sum, s20, s21, s22, s23, m_new, vs.index(4 * stage + 2),
-                vz_s.slice(16, 8), vz_s.slice(48, 8))
-            o_rec, l_acc, pz_sum = _chunk_pv(
-                o_rec, l_acc, pz_sum, s30, s31, s32, s33, m_new, vs.index(4 * stage + 3),
-                vz_s.slice(24, 8), vz_s.slice(56, 8))
+            pz_sum = gl.zeros([ROWS, HALF], gl.float32, MMA)
+            o_rec, l_acc, pz_sum = _chunk_pv(o_rec, l_acc, pz_sum, s0a, s0b, m_new,
+                                             vs.index(4 * stage + 0), vz_s.slice(0, 8),
+                                             vz_s.slice(32, 8))
+            o_rec, l_acc, pz_sum = _chunk_pv(o_rec, l_acc, pz_sum, s1a, s1b, m_new,
+                                             vs.index(4 * stage + 1), vz_s.slice(8, 8),
+                                             vz_s.slice(40, 8))
+            o_rec, l_acc, pz_sum = _chunk_pv(o_rec, l_acc, pz_sum, s2a, s2b, m_new,
+                                             vs.index(4 * stage + 2), vz_s.slice(16, 8),
+                                             vz_s.slice(48, 8))
+            o_rec, l_acc, pz_sum = _chunk_pv(o_rec, l_acc, pz_sum, s3a, s3b, m_new,
+                                             vs.index(4 * stage + 3), vz_s.slice(24, 8),
+                                             vz_s.slice(56, 8))
             rec_half = (blk * page_stride_block + head_rec) // 2
             sigma = gl.load(halves_ptr + rec_half + SIGMA_V // 2 + chan).to(gl.float32)
-            pz_q = gl.convert_layout(gl.sum(pz_sum, 1), O_COL)
-            a_q = gl.convert_layout(alpha, O_COL)
-            o = o * a_q[None, :] + sigma[:, None] * (o_rec * inv_f[:, None] + pz_q[None, :])
+            pz = gl.sum(pz_sum, 0)
+            o = o * alpha[None, :] + sigma[:, None] * (o_rec * inv_f[:, None] + pz[None, :])
         gl.thread_barrier()  # every lane done with this stage before its next copy
         blk = blk_next
         blk_next = blk_after
@@ -528,12 +513,11 @@ def _record_kernel(
         slot_next = slot_after
     async_copy.wait_group(0)
 
-    rq = gl.arange(0, HALF, layout=O_COL)
+    rq = gl.arange(0, HALF, layout=COL)
     part = (b * hk + h) * part_splits + split
     gl.store(part_o_ptr + (part * ROWS + rq[None, :]) * D + chan[:, None], o)
-    rt = gl.arange(0, HALF, layout=T_ROW)
-    gl.store(part_ml_ptr + part * 2 * ROWS + rt, m_i)
-    gl.store(part_ml_ptr + part * 2 * ROWS + ROWS + rt, gl.sum(l_acc, 1))
+    gl.store(part_ml_ptr + part * 2 * ROWS + rq, m_i)
+    gl.store(part_ml_ptr + part * 2 * ROWS + ROWS + rq, gl.sum(l_acc, 0))
 
 
 def num_splits(pairs: int, pool_splits: int, max_blocks: int, num_sms: int) -> int:
