@@ -19,19 +19,21 @@ it (in Nsight Compute, a third of the previous, load-as-you-go kernel's stalls w
 them). Instead the warp copies record i + 1 into shared memory (cp.async) while it
 computes record i, two stages of 13 KB, 8 programs per SM.
 
-The dots, per 128-token record and 16 query rows (a GQA group, zero-padded to the M of
-m16n8k16; the bottom 8 rows are dropped from the accumulators):
+The dots, per 128-token record and 8 query rows (a GQA group, zero-padded to the N of
+m16n8k16), both transposed so that the codes are the A operand (M = 16 tokens or channels)
+and the query rows the narrow N:
 
-    s[r, t]  = tau_K[t] * (sum_d q'[r, d] * c_K[d, t] + sum_d q[r, d] * z_K[d])
+    s[t, r]  = tau_K[t] * (sum_d c_K[t, d] * q'[r, d] + sum_d q[r, d] * z_K[d])
     pv[d, r] = sigma_V[d] * (sum_t c_V[t, d] * p'[r, t] + sum_t p[r, t] * z_V[t])
 
 with q' = q * a_K and p' = p * a_V rounded to fp16 (q is scaled into [-1, 1] first, so
 q' cannot overflow). A code c masked at bit position b enters the dot as the subnormal
 2**b * c * 2**-24, exact in fp16 and in the MMA's fp32 accumulation; the 2**(24 - b) comes
-back out of the per-row (K) or per-channel (V) coefficients. PV is computed transposed
-(o^T += c_V^T p'^T) so that the V codes are the A operand, whose fragments hold 4 tokens
-of a channel, and P^T's B fragments are the S accumulators of two K column blocks as
-they stand.
+back out of the per-token (K) or per-channel (V) coefficients. An A fragment of the K
+codes holds channel pairs of a token, as the B fragments that ldmatrix fills do: two of
+those are one A operand. P^T's B fragments need token pairs of a query row where the S
+accumulators hold row pairs of a token: `movmatrix` transposes them in registers (the
+query as the M side instead left half of the QK MMAs computing zero rows).
 
 Operand orders. The reduction index of a dot and its output columns may be permuted
 freely if both operands agree: the K codes' tokens and the V codes' channels are taken
@@ -101,7 +103,7 @@ B_OP = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
 # A record is copied into shared memory (cp.async, 16-byte pieces) while the previous one is
 # computed, in orders chosen so that every read below is free of bank conflicts:
 #   K codes [chunk, channel, quad]: the halfwords of a 32-token chunk as 16-byte channel
-#     rows, read as the MMA's B operand by ldmatrix (8 consecutive rows per matrix);
+#     rows, read by ldmatrix (8 consecutive rows per matrix);
 #   V codes [chunk, 4 m + 2 a + H, 8 t + g]: word g of token 32 chunk + 2 a + H + 8 t + 4 m,
 #     so that the 32 lanes of a read hit 32 banks;
 #   coefficients [32 rows, 4] each (4 channels or tokens a row): a_K and z_K, tau_K, a_V
@@ -114,8 +116,13 @@ STAGES = gl.constexpr(2)
 # buffer [stages x chunks, ...] has the layout of one chunk: Gluon indexes the first
 # dimension away.)
 SMEM = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
-K_COPY = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32, 1],
-                          warps_per_cta=[1, 1], order=[1, 0])
+# The K codes of a record [4 chunks x D channels, 8] as copied: lane bits 0 and 1 pick the
+# chunk, so that 4 neighbouring lanes fetch a channel's whole 64-byte row of codes (copied
+# a chunk at a time, each request fetched half sectors, every sector twice).
+K_COPY = gl.DistributedLinearLayout(
+    reg_bases=[[0, 1], [0, 2], [0, 4], [8, 0], [16, 0], [32, 0], [64, 0]],
+    lane_bases=[[128, 0], [256, 0], [1, 0], [2, 0], [4, 0]],
+    warp_bases=[], block_bases=[], shape=[4 * 128, 8])
 V_COPY = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[4, 8],
                           warps_per_cta=[1, 1], order=[1, 0])
 C_COPY = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[32, 1],
@@ -209,8 +216,8 @@ def _copy_record(ks, vs, kz, tau, vz, stage, words_ptr, halves_ptr, rec, k_off, 
     (z_K follows a_K and z_V follows a_V in the record: one copy each pair)."""
     half = halves_ptr + rec // 2
     v_words = words_ptr + rec // 4 + V_CODES // 4
-    for c in gl.static_range(4):  # chunk c: K halfwords 8 c .. of each channel, tokens 32 c ..
-        copy_async(ks.index(4 * stage + c), half + K_CODES // 2 + 8 * c + k_off)
+    copy_async(ks.index(stage), half + K_CODES // 2 + k_off)
+    for c in gl.static_range(4):  # tokens 32 c ..
         copy_async(vs.index(4 * stage + c), v_words + 32 * c * (D // 16) + v_off)
     copy_async(kz.index(stage), half + A_K // 2 + c2)
     copy_async(tau.index(stage), half + TAU_K // 2 + c1)
@@ -220,10 +227,10 @@ def _copy_record(ks, vs, kz, tau, vz, stage, words_ptr, halves_ptr, rec, k_off, 
 @gluon.jit
 def _copy_offsets():
     """Element offsets in the record of chunk 0 in the shared-memory orders above."""
-    ch = gl.arange(0, D, layout=gl.SliceLayout(1, K_COPY))
+    # K: chunk c takes halfwords 8 c .. 8 c + 7 of each channel's row of G / 4 halfwords
+    row = gl.arange(0, 4 * D, layout=gl.SliceLayout(1, K_COPY))  # chunk row // D, channel
     quad = gl.arange(0, 8, layout=gl.SliceLayout(0, K_COPY))
-    # a channel's row of codes: G / 4 halfwords of 4 tokens each
-    k_off = ch[:, None] * (G // 4) + quad[None, :]
+    k_off = (8 * (row // D) + (G // 4) * (row % D))[:, None] + quad[None, :]
     row = gl.arange(0, 8, layout=gl.SliceLayout(1, V_COPY))
     col = gl.arange(0, 32, layout=gl.SliceLayout(0, V_COPY))
     tok = (row % 4 + 4 * (row // 4))[:, None] + 8 * (col // 8)[None, :]
@@ -424,7 +431,7 @@ def _record_kernel(
     l_acc = gl.zeros([ROWS, HALF], gl.float32, MMA)
     o = gl.zeros([D, HALF], gl.float32, MMA)
     bt_row = block_tables_ptr + b.to(gl.int64) * bt_stride_b
-    ks = gl.allocate_shared_memory(gl.float16, [STAGES * 4, D, 8], SMEM)
+    ks = gl.allocate_shared_memory(gl.float16, [STAGES, 4 * D, 8], SMEM)
     vs = gl.allocate_shared_memory(gl.int32, [STAGES * 4, 8, 32], SMEM)
     kzs = gl.allocate_shared_memory(gl.float16, [STAGES, 64, 4], SMEM)  # a_K, z_K
     taus = gl.allocate_shared_memory(gl.float16, [STAGES, 32, 4], SMEM)
@@ -477,10 +484,11 @@ def _record_kernel(
             z_k = _channel_coefs(kz_s.slice(32, 32))
             coef_b = qn * gl.convert_layout(gl.sum(q_unit * z_k[None, :], 1), COL)
 
-            s0a, s0b = _scores(q_t, coef_a, coef_b, ks.index(4 * stage + 0), tau_s.slice(0, 8))
-            s1a, s1b = _scores(q_t, coef_a, coef_b, ks.index(4 * stage + 1), tau_s.slice(8, 8))
-            s2a, s2b = _scores(q_t, coef_a, coef_b, ks.index(4 * stage + 2), tau_s.slice(16, 8))
-            s3a, s3b = _scores(q_t, coef_a, coef_b, ks.index(4 * stage + 3), tau_s.slice(24, 8))
+            k_s = ks.index(stage)
+            s0a, s0b = _scores(q_t, coef_a, coef_b, k_s.slice(0, D), tau_s.slice(0, 8))
+            s1a, s1b = _scores(q_t, coef_a, coef_b, k_s.slice(D, D), tau_s.slice(8, 8))
+            s2a, s2b = _scores(q_t, coef_a, coef_b, k_s.slice(2 * D, D), tau_s.slice(16, 8))
+            s3a, s3b = _scores(q_t, coef_a, coef_b, k_s.slice(3 * D, D), tau_s.slice(24, 8))
             mx = gl.maximum(_max4(s0a, s0b, s1a, s1b), _max4(s2a, s2b, s3a, s3b))
             m_new = gl.maximum(m_i, gl.max(mx, 0))
             alpha = gl.exp2(m_i - m_new)
