@@ -64,6 +64,10 @@ def shapes(args):
                and (args.batches or s[0] in (1, 16))]
     if args.batches:
         out = [s for s in out if s[0] in args.batches]
+    if args.contexts:
+        out = [s for s in out if s[1] in args.contexts]
+    if args.heads:
+        out = [s for s in out if f"{s[2]}/{s[3]}" in args.heads]
     return out
 
 
@@ -250,10 +254,14 @@ def plot(results: dict, path: Path) -> None:
     cols = 3
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    # one colour per implementation in every panel
+    names = sorted({impl for impls in panels.values() for impl in impls})
+    colour = {impl: f"C{i}" for i, impl in enumerate(names)}
     for ax, (key, impls) in zip(axes.flat, sorted(panels.items())):
         for impl, pts in sorted(impls.items()):
             pts.sort()
-            ax.plot([c for c, _ in pts], [u for _, u in pts], marker="o", label=impl)
+            ax.plot([c for c, _ in pts], [u for _, u in pts], marker="o", label=impl,
+                    color=colour[impl])
         ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="us",
                title=f"B={key[0]}, {key[1]}/{key[2]} heads, D={key[3]}")
         ax.legend(fontsize=7)
@@ -287,6 +295,9 @@ def main() -> None:
     ap.add_argument("--commit", help="commit measured")
     ap.add_argument("--batches", type=int, nargs="+",
                     help="batch sizes to run instead of 1, 16, 64 (with --quick: of 32/8, D=128)")
+    ap.add_argument("--contexts", type=int, nargs="+",
+                    help="only these of the contexts 4096, 16384, 32768, 131072 (batch 1)")
+    ap.add_argument("--heads", nargs="+", help="only these of 32/8 and 9/3 (query/KV heads)")
     ap.add_argument("--impls", nargs="+",
                     default=["kvarn-triton", "kvarn-gluon", "kvarn-pallas", "fa3-fp16", "fa3-fp8",
                              "commit", "commit-triton"])
