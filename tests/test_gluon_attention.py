@@ -176,3 +176,32 @@ def test_record_layout_fits_the_shared_copies():
     assert lay.tau_k.nbytes == 2 * G and lay.k_codes.nbytes == D * G // 2
     assert all(f.offset % 16 == 0 for f in (lay.k_codes, lay.a_k, lay.tau_k, lay.v_codes,
                                             lay.a_v))
+
+
+def test_k_copy_fetches_whole_channel_rows():
+    """The copy of a record's K codes (K_COPY; smem row = chunk * D + channel, column = the
+    chunk's halfword of that channel's row of G / 4): one copy instruction (a register
+    index above the 8 halfwords of a 16-byte piece) fetches whole 64-byte channel rows,
+    4 neighbouring lanes each, and all of them cover the K codes once."""
+    lay = gluon_attention.K_COPY.value
+
+    def element(reg: int, lane: int) -> int:
+        row = col = 0
+        for bases, index in ((lay.reg_bases, reg), (lay.lane_bases, lane)):
+            for bit, (dr, dc) in enumerate(bases):
+                if index >> bit & 1:
+                    row, col = row ^ dr, col ^ dc
+        chunk, channel = divmod(row, D)
+        return channel * (G // 4) + 8 * chunk + col  # halfword offset in the K codes
+
+    regs = 1 << len(lay.reg_bases)
+    assert sorted(element(r, l) for r in range(regs) for l in range(32)) == list(range(D * G // 4))
+    for piece in range(0, regs, 8):
+        starts = []
+        for lane in range(32):
+            halves = [element(piece + i, lane) for i in range(8)]
+            assert halves == list(range(halves[0], halves[0] + 8))  # one 16-byte piece
+            starts.append(halves[0])
+        for j in range(0, 32, 4):  # lanes 4 j .. 4 j + 3: one channel's whole row
+            assert starts[j:j + 4] == [starts[j] + 8 * i for i in range(4)]
+            assert starts[j] % (G // 4) == 0
