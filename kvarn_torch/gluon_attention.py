@@ -497,18 +497,11 @@ def _record_kernel(
 
             o_rec = gl.zeros([D, HALF], gl.float32, MMA)
             pz_sum = gl.zeros([ROWS, HALF], gl.float32, MMA)
-            o_rec, l_acc, pz_sum = _chunk_pv(o_rec, l_acc, pz_sum, s0a, s0b, m_new,
-                                             vs.index(4 * stage + 0), vz_s.slice(0, 8),
-                                             vz_s.slice(32, 8))
-            o_rec, l_acc, pz_sum = _chunk_pv(o_rec, l_acc, pz_sum, s1a, s1b, m_new,
-                                             vs.index(4 * stage + 1), vz_s.slice(8, 8),
-                                             vz_s.slice(40, 8))
-            o_rec, l_acc, pz_sum = _chunk_pv(o_rec, l_acc, pz_sum, s2a, s2b, m_new,
-                                             vs.index(4 * stage + 2), vz_s.slice(16, 8),
-                                             vz_s.slice(48, 8))
-            o_rec, l_acc, pz_sum = _chunk_pv(o_rec, l_acc, pz_sum, s3a, s3b, m_new,
-                                             vs.index(4 * stage + 3), vz_s.slice(24, 8),
-                                             vz_s.slice(56, 8))
+            tiles = ((s0a, s0b), (s1a, s1b), (s2a, s2b), (s3a, s3b))
+            for c in gl.static_range(4):  # a_V of chunk c, then its z_V 32 rows on
+                o_rec, l_acc, pz_sum = _chunk_pv(o_rec, l_acc, pz_sum, tiles[c][0], tiles[c][1],
+                                                 m_new, vs.index(4 * stage + c),
+                                                 vz_s.slice(8 * c, 8), vz_s.slice(32 + 8 * c, 8))
             rec_half = (blk * page_stride_block + head_rec) // 2
             sigma = gl.load(halves_ptr + rec_half + SIGMA_V // 2 + chan).to(gl.float32)
             pz = gl.sum(pz_sum, 0)
