@@ -74,9 +74,13 @@ D = gl.constexpr(128)
 G = gl.constexpr(128)
 NUM_WARPS = 1  # a program is one warp: its softmax state never leaves it
 # Record and pool programs together, per SM: the record kernel's are resident 8 at once
-# (65,536 registers / (255 x 32); 8 x 27 KB shared).
+# (8 x 27 KB of shared memory; 218 registers would allow 9).
 PROGRAMS_PER_SM = 8
-MIN_KV_SEQUENCES = 64
+# From this many (sequence, KV head) pairs on, decode takes this kernel. On an H200 (32/8
+# heads, fp16; results/gluon_threshold_h200.txt): at 40-64 pairs 0.76-0.87x of the
+# Triton kernel's time at 4K tokens, 0.42-0.57x at 16K-32K, 0.99-1.14x at 1K; at 32
+# pairs 1.08x at 4K and 1.21x at 1K (0.50-0.64x at 16K-32K).
+MIN_KV_SEQUENCES = 40
 MAX_SPLITS = 64  # 1 x 32K on an H200: 50 us at 32 splits, 42 us at 64
 # The pool launch's programs per sequence and KV head. Splitting the sink from the tail
 # (2) took 35.8 us instead of 30.3 at 64 x 1152 tokens, 32/8 heads, on an H200: a second
