@@ -230,7 +230,8 @@ def _copy_record(ks, vs, kz, tau, vz, stage, words_ptr, halves_ptr, rec, k_off, 
 
 @gluon.jit
 def _copy_offsets():
-    """Element offsets in the record of chunk 0 in the shared-memory orders above."""
+    """Element offsets in the record in the shared-memory orders above: the K codes of all
+    4 chunks, the V words of chunk 0, the coefficient rows."""
     # K: chunk c takes halfwords 8 c .. 8 c + 7 of each channel's row of G / 4 halfwords
     row = gl.arange(0, 4 * D, layout=gl.SliceLayout(1, K_COPY))  # chunk row // D, channel
     quad = gl.arange(0, 8, layout=gl.SliceLayout(0, K_COPY))
