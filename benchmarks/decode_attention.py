@@ -13,9 +13,8 @@ checked against the exact float32 reference (1 x 4K) or the default variant (16 
 
 Steady-state cache: every sequence holds its sink block and its partial last block in the
 tail pool, every other block quantized (k4v2_g128 records). Torch calls are timed as CUDA
-graph replays; JAX calls as jitted programs of REPS and 2 x REPS calls, the difference of
-their times over REPS (a call's steady-state time, as a graph replay gives it; see
-`time_jax`). Effective TB/s counts the bytes each kernel must read: K/V records or
+graph replays; JAX calls as a jitted program of REPS calls, its kernels' span on the GPU
+over REPS (see `time_jax`). Effective TB/s counts the bytes each kernel must read: K/V records or
 fp16/fp8 pages, pool blocks, queries and outputs.
 """
 
@@ -123,22 +122,30 @@ def best_us(run, tries: int = 3) -> float:
 
 
 def time_jax(fn, q):
-    """Microseconds of one fn(q) call in steady state: programs of REPS and 2 x REPS calls
-    (unrolled in one jit, each call's output the next one's query: no op besides them),
-    timed apart, their difference / REPS. A JAX dispatch spent 0.2-0.6 ms on the host
-    before its first kernel (H200, results/pallas_timing_h200.txt), which a CUDA-graph
-    replay does not pay; the difference cancels it (a while loop's per-iteration
-    overhead would stay)."""
-    def program_us(reps):
-        def run(q):
-            for _ in range(reps):
-                q = fn(q)
-            return q
-        run = jax.jit(run)
-        run(q).block_until_ready()
-        return best_us(lambda: run(q).block_until_ready())
+    """Microseconds of one fn(q) call in steady state, on the GPU's clock: a jitted program
+    of REPS calls back to back (unrolled, each call's output the next one's query: no op
+    besides them), the span from its first kernel's start to its last kernel's end as
+    CUPTI records it (torch.profiler sees JAX's kernels too), over REPS; the best of 3.
+    As with a CUDA-graph replay, the host's dispatch before the first kernel is not
+    counted (a wall-clock difference of 2 x REPS and REPS calls, used before, varied by
+    +-5-10 us per call at small shapes; results/pallas_timing_h200.txt)."""
+    def run(q):
+        for _ in range(REPS):
+            q = fn(q)
+        return q
 
-    return (program_us(2 * REPS) - program_us(REPS)) / REPS
+    run = jax.jit(run)
+    run(q).block_until_ready()
+    best = float("inf")
+    for _ in range(3):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            run(q).block_until_ready()
+        spans = [e.time_range for e in prof.events()
+                 if e.device_type == torch.autograd.DeviceType.CUDA]
+        if not spans:
+            raise RuntimeError("CUPTI recorded no kernel of the JAX program")
+        best = min(best, (max(t.end for t in spans) - min(t.start for t in spans)) / REPS)
+    return best
 
 
 def time_graph(fn):

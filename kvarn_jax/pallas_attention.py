@@ -30,7 +30,7 @@ The record loop is software-pipelined by hand: while block j is computed, the re
 loads of block j + 1 and the table lookups of block j + 2 are in flight. Online softmax
 in base 2 per split; the query is rotated in the kernel's prologue. A second small
 kernel, one program per query row, merges the splits by log-sum-exp, normalizes and
-rotates the output back: a call is the two launches and a pad of the query rows.
+rotates the output back: a decode call is these two launches and nothing else.
 """
 
 from __future__ import annotations
@@ -170,13 +170,16 @@ def _softmax_step(s, pos, limit, m, l):
 
 def _attention_kernel(bt_ref, lens_ref, qlens_ref, b2s_ref, q_ref, pages_ref, pk_ref, pv_ref,
                       o_ref, l_ref, m_ref, *, lay: Layout, group: int, blocks_per_split: int,
-                      causal: bool, q_scale: float, gpu: bool):
+                      causal: bool, q_scale: float, gpu: bool, query_len: int | None,
+                      rows: int):
     b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     g, d, p = lay.preset.tile, lay.head_dim, lay.preset
     max_blocks = bt_ref.shape[1]
-    # The query rows [R, D], rotated and scaled (softmax scale * log2 e / sqrt(D)).
-    q = tile_math.fwht_last(q_ref[...].astype(F32)) * np.float32(q_scale)
-    rows = q.shape[0]
+    # The query rows [R, D] (zero past the real ones), rotated and scaled (softmax scale *
+    # log2 e / sqrt(D)).
+    real = lax.broadcasted_iota(jnp.int32, (rows, d), 0) < q_ref.shape[2]
+    q = pltr.load(q_ref.at[b, h, pl.ds(0, rows), :], mask=real, other=0.0)
+    q = tile_math.fwht_last(q.astype(F32)) * np.float32(q_scale)
     # q = q_norm * q_unit with |q_unit| <= 1 (see _code_dot), transposed for the dots.
     q_norm = jnp.maximum(jnp.max(jnp.abs(q), axis=1, keepdims=True), 1e-30).T  # [1, R]
     q_unit = q.T / q_norm  # [D, R]
@@ -184,7 +187,8 @@ def _attention_kernel(bt_ref, lens_ref, qlens_ref, b2s_ref, q_ref, pages_ref, pk
     seq_len = lens_ref[b]
     row = lax.broadcasted_iota(jnp.int32, (1, rows), 1)
     if causal:
-        limit = jnp.minimum(seq_len - qlens_ref[b] + row // group + 1, seq_len)
+        q_len = qlens_ref[b] if query_len is None else query_len
+        limit = jnp.minimum(seq_len - q_len + row // group + 1, seq_len)
     else:
         limit = jnp.full((1, rows), seq_len, jnp.int32)
     n_blocks = (seq_len + g - 1) // g
@@ -303,13 +307,11 @@ def attention(q: jax.Array, cache: KVarNCache, block_tables: jax.Array, seq_lens
     if block_tables.ndim != 2 or block_tables.shape[0] != b or seq_lens.shape != (b,):
         raise ValueError(f"block_tables must be [B={b}, M] and seq_lens [B]; got "
                          f"{block_tables.shape}, {seq_lens.shape}")
-    if query_lens is None:
-        query_lens = jnp.full((b,), sq, jnp.int32)
-    if query_lens.shape != (b,):
+    if query_lens is not None and query_lens.shape != (b,):
         raise ValueError(f"query_lens must be [B={b}]; got {query_lens.shape}")
     for name, x in (("block_tables", block_tables), ("seq_lens", seq_lens),
                     ("query_lens", query_lens)):
-        if not jnp.issubdtype(x.dtype, jnp.integer):
+        if x is not None and not jnp.issubdtype(x.dtype, jnp.integer):
             raise TypeError(f"{name} must hold integers (int32); got {x.dtype}")
     if splits is not None and (not isinstance(splits, int) or splits < 1):
         raise ValueError(f"splits must be a positive int or None (automatic); got {splits!r}")
@@ -318,7 +320,8 @@ def attention(q: jax.Array, cache: KVarNCache, block_tables: jax.Array, seq_lens
     splits = splits or num_splits(b, hk, block_tables.shape[1], _num_sms())
     scale = softmax_scale if softmax_scale is not None else d ** -0.5
     return _attention(q, cache, block_tables.astype(jnp.int32), seq_lens.astype(jnp.int32),
-                      query_lens.astype(jnp.int32), causal, float(scale), splits, interpret)
+                      None if query_lens is None else query_lens.astype(jnp.int32), causal,
+                      float(scale), splits, interpret)
 
 
 @functools.partial(jax.jit, static_argnums=(5, 6, 7, 8))
@@ -327,26 +330,28 @@ def _attention(q, cache, block_tables, seq_lens, query_lens, causal, scale, spli
     hk, group = cache.num_kv_heads, hq // cache.num_kv_heads
     rows = max(MIN_ROWS, 1 << math.ceil(math.log2(sq * group)))
     lay = layout(cache.preset, d)
-    # The query rows of each KV head (row = token * group + head in group), padded.
+    # The query rows of each KV head (row = token * group + head in group; for decode a
+    # reshape, no copy), read padded to `rows` by masked loads.
     qr = q.reshape(b, sq, hk, group, d).transpose(0, 2, 1, 3, 4).reshape(b, hk, sq * group, d)
-    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, rows - sq * group), (0, 0)))
     bps = -(-block_tables.shape[1] // splits)
     splits_p2 = 1 << math.ceil(math.log2(splits))  # the merge loads a power of two
 
+    # Without query_lens every sequence has Sq query rows: a constant, not an array that an
+    # XLA kernel would fill before the call.
     kernel = functools.partial(_attention_kernel, lay=lay, group=group, blocks_per_split=bps,
                                causal=causal, q_scale=scale * LOG2E / math.sqrt(d),
-                               gpu=not interpret)
+                               gpu=not interpret, query_len=None if query_lens is not None else sq,
+                               rows=rows)
     whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)  # noqa: E731
     part = lambda *shape: pl.BlockSpec((None, None, None, *shape),  # noqa: E731
                                        lambda i, j, s: (i, j, s) + (0,) * len(shape))
     partials = [jax.ShapeDtypeStruct((b, hk, splits_p2, rows, n), F32) for n in (d, 1, 1)]
-    inputs = (block_tables, seq_lens, query_lens, cache.block_to_slot)
+    inputs = (block_tables, seq_lens, seq_lens if query_lens is None else query_lens,
+              cache.block_to_slot)
     o, l, m = pl.pallas_call(
         kernel,
         grid=(b, hk, splits),
-        in_specs=[whole(x) for x in inputs]
-        + [pl.BlockSpec((None, None, rows, d), lambda i, j, s: (i, j, 0, 0))]
-        + [whole(cache.pages), whole(cache.pool_k), whole(cache.pool_v)],
+        in_specs=[whole(x) for x in (*inputs, qr, cache.pages, cache.pool_k, cache.pool_v)],
         out_specs=[part(rows, d), part(rows, 1), part(rows, 1)],
         out_shape=partials,
         compiler_params=pltr.CompilerParams(num_warps=num_warps(d, lay.preset.tile),
