@@ -332,7 +332,10 @@ def _attention(q, cache, block_tables, seq_lens, query_lens, causal, scale, spli
     lay = layout(cache.preset, d)
     # The query rows of each KV head (row = token * group + head in group; for decode a
     # reshape, no copy), read padded to `rows` by masked loads.
-    qr = q.reshape(b, sq, hk, group, d).transpose(0, 2, 1, 3, 4).reshape(b, hk, sq * group, d)
+    if sq == 1:
+        qr = q.reshape(b, hk, group, d)
+    else:
+        qr = q.reshape(b, sq, hk, group, d).transpose(0, 2, 1, 3, 4).reshape(b, hk, sq * group, d)
     bps = -(-block_tables.shape[1] // splits)
     splits_p2 = 1 << math.ceil(math.log2(splits))  # the merge loads a power of two
 

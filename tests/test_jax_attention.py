@@ -1,5 +1,7 @@
 """The JAX paged cache (commit/sink/release rules) and attention over it."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -286,6 +288,22 @@ def test_attention_kernel_lowers_for_cuda(preset, d, dtype, sq):
                                                                   splits=2, interpret=False),
         q, kv, jax.ShapeDtypeStruct((3, 5), jnp.int32), ints, ints)
     assert "__gpu$xla.gpu.triton" in hlo
+
+
+def test_decode_call_is_the_two_kernels():
+    """No XLA op around the attention and merge kernels of a decode call (a pad of the
+    query rows or a broadcast of the query lengths would each be a kernel launch)."""
+    from test_jax_codec import lower_for_cuda
+
+    kv = cache.init(16, 2, D, pool_slots=4, dtype=jnp.float16)
+    ints = jax.ShapeDtypeStruct((3,), jnp.int32)
+    hlo = lower_for_cuda(
+        lambda q, kv, bt, lens: pallas_attention.attention(q, kv, bt, lens, interpret=False),
+        jax.ShapeDtypeStruct((3, 1, 6, D), jnp.float16), kv,
+        jax.ShapeDtypeStruct((3, 5), jnp.int32), ints)
+    ops = set(re.findall(r"= (stablehlo\.[a-z_]+)", hlo))
+    assert hlo.count("__gpu$xla.gpu.triton") == 2 and ops <= {"stablehlo.reshape",
+                                                               "stablehlo.custom_call"}, ops
 
 
 def test_attention_shape_errors():
