@@ -4,10 +4,11 @@ shared memory, SASS instructions of the main loop, barriers in it, compile secon
 
     python benchmarks/compile_report.py [--arch 90] [--warps 8 16] [--presets ...]
 
-`--attention` reports the decode attention kernel instead (k4v2_g128, D=128, GQA 4, fp16,
-split): per (rows, block_n, num_warps[, register cap]) of `--attention-configs`, the same
-columns and the loop's most frequent SASS instructions (the quantized-tile loop: the one
-with the most LOP3, which unpack the codes). `--all-kernels` compiles every kvarn_torch
+`--attention` reports the decode attention kernel instead (k4v2_g128, D=128 or
+`--attention-head-dims`, GQA 4, fp16, split): per (rows, block_n, num_warps[, register
+cap]) of `--attention-configs`, the same columns, the shared-memory stores in the loop
+(`loop_sts`: operands staged for a dot) and the loop's most frequent SASS instructions (the
+quantized-tile loop: the one with the most LOP3, which unpack the codes). `--all-kernels` compiles every kvarn_torch
 kernel once per kind of launch, a check the tests run (tests/test_triton_cross_compile.py).
 `--pallas-attention` reports the Pallas decode kernel the same way: JAX lowers it for CUDA
 (no GPU), its Triton IR is compiled here with this Triton (XLA's bundled Triton may
@@ -86,7 +87,8 @@ def _sass_stats(cubin: bytes, loop_op: str | None = None) -> dict:
         loop_ops[op.split(".")[0]] += n
     return dict(regs=int(m[1]), stack=int(m[2]), spill_st=ops["STL"], spill_ld=ops["LDL"],
                 sass=len(ins), loop=len(loop), loop_bar=loop_ops["BAR"],
-                loop_shfl=loop_ops["SHFL"], loop_top=loop_full.most_common(8))
+                loop_shfl=loop_ops["SHFL"], loop_sts=loop_ops["STS"],
+                loop_top=loop_full.most_common(8))
 
 
 def _compiled(src, arch: int, loop_op: str | None = None, **options) -> dict:
@@ -128,14 +130,15 @@ def _record_offsets(preset: str, head_dim: int) -> dict:
 def attention_report(rows: int, block_n: int, warps: int, arch: int,
                      maxnreg: int | None = None, split: bool = True,
                      pool_only: bool = False,
-                     num_stages: int = triton_attention.NUM_STAGES) -> dict:
+                     num_stages: int = triton_attention.NUM_STAGES,
+                     head_dim: int = 128) -> dict:
     """One decode launch of the attention kernel as `triton_attention.attention` makes it
     (pool_only: the Gluon path's launch over the pool blocks)."""
     kernel = triton_attention._attention_kernel
-    consts = dict(GROUP=4, ROWS=rows, D=128, LOG_D=7, G=128, BLOCK_N=block_n, CAUSAL=True,
-                  SPLIT=split, UPCAST=False, INV_SQRT_D=128 ** -0.5,
-                  POOL_ONLY=pool_only,
-                  **_record_offsets("kvarn_k4v2_g128", 128))
+    consts = dict(GROUP=4, ROWS=rows, D=head_dim, LOG_D=head_dim.bit_length() - 1, G=128,
+                  BLOCK_N=block_n, CAUSAL=True, SPLIT=split, UPCAST=False,
+                  INV_SQRT_D=head_dim ** -0.5, POOL_ONLY=pool_only,
+                  **_record_offsets("kvarn_k4v2_g128", head_dim))
     pointers = dict(q_ptr="*fp16", out_ptr="*fp16", part_o_ptr="*fp32", part_ml_ptr="*fp32",
                     words_ptr="*i32", halves_ptr="*fp16", pool_k_ptr="*fp16",
                     pool_v_ptr="*fp16", block_tables_ptr="*i32", seq_lens_ptr="*i32",
@@ -154,8 +157,8 @@ def attention_report(rows: int, block_n: int, warps: int, arch: int,
             if "stride" in name and name not in triton_attention._RUNTIME_INTS:
                 attrs[(i,)] = aligned  # every stride of a serving launch is a multiple of 16
     src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
-    return dict(rows=rows, block_n=block_n, warps=warps, maxnreg=maxnreg, split=split,
-                pool_only=pool_only,
+    return dict(head_dim=head_dim, rows=rows, block_n=block_n, warps=warps, maxnreg=maxnreg,
+                split=split, pool_only=pool_only,
                 **_compiled(src, arch, loop_op="LOP3.LUT", num_warps=warps,
                             num_stages=num_stages, maxnreg=maxnreg))
 
@@ -268,10 +271,10 @@ def _mlir_string(escaped: str) -> bytes:
     return bytes(out)
 
 
-def pallas_attention_report(arch: int) -> dict:
-    """The Pallas decode kernel (16 sequences, 32/8 heads, D=128, k4v2_g128, fp16, 4
-    splits) as JAX lowers it for CUDA: the Triton IR of its attention custom call (not the
-    merge's), compiled here."""
+def pallas_attention_report(arch: int, head_dim: int = 128) -> dict:
+    """The Pallas decode kernel (16 sequences, 32/8 heads, k4v2_g128, fp16, 4 splits) as
+    JAX lowers it for CUDA: the Triton IR of its attention custom call (not the merge's),
+    compiled here."""
     import kvarn_jax  # noqa: F401  (before jax)
     import jax
     import jax.numpy as jnp
@@ -282,8 +285,9 @@ def pallas_attention_report(arch: int) -> dict:
     from kvarn_jax import cache as jcache
     from kvarn_jax import pallas_attention
 
-    cache = jcache.init(64, 8, 128, pool_slots=8, dtype=jnp.float16, preset="kvarn_k4v2_g128")
-    args = (jnp.zeros((16, 1, 32, 128), jnp.float16), cache, jnp.zeros((16, 8), jnp.int32),
+    cache = jcache.init(64, 8, head_dim, pool_slots=8, dtype=jnp.float16,
+                        preset="kvarn_k4v2_g128")
+    args = (jnp.zeros((16, 1, 32, head_dim), jnp.float16), cache, jnp.zeros((16, 8), jnp.int32),
             jnp.zeros((16,), jnp.int32))
     h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu",
                                        num_cores=132)
@@ -301,10 +305,16 @@ def pallas_attention_report(arch: int) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".ttir") as f:
         f.write(text)
         f.flush()
-        return dict(kernel="pallas _attention_kernel",
+        return dict(kernel="pallas _attention_kernel", head_dim=head_dim,
                     **_compiled(f.name, arch, loop_op="LOP3.LUT",
-                                num_warps=pallas_attention.num_warps(128, 128),
+                                num_warps=pallas_attention.num_warps(head_dim, 128),
                                 num_stages=pallas_attention.NUM_STAGES))
+
+
+def _print_row(row: dict) -> None:
+    top = row.pop("loop_top")
+    print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    print("   loop:", " ".join(f"{op}={n}" for op, n in top), flush=True)
 
 
 def main() -> None:
@@ -326,28 +336,31 @@ def main() -> None:
     ap.add_argument("--attention-configs", nargs="+", default=["16,128,4", "16,64,4", "16,128,8"],
                     help="rows,block_n,num_warps[,max registers] launches to compile with "
                          "--attention")
+    ap.add_argument("--attention-head-dims", nargs="+", type=int, default=[128],
+                    help="head_dim values of --attention and --pallas-attention (k4v2_g128)")
     args = ap.parse_args()
     if args.all_kernels:
         for row in kernels_report(args.arch):
             row.pop("loop_top")
             print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
         return
-    if args.pallas_attention or args.gluon_attention:
-        row = (pallas_attention_report if args.pallas_attention
-               else gluon_attention_report)(args.arch)
-        top = row.pop("loop_top")
-        print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-        print("   loop:", " ".join(f"{op}={n}" for op, n in top), flush=True)
+    if args.gluon_attention:
+        _print_row(gluon_attention_report(args.arch))
+        return
+    if args.pallas_attention:
+        for d in args.attention_head_dims:
+            _print_row(pallas_attention_report(args.arch, d))
         return
     if args.attention:
-        for config in args.attention_configs:
-            rows, block_n, warps, *cap = (int(x) for x in config.split(","))
-            row = attention_report(rows, block_n, warps, args.arch, *cap)
-            top = row.pop("loop_top")
-            per_tile = row["loop"] * row["warps"] * 128 // row["block_n"]
-            print(" ".join(f"{k}={v}" for k, v in row.items()),
-                  f"warp_instructions_per_128_tokens={per_tile}", flush=True)
-            print("   loop:", " ".join(f"{op}={n}" for op, n in top), flush=True)
+        for d in args.attention_head_dims:
+            for config in args.attention_configs:
+                rows, block_n, warps, *cap = (int(x) for x in config.split(","))
+                if warps > triton_attention.max_warps(d, block_n):
+                    continue  # a launch triton_attention.attention refuses
+                row = attention_report(rows, block_n, warps, args.arch, *cap, head_dim=d)
+                row["warp_instructions_per_128_tokens"] = (
+                    row["loop"] * row["warps"] * 128 // row["block_n"])
+                _print_row(row)
         return
     cols = ["preset", "head_dim", "dtype", "half", "warps", "regs", "spill_st", "spill_ld",
             "stack", "shared", "sass", "loop", "loop_bar", "loop_shfl", "compile_s"]
