@@ -67,6 +67,8 @@ def shapes(args):
         out = [s for s in out if s[1] in args.contexts]
     if args.heads:
         out = [s for s in out if f"{s[2]}/{s[3]}" in args.heads]
+    if args.head_dims:
+        out = [s for s in out if s[4] in args.head_dims]
     return out
 
 
@@ -305,6 +307,7 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+",
                     help="only these of the contexts 4096, 16384, 32768, 131072 (batch 1)")
     ap.add_argument("--heads", nargs="+", help="only these of 32/8 and 9/3 (query/KV heads)")
+    ap.add_argument("--head-dims", type=int, nargs="+", help="only these of 128 and 64")
     ap.add_argument("--impls", nargs="+",
                     default=["kvarn-triton", "kvarn-gluon", "kvarn-pallas", "fa3-fp16", "fa3-fp8",
                              "commit", "commit-triton"])
