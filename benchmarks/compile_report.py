@@ -8,8 +8,9 @@ shared memory, SASS instructions of the main loop, barriers in it, compile secon
 `--attention-head-dims`, GQA 4, fp16, split): per (rows, block_n, num_warps[, register
 cap]) of `--attention-configs`, the same columns, the shared-memory stores in the loop
 (`loop_sts`: operands staged for a dot) and the loop's most frequent SASS instructions (the
-quantized-tile loop: the one with the most LOP3, which unpack the codes). `--all-kernels` compiles every kvarn_torch
-kernel once per kind of launch, a check the tests run (tests/test_triton_cross_compile.py).
+quantized-tile loop: the one with the most LOP3, which unpack the codes). `--all-kernels`
+compiles every kvarn_torch kernel once per kind of launch, a check the tests run
+(tests/test_triton_cross_compile.py).
 `--pallas-attention` reports the Pallas decode kernel the same way: JAX lowers it for CUDA
 (no GPU), its Triton IR is compiled here with this Triton (XLA's bundled Triton may
 schedule it differently). `--gluon-attention`: the Gluon kernel of the quantized records

@@ -349,7 +349,8 @@ def _attention(q, cache, block_tables, seq_lens, query_lens, causal, scale, spli
     part = lambda *shape: pl.BlockSpec((None, None, None, *shape),  # noqa: E731
                                        lambda i, j, s: (i, j, s) + (0,) * len(shape))
     partials = [jax.ShapeDtypeStruct((b, hk, splits_p2, rows, n), F32) for n in (d, 1, 1)]
-    inputs = (block_tables, seq_lens, seq_lens if query_lens is None else query_lens,
+    inputs = (block_tables, seq_lens,
+              seq_lens if query_lens is None else query_lens,  # (not read without them)
               cache.block_to_slot)
     o, l, m = pl.pallas_call(
         kernel,
