@@ -223,7 +223,13 @@ def _load_record(words_ptr, halves_ptr, rec, n0, live, D: tl.constexpr, G: tl.co
     k_cols = n0 * K_BITS // 32 + tl.arange(0, K_TILE_WORDS)
     k_words = tl.load(words_ptr + w + K_CODES // 4 + d[:, None] * K_ROW_WORDS + k_cols[None, :],
                       mask=live, other=0)
-    v_cols = tl.arange(0, V_ROW_WORDS)
+    # At least two threads per token's row of V words (the coalescing pass would give a
+    # thread the whole row at D = 64, 16 bytes): the unpacked codes then keep lanes along
+    # both dimensions, and Triton stages them for the PV dot in a shared layout their
+    # registers store into whole (a layout with every lane along the tokens took 64
+    # 16-bit stores a thread per tile).
+    V_RUN: tl.constexpr = V_ROW_WORDS // 2
+    v_cols = tl.arange(0, V_ROW_WORDS) % V_RUN + tl.arange(0, V_ROW_WORDS) // V_RUN * V_RUN
     v_words = tl.load(words_ptr + w + V_CODES // 4 + n[:, None] * V_ROW_WORDS + v_cols[None, :],
                       mask=live, other=0)
     half = rec // 2
