@@ -60,7 +60,11 @@ NUM_STAGES = 1  # the record loads are pipelined by hand in the kernel
 DEFAULT_SMS = 132  # an H100 SXM; the real count is read from the device on a GPU
 PROGRAMS_PER_SM = 2
 MIN_BLOCKS_PER_SPLIT = 1
-MAX_SPLITS = 32
+MAX_SPLITS = 32  # ...unless one wave holds more, a power of two up to MAX_WAVE_SPLITS:
+# batch 1 with 3 KV heads on an H200, 1 x 128K: 110.2 us at 32 splits, 80.1 at 64, 85.1
+# at 128; 1 x 32K: 33.0, 26.4, 31.3 (results/splits_b1_h200.txt). (The merge holds a
+# program's partials at once: 64 x D floats.)
+MAX_WAVE_SPLITS = 64
 POOL_SCAN = 64  # blocks whose pool slots one vector load looks up
 NO_BLOCK = 2**31 - 1
 MASK = -0.7 * float(np.finfo(np.float32).max)  # exp2 turns it into 0, no NaN
@@ -273,12 +277,14 @@ def _merge_kernel(o_ref, l_ref, m_ref, out_ref, *, splits: int):
 
 def num_splits(batch: int, kv_heads: int, max_blocks: int, num_sms: int = DEFAULT_SMS) -> int:
     """Split the context only when batch x heads leaves the GPU's SMs short of programs:
-    then aim at PROGRAMS_PER_SM programs per SM."""
+    then aim at PROGRAMS_PER_SM programs per SM (a wave), at most MAX_SPLITS splits or
+    the largest power of two up to MAX_WAVE_SPLITS that the wave holds."""
     programs = batch * kv_heads
     if programs >= num_sms:
         return 1
     want = PROGRAMS_PER_SM * num_sms // programs  # rounded down: no partial last wave
-    return max(1, min(want, max_blocks // MIN_BLOCKS_PER_SPLIT, MAX_SPLITS))
+    cap = max(MAX_SPLITS, min(1 << (want.bit_length() - 1), MAX_WAVE_SPLITS))
+    return max(1, min(want, max_blocks // MIN_BLOCKS_PER_SPLIT, cap))
 
 
 @functools.cache

@@ -85,7 +85,12 @@ MIN_TILES_PER_SPLIT = 2  # never split a sequence finer than this many tiles...
 # 32 tiles x 8 KV heads, 13.9 us at 32 splits (256 programs), 14.4 at 16; but 2 x 4K takes
 # 22.4 us at 32 splits (512 programs), 18.8 at 16.
 ONE_TILE_SPLITS_PER_SM = 2
+# At most this many splits, unless one wave of programs (two per SM: 255 registers a
+# thread) holds a larger power of two of them: few KV heads. On an H200 at batch 1
+# (results/splits_b1_h200.txt), 3 KV heads: 1 x 128K 112.5 us at 32 splits, 73.9 at 64;
+# 1 x 32K 35.0 and 27.1. 8 KV heads: 140.4 at 32 (a wave), 146-193 at 48-256.
 MAX_SPLITS = 32
+WAVE_PROGRAMS_PER_SM = 2
 POOL_SCAN = tl.constexpr(64)  # tiles whose pool slots one vector load looks up
 LOG2E = 1.4426950408889634
 MASKED = tl.constexpr(-0.7 * float(np.finfo(np.float32).max))  # exp2 turns it into 0, no NaN
@@ -506,14 +511,21 @@ def _num_sms(device: torch.device) -> int:
 def num_splits(programs: int, max_tiles: int, num_sms: int = DEFAULT_SMS) -> int:
     """Split the context only when the (batch, KV head, row block) programs leave the GPU's
     SMs short of work: then aim at PROGRAMS_PER_SM programs per SM, with at least
-    MIN_TILES_PER_SPLIT tiles in each split, or one tile per split where that keeps
-    within ONE_TILE_SPLITS_PER_SM programs per SM (short contexts, latency-bound)."""
+    MIN_TILES_PER_SPLIT tiles in each split and at most MAX_SPLITS (or the power of two
+    of them that one wave holds, if more), or one tile per split where that keeps within
+    ONE_TILE_SPLITS_PER_SM programs per SM (short contexts, latency-bound)."""
     if programs >= num_sms:
         return 1
+    cap = max(MAX_SPLITS, power_of_two_floor(WAVE_PROGRAMS_PER_SM * num_sms // programs))
     if programs * max_tiles <= ONE_TILE_SPLITS_PER_SM * num_sms:
-        return max(1, min(max_tiles, MAX_SPLITS))
+        return max(1, min(max_tiles, cap))
     want = PROGRAMS_PER_SM * num_sms // programs  # rounded down: no partial last wave
-    return max(1, min(want, max_tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
+    return max(1, min(want, max_tiles // MIN_TILES_PER_SPLIT, cap))
+
+
+def power_of_two_floor(n: int) -> int:
+    """The largest power of two <= n (n >= 1)."""
+    return 1 << (n.bit_length() - 1)
 
 
 def launch_config(head_dim: int, tile: int, n_rows: int,

@@ -248,8 +248,18 @@ def test_decode_kernel_pool_only_and_more_splits_than_blocks():
     s.step([170, 90], commit=False)  # nothing accepted yet: every block in the pool
     assert all(s.slot(b, j) >= 0 for b, j in ((0, 0), (0, 1), (0, 2), (1, 0), (1, 1)))
     q = np.random.default_rng(15).standard_normal((2, 1, 4, D)).astype(np.float16)
-    for splits in (1, 7):
+    for splits in (1, 7, 40):  # 40: the merge loads 64 partials (MAX_WAVE_SPLITS)
         _kernel_vs_reference(s, q, [1, 1], True, splits, atol=0.03)
+
+
+def test_num_splits_fill_one_wave():
+    assert pallas_attention.num_splits(64, 8, 256, 132) == 1  # programs enough
+    assert pallas_attention.num_splits(3, 8, 256, 132) == 11  # 264 / 24
+    assert pallas_attention.num_splits(1, 8, 1024, 132) == 32  # 33: MAX_SPLITS
+    # few KV heads: the power of two of splits that a wave holds, up to MAX_WAVE_SPLITS
+    assert pallas_attention.num_splits(1, 3, 1024, 132) == 64  # 88
+    assert pallas_attention.num_splits(1, 1, 1024, 132) == pallas_attention.MAX_WAVE_SPLITS
+    assert pallas_attention.num_splits(1, 3, 40, 132) == 40  # at most one block each
 
 
 def test_decode_kernel_pool_block_past_the_first_slot_scan():

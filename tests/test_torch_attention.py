@@ -291,7 +291,12 @@ def test_num_splits_only_when_short_of_programs():
     # 1 x 4K and 2 x 4K at 8 KV heads: a tile per split while that is <= 2 programs per SM
     assert triton_attention.num_splits(8, 32, 132) == 32
     assert triton_attention.num_splits(16, 32, 132) == 16
-    assert triton_attention.num_splits(2, 10_000, 132) <= triton_attention.MAX_SPLITS
+    # at most MAX_SPLITS, or the power of two of them that one wave of 2 programs per SM
+    # holds: 8 KV heads at batch 1 -> 32 (264 / 8 = 33), 3 -> 64 (88), 2 -> 128 (132)
+    assert triton_attention.num_splits(8, 1024, 132) == 32
+    assert triton_attention.num_splits(3, 1024, 132) == 64
+    assert triton_attention.num_splits(2, 10_000, 132) == 128
+    assert triton_attention.num_splits(3, 96, 132) == 48  # at least 2 tiles per split
 
 
 @pytest.mark.gpu
