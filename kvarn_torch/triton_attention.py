@@ -516,16 +516,12 @@ def num_splits(programs: int, max_tiles: int, num_sms: int = DEFAULT_SMS) -> int
     ONE_TILE_SPLITS_PER_SM programs per SM (short contexts, latency-bound)."""
     if programs >= num_sms:
         return 1
-    cap = max(MAX_SPLITS, power_of_two_floor(WAVE_PROGRAMS_PER_SM * num_sms // programs))
+    wave = WAVE_PROGRAMS_PER_SM * num_sms // programs
+    cap = max(MAX_SPLITS, 1 << (wave.bit_length() - 1))  # a power of two
     if programs * max_tiles <= ONE_TILE_SPLITS_PER_SM * num_sms:
         return max(1, min(max_tiles, cap))
     want = PROGRAMS_PER_SM * num_sms // programs  # rounded down: no partial last wave
     return max(1, min(want, max_tiles // MIN_TILES_PER_SPLIT, cap))
-
-
-def power_of_two_floor(n: int) -> int:
-    """The largest power of two <= n (n >= 1)."""
-    return 1 << (n.bit_length() - 1)
 
 
 def launch_config(head_dim: int, tile: int, n_rows: int,
