@@ -132,13 +132,15 @@ def attention_report(rows: int, block_n: int, warps: int, arch: int,
                      maxnreg: int | None = None, split: bool = True,
                      pool_only: bool = False,
                      num_stages: int = triton_attention.NUM_STAGES,
-                     head_dim: int = 128) -> dict:
+                     head_dim: int = 128, chunk_invariant: bool = False) -> dict:
     """One decode launch of the attention kernel as `triton_attention.attention` makes it
-    (pool_only: the Gluon path's launch over the pool blocks)."""
+    (pool_only: the Gluon path's launch over the pool blocks; chunk_invariant: the reads
+    of vLLM's KVARN_CHUNK_INVARIANT mode)."""
     kernel = triton_attention._attention_kernel
     consts = dict(GROUP=4, ROWS=rows, D=head_dim, LOG_D=head_dim.bit_length() - 1, G=128,
                   BLOCK_N=block_n, CAUSAL=True, SPLIT=split, UPCAST=False,
                   INV_SQRT_D=head_dim ** -0.5, POOL_ONLY=pool_only,
+                  CHUNK_INVARIANT=chunk_invariant,
                   **_record_offsets("kvarn_k4v2_g128", head_dim))
     pointers = dict(q_ptr="*fp16", out_ptr="*fp16", part_o_ptr="*fp32", part_ml_ptr="*fp32",
                     words_ptr="*i32", halves_ptr="*fp16", pool_k_ptr="*fp16",
@@ -159,7 +161,7 @@ def attention_report(rows: int, block_n: int, warps: int, arch: int,
                 attrs[(i,)] = aligned  # every stride of a serving launch is a multiple of 16
     src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
     return dict(head_dim=head_dim, rows=rows, block_n=block_n, warps=warps, maxnreg=maxnreg,
-                split=split, pool_only=pool_only,
+                split=split, pool_only=pool_only, chunk_invariant=chunk_invariant,
                 **_compiled(src, arch, loop_op="LOP3.LUT", num_warps=warps,
                             num_stages=num_stages, maxnreg=maxnreg))
 
@@ -201,6 +203,9 @@ def kernels_report(arch: int) -> list[dict]:
         for split in (False, True):
             row = attention_report(rows_, block_n, warps, arch, split=split)
             rows.append(dict(kernel="_attention_kernel", **row))
+    rows.append(dict(kernel="_attention_kernel",
+                     **attention_report(*triton_attention.launch_config(128, 128, 2048), arch,
+                                        chunk_invariant=True)))
     gluon_pool = triton_attention.launch_config(128, 128, 4, gluon_attention.ROWS.value)
     narrow = gluon_attention.NARROW_POOL  # wide batches: loads pipelined by Triton
     rows.append(dict(kernel="_attention_kernel",

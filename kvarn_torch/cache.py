@@ -361,6 +361,27 @@ def _quantize_slots(layers: list[KVarNCache], slots: Tensor, blocks: Tensor,
                       blocks >= 0)
 
 
+def snapshot(caches: Layers, blocks: Tensor, *, impl: codec.Impl = "auto") -> Layers:
+    """Write the records of the pool blocks `blocks` [n] (physical ids; negative ids and
+    blocks without a slot are skipped) and keep their slots: chunk-invariant attention
+    (`triton_attention.attention(..., chunk_invariant=True)`) reads a block from its record
+    for the rows past it, also in the step that filled it, while the block's own rows read
+    it from the pool. Committing the block later writes the same bytes again. No host
+    sync."""
+    layers = _as_layers(caches)
+    head = layers[0]
+    if blocks.dim() != 1 or blocks.dtype.is_floating_point or blocks.dtype == torch.bool:
+        raise ValueError(f"blocks must be a 1-D integer tensor of block ids; got "
+                         f"{blocks.dtype} {list(blocks.shape)}")
+    if blocks.numel() == 0:
+        return caches
+    ids = blocks.long()
+    slot = torch.where(ids >= 0, head.block_to_slot[ids.clamp(min=0)].long(), -1)
+    held = slot >= 0
+    _quantize_slots(layers, slot.clamp(min=0), torch.where(held, ids, -1), impl)
+    return caches
+
+
 def commit_marks(cache: KVarNCache, block_tables: Tensor, seq_lens: Tensor,
                  query_lens: Tensor) -> Tensor:
     """[num_blocks] bool: the full blocks of each sequence whose tokens were all accepted
@@ -405,10 +426,12 @@ def release(cache: Layers, block_tables: Tensor, seq_lens: Tensor,
     return flush(cache, ready, dropped, max_tiles, impl=impl)
 
 
-def gather_kv(cache: KVarNCache, block_tables: Tensor,
-              max_blocks: int | None = None) -> tuple[Tensor, Tensor]:
+def gather_kv(cache: KVarNCache, block_tables: Tensor, max_blocks: int | None = None,
+              records_from: int | None = None) -> tuple[Tensor, Tensor]:
     """K, V [B, max_blocks * G, Hk, D] float32 (rotated frame) of each sequence's blocks,
-    read from the pool or dequantized from the pages: the exact view attention sees."""
+    read from the pool or dequantized from the pages: the exact view attention sees.
+    records_from: blocks from this index of each table on are dequantized from their
+    records even while in the pool (chunk-invariant reads of the rows past them)."""
     _check_tables(cache, block_tables)
     bt = block_tables[:, : (max_blocks or block_tables.shape[1])].long()
     b, m = bt.shape
@@ -421,7 +444,10 @@ def gather_kv(cache: KVarNCache, block_tables: Tensor,
     def arrange(x: Tensor) -> Tensor:  # -> [B, M, G, Hk, D]
         return x.reshape(b, m, hk, g, d).transpose(2, 3)
 
-    in_pool = (slot >= 0)[:, :, None, None, None]
+    in_pool = slot >= 0
+    if records_from is not None:
+        in_pool &= torch.arange(m, device=bt.device)[None, :] < records_from
+    in_pool = in_pool[:, :, None, None, None]
     take = slot.clamp(min=0)
     k = torch.where(in_pool, cache.pool_k[take].float(), arrange(k_q))
     v = torch.where(in_pool, cache.pool_v[take].float(), arrange(v_q))

@@ -210,6 +210,19 @@ def _locate(bt_row, block_to_slot_ptr, t, tile_hi, TILES_PER_BLOCK: tl.constexpr
 
 
 @triton.jit
+def _reads_record(slot, t, records_lo, records_hi, TILES_PER_BLOCK: tl.constexpr,
+                  CHUNK_INVARIANT: tl.constexpr):
+    """Whether the record loop attends to tile t: its block is quantized (no pool slot),
+    or, CHUNK_INVARIANT, it is a block in [records_lo, records_hi) that some row of the
+    program reads from its record although it is still in the pool."""
+    if CHUNK_INVARIANT:
+        j = t // TILES_PER_BLOCK
+        return (slot < 0) | ((j >= records_lo) & (j < records_hi))
+    else:
+        return slot < 0
+
+
+@triton.jit
 def _load_record(words_ptr, halves_ptr, rec, n0, live, D: tl.constexpr, G: tl.constexpr,
                  BLOCK_N: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
                  K_CODES: tl.constexpr, A_K: tl.constexpr, Z_K: tl.constexpr,
@@ -261,9 +274,9 @@ def _softmax_step(s, pos, limit, m_i, l_i):
 
 @triton.jit
 def _pool_tile(i, rank, pending, tt, slots, h, q32, acc, m_i, l_i, pool_k_ptr, pool_v_ptr,
-               limit, kv_end, pool_stride_slot, pool_stride_tok, pool_stride_head,
-               D: tl.constexpr, TILES_PER_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-               UPCAST: tl.constexpr):
+               limit, kv_end, own_block, records_lo, pool_stride_slot, pool_stride_tok,
+               pool_stride_head, D: tl.constexpr, TILES_PER_BLOCK: tl.constexpr,
+               BLOCK_N: tl.constexpr, CHUNK_INVARIANT: tl.constexpr, UPCAST: tl.constexpr):
     """Attend to pool tile i (in order) of a scan chunk (tiles tt, their pool slots; the
     pool tiles `pending`, numbered by `rank`): BLOCK_N tokens of a pool block, read as
     stored (rotated, model dtype).
@@ -271,10 +284,14 @@ def _pool_tile(i, rank, pending, tt, slots, h, q32, acc, m_i, l_i, pool_k_ptr, p
     Its dots keep the query rows as the tall operand (q32 [ROWS, D]); scores and output
     are transposed to the record tiles' orientation. (Transposed like those, with both
     operands in shared memory, Triton 3.6's warpgroup MMA gave wrong results at 16 rows
-    on an H200.)"""
+    on an H200.) CHUNK_INVARIANT: rows past the block read it from its record instead
+    (the record loop), unless it is a sink (below records_lo)."""
     here = (pending != 0) & (rank == i)
     t = tl.sum(tl.where(here, tt, 0), 0)
     slot = tl.sum(tl.where(here, slots, 0), 0)
+    if CHUNK_INVARIANT:
+        j = t // TILES_PER_BLOCK
+        limit = tl.where((j >= records_lo) & (own_block > j), 0, limit)
     offs_n = (t % TILES_PER_BLOCK) * BLOCK_N + tl.arange(0, BLOCK_N)  # in the block
     base = slot.to(tl.int64) * pool_stride_slot + h * pool_stride_head
     pos = t * BLOCK_N + tl.arange(0, BLOCK_N)  # in the sequence
@@ -312,7 +329,7 @@ def _record_tile(q_unit, q_norm, acc, m_i, l_i, k_words, v_words, a_k, z_k, tau,
 # compile a new variant for each divisibility and alignment class it meets, seconds each
 # in the middle of a step. One variant per set of constexprs instead.
 _RUNTIME_INTS = ["num_query_tokens", "has_query_lens", "splits", "tiles_per_split",
-                 "max_tiles", "bt_stride_b", "part_splits", "part_first"]
+                 "max_tiles", "bt_stride_b", "part_splits", "part_first", "sink_blocks"]
 _SLICED_POINTERS = ["block_tables_ptr", "seq_lens_ptr", "query_lens_ptr"]
 
 
@@ -322,7 +339,7 @@ def _attention_kernel(
     words_ptr, halves_ptr, pool_k_ptr, pool_v_ptr,
     block_tables_ptr, seq_lens_ptr, query_lens_ptr, block_to_slot_ptr,
     num_query_tokens, has_query_lens, qk_scale, splits, tiles_per_split, max_tiles,
-    part_splits, part_first,
+    part_splits, part_first, sink_blocks,
     q_stride_b, q_stride_s, q_stride_h,
     out_stride_b, out_stride_s, out_stride_h,
     page_stride_block, page_stride_head,
@@ -333,13 +350,17 @@ def _attention_kernel(
     K_CODES: tl.constexpr, A_K: tl.constexpr, Z_K: tl.constexpr, TAU_K: tl.constexpr,
     V_CODES: tl.constexpr, SIGMA_V: tl.constexpr, A_V: tl.constexpr, Z_V: tl.constexpr,
     CAUSAL: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
-    INV_SQRT_D: tl.constexpr, POOL_ONLY: tl.constexpr,
+    INV_SQRT_D: tl.constexpr, POOL_ONLY: tl.constexpr, CHUNK_INVARIANT: tl.constexpr,
 ):
     """has_query_lens 0: every sequence has num_query_tokens query rows (query_lens_ptr is
     not read; a decode call then launches nothing else to fill it). SPLIT: store split-KV
     partials as split part_first + split of part_splits per row block (the other splits
     may come from another kernel: see gluon_attention). POOL_ONLY: attend to the pool
-    tiles only (the quantized ones are another kernel's)."""
+    tiles only (the quantized ones are another kernel's). CHUNK_INVARIANT: a row reads
+    every block before its own from the block's record, the first sink_blocks of the
+    sequence excepted, even a block still in the pool (filled in this step: its record
+    was written ahead, `cache.snapshot`), so that its result does not depend on how the
+    sequence's tokens were split into steps."""
     TILES_PER_BLOCK: tl.constexpr = G // BLOCK_N
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -371,6 +392,9 @@ def _attention_kernel(
         limit = tl.zeros([ROWS], tl.int32) + seq_len
     limit = tl.where(row_ok, limit, 0)
     kv_end = tl.max(limit, 0)  # this row block sees no position past this one
+    own_block = (seq_len - query_len + token) // G  # of each row's own position
+    records_lo = sink_blocks
+    records_hi = tl.max(tl.where(row_ok, own_block, 0), 0)  # CHUNK_INVARIANT only
     n_tiles = tl.minimum(tl.cdiv(kv_end, BLOCK_N), max_tiles)
     per_split = tl.cdiv(n_tiles, splits)
     tile_lo = split * per_split
@@ -388,7 +412,9 @@ def _attention_kernel(
         blk1, slot1 = _locate(bt_row, block_to_slot_ptr, tile_lo + 1, tile_hi, TILES_PER_BLOCK)
         k_words, v_words, a_k, z_k, tau, sigma, a_v, z_v = _load_record(
             words_ptr, halves_ptr, blk0 * page_stride_block + h * page_stride_head,
-            (tile_lo % TILES_PER_BLOCK) * BLOCK_N, (tile_lo < tile_hi) & (slot0 < 0),
+            (tile_lo % TILES_PER_BLOCK) * BLOCK_N,
+            (tile_lo < tile_hi) & _reads_record(slot0, tile_lo, records_lo, records_hi,
+                                                TILES_PER_BLOCK, CHUNK_INVARIANT),
             D, G, BLOCK_N, K_BITS, V_BITS, K_CODES, A_K, Z_K, TAU_K, V_CODES, SIGMA_V, A_V, Z_V)
         for i in range(0, tiles_per_split):
             t = tile_lo + i
@@ -398,13 +424,22 @@ def _attention_kernel(
                     _load_record(words_ptr, halves_ptr,
                                  blk1 * page_stride_block + h * page_stride_head,
                                  ((t + 1) % TILES_PER_BLOCK) * BLOCK_N,
-                                 (t + 1 < tile_hi) & (slot1 < 0), D, G, BLOCK_N, K_BITS, V_BITS,
+                                 (t + 1 < tile_hi) & _reads_record(
+                                     slot1, t + 1, records_lo, records_hi, TILES_PER_BLOCK,
+                                     CHUNK_INVARIANT),
+                                 D, G, BLOCK_N, K_BITS, V_BITS,
                                  K_CODES, A_K, Z_K, TAU_K, V_CODES, SIGMA_V, A_V, Z_V)
 
-                if slot0 < 0:  # pool tiles come after this loop
+                # pool tiles come after this loop
+                if _reads_record(slot0, t, records_lo, records_hi, TILES_PER_BLOCK,
+                                 CHUNK_INVARIANT):
                     pos = t * BLOCK_N + tl.arange(0, BLOCK_N)  # in the sequence
+                    seen = limit
+                    if CHUNK_INVARIANT:  # a pool block's record is for the rows past it
+                        seen = tl.where((slot0 < 0) | (own_block > t // TILES_PER_BLOCK),
+                                        limit, 0)
                     acc, m_i, l_i = _record_tile(q_unit, q_norm, acc, m_i, l_i, k_words, v_words,
-                                                 a_k, z_k, tau, sigma, a_v, z_v, pos, limit, D,
+                                                 a_k, z_k, tau, sigma, a_v, z_v, pos, seen, D,
                                                  BLOCK_N, K_BITS, V_BITS, UPCAST)
 
                 slot0, blk1, slot1 = slot1, blk2, slot2
@@ -429,18 +464,18 @@ def _attention_kernel(
                 i = 0
                 while i < n_pool:
                     acc, m_i, l_i = _pool_tile(i, rank, pending, tt, slots, h, q32, acc, m_i,
-                                               l_i, pool_k_ptr, pool_v_ptr, limit, kv_end,
-                                               pool_stride_slot, pool_stride_tok,
+                                               l_i, pool_k_ptr, pool_v_ptr, limit, kv_end, own_block,
+                                               records_lo, pool_stride_slot, pool_stride_tok,
                                                pool_stride_head, D, TILES_PER_BLOCK, BLOCK_N,
-                                               UPCAST)
+                                               CHUNK_INVARIANT, UPCAST)
                     i += 1
             else:  # a for loop, whose loads Triton pipelines (num_stages > 1)
                 for i in range(0, n_pool):
                     acc, m_i, l_i = _pool_tile(i, rank, pending, tt, slots, h, q32, acc, m_i,
-                                               l_i, pool_k_ptr, pool_v_ptr, limit, kv_end,
-                                               pool_stride_slot, pool_stride_tok,
+                                               l_i, pool_k_ptr, pool_v_ptr, limit, kv_end, own_block,
+                                               records_lo, pool_stride_slot, pool_stride_tok,
                                                pool_stride_head, D, TILES_PER_BLOCK, BLOCK_N,
-                                               UPCAST)
+                                               CHUNK_INVARIANT, UPCAST)
 
     acc = tl.trans(acc)  # [ROWS, D]
     if SPLIT:  # partials [B, Hk, row_blocks, part_splits, ...] for the merge kernel
@@ -558,6 +593,7 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
               num_warps: int | None = None, num_stages: int = NUM_STAGES,
               max_registers: int | None = None,
               pool_partials: tuple[Tensor, Tensor, int] | None = None,
+              chunk_invariant: bool = False,
               out: Tensor | None = None) -> Tensor | None:
     """q [B, Sq, Hq, D] (Sq = 1: decode; Sq > 1: the last query_lens[b] tokens of each
     sequence, already appended) -> out [B, Sq, Hq, D] in q's dtype (rows past
@@ -574,6 +610,12 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     split-KV partials as splits `first` .. `first + splits - 1` of these buffers ([B, Hk,
     row blocks, all splits, rows, D] and [..., 2, rows]; another kernel writes the
     quantized tiles' splits: `gluon_attention`); returns None, and `out` is not used.
+
+    chunk_invariant: each row reads the blocks before its own from their records (the
+    sequence's first `cache.sink_blocks` excepted) and its own block as stored, whichever
+    step filled them: blocks filled by this call's rows need their records written first
+    (`cache.snapshot`). A row's result then does not depend on how its sequence was split
+    into steps (prefill chunks, speculative windows, prefix-cache hits).
 
     out: where to write the result (q's shape and dtype; e.g. a view of the caller's
     output buffer, saving a copy), a new tensor by default.
@@ -633,6 +675,9 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     out = q if pool_partials is not None else output(q, out)
     part_splits, part_first = splits, 0
     if pool_partials is not None:
+        if chunk_invariant:
+            raise ValueError("chunk_invariant reads records of pool blocks: not with "
+                             "pool_partials (a pool-only launch)")
         part_o, part_ml, part_first = pool_partials
         part_splits, split = part_o.shape[3], True
         if (part_first + splits > part_splits
@@ -661,6 +706,7 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
         cache.block_to_slot, sq, int(has_query_lens),
         float(scale * LOG2E / math.sqrt(d)), splits,
         runtime_int(_attention_kernel, tiles_per_split), max_tiles, part_splits, part_first,
+        cache.sink_blocks,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         cache.pages.stride(0), cache.pages.stride(1),
@@ -671,7 +717,7 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
         TAU_K=lay.tau_k.offset, V_CODES=lay.v_codes.offset, SIGMA_V=lay.sigma_v.offset,
         A_V=lay.a_v.offset, Z_V=lay.z_v.offset,
         CAUSAL=bool(causal), SPLIT=split, UPCAST=upcast,
-        POOL_ONLY=pool_partials is not None,
+        POOL_ONLY=pool_partials is not None, CHUNK_INVARIANT=bool(chunk_invariant),
         num_warps=num_warps, num_stages=num_stages, **common,
         **({} if max_registers is None else {"maxnreg": max_registers}),
     )

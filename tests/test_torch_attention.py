@@ -272,6 +272,54 @@ def test_causal_row_sees_only_its_prefix():
     assert not torch.equal(before[:, 3], after[:, 3])
 
 
+def _snapshot_full_blocks(cache, bt, sl):
+    """Records for every full block past the sinks, the blocks left in the pool."""
+    g = cache.tile
+    full = [int(b) for i, n in enumerate(sl.tolist())
+            for b in bt[i, cache.sink_blocks: n // g].tolist()]
+    kc.snapshot(cache, torch.tensor(full, dtype=torch.int32, device=DEVICE), impl="reference")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_chunk_invariant_rows_read_earlier_blocks_from_records(causal, splits):
+    """A prefill chunk whose rows span several pool blocks: each row reads the blocks
+    before its own (sink excepted) from their records, its own block as stored."""
+    cache, bt, sl = build_cache(lens=(200, 150), state="pool", dtype=torch.bfloat16)
+    _snapshot_full_blocks(cache, bt, sl)
+    assert in_pool(cache) == {int(b) for b in bt.flatten() if b >= 0}  # slots kept
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 160, 4, 64, generator=gen).to(torch.bfloat16).to(DEVICE)
+    ql = torch.tensor([160, 100], dtype=torch.int32, device=DEVICE)
+    got = triton_attention.attention(q, cache, bt, sl, ql, causal=causal, splits=splits,
+                                     chunk_invariant=True)
+    want = attention_reference.attention(q, cache, bt, sl, ql, causal=causal,
+                                         chunk_invariant=True)
+    plain = attention_reference.attention(q, cache, bt, sl, ql, causal=causal)
+    rows = torch.arange(160, device=DEVICE)[None, :] < ql[:, None]
+    err = (got.float() - want)[rows].abs().max() / want[rows].abs().max()
+    assert err < TOL[torch.bfloat16], f"relative error {err:.2e}"
+    moved = (plain - want)[rows].abs().max() / want[rows].abs().max()
+    assert moved > 3 * TOL[torch.bfloat16], "the records must differ from the raw blocks"
+
+
+def test_chunk_invariant_row_matches_a_committed_context_bit_for_bit():
+    """Rows of block 2 whose block 1 was filled in the same step (in the pool, record
+    written ahead) give the bits they give once block 1 is committed: a row's result
+    does not depend on which step filled the blocks before it."""
+    cache, bt, sl = build_cache(lens=(170,), hk=1, state="pool")
+    _snapshot_full_blocks(cache, bt, sl)
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 30, 2, 64, generator=gen).half().to(DEVICE)  # positions 140..169
+    same_step = triton_attention.attention(q, cache, bt, sl, chunk_invariant=True)
+    kc.commit(cache, bt, sl, torch.tensor([30], dtype=torch.int32, device=DEVICE),
+              impl="reference")
+    assert int(cache.block_to_slot[bt[0, 1]]) == -1  # block 1 committed, block 2 not
+    later = triton_attention.attention(q, cache, bt, sl, chunk_invariant=True)
+    assert torch.equal(same_step, later)
+    assert torch.equal(later, triton_attention.attention(q, cache, bt, sl))
+
+
 def test_empty_sequence_gives_zeros():
     cache, bt, sl = build_cache(lens=(70, 64))
     sl = sl.clone()
@@ -604,6 +652,20 @@ def test_gather_dense_matches_the_reference(preset, d, state, dtype):
         else:
             err = (got.float() - want.to(dtype).float()).abs() / want.abs().clamp(min=1e-30)
             assert err.max() <= 2.0 ** -7, f"max relative difference {err.max():.2e}"
+
+
+def test_gather_records_from_reads_snapshots_of_pool_blocks():
+    cache, bt, sl = build_cache(lens=(300,), state="pool")
+    _snapshot_full_blocks(cache, bt, sl)
+    n = 300 // cache.tile  # the full blocks: 4 of 64 tokens
+    got = triton_gather.gather(cache, bt[0], n, records_from=1)
+    want = triton_gather.gather_reference(cache, bt[0], n, records_from=1)
+    raw = triton_gather.gather(cache, bt[0], n)
+    g = cache.tile
+    for x, w, r in zip(got, want, raw):
+        assert torch.equal(x, w.to(x.dtype))
+        assert torch.equal(x[:g], r[:g])  # the sink, as stored
+        assert not torch.equal(x[g:], r[g:])
 
 
 def test_gather_errors_name_the_fix():
