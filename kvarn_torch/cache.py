@@ -115,7 +115,7 @@ def init(num_blocks: int, num_kv_heads: int, head_dim: int, *, pool_slots: int,
 # ---------------------------------------------------------------- index helpers
 
 
-def _nth_true(mask: Tensor, n: int) -> Tensor:
+def nth_true(mask: Tensor, n: int) -> Tensor:
     """[n] int64: the indices of the first n True entries of `mask` [S], in order, and S
     where there are fewer (`jnp.nonzero(mask, size=n)` without a host sync)."""
     cum = torch.cumsum(mask.to(torch.int32), 0, dtype=torch.int32)
@@ -315,7 +315,7 @@ def flush(caches: Layers, quantize_blocks: Tensor, free_blocks: Tensor,
     if backlog is not None:
         backlog += (chosen & ~quantized).sum().to(torch.int32)
     if n:
-        slots = _nth_true(chosen, n)
+        slots = nth_true(chosen, n)
         ok = slots < head.pool_slots
         take = torch.where(ok, slots, 0)
         blocks = holder[take].long()

@@ -16,6 +16,7 @@ keeps them in memory and on disk.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -37,8 +38,10 @@ def attention_variants(num_q_heads: int, num_kv_heads: int, head_dim: int,
 
 
 def compile_kernels(preset: str, num_q_heads: int, num_kv_heads: int, head_dim: int,
-                    dtype: torch.dtype, device: torch.device | str) -> int:
-    """Launch every kernel variant once for this model shape; -> number of launches."""
+                    dtype: torch.dtype, device: torch.device | str,
+                    chunk_invariant: bool = False) -> int:
+    """Launch every kernel variant once for this model shape (and the attention kernel's
+    chunk-invariant reads, if they serve); -> number of launches."""
     g = layout(preset, head_dim).preset.tile
     cache = kvcache.init(2, num_kv_heads, head_dim, pool_slots=1, dtype=dtype, preset=preset,
                          device=device)
@@ -49,9 +52,10 @@ def compile_kernels(preset: str, num_q_heads: int, num_kv_heads: int, head_dim: 
     q = torch.zeros((1, 1, num_q_heads, head_dim), dtype=dtype, device=device)
     launches = 0
     for rows, block_n, warps in attention_variants(num_q_heads, num_kv_heads, head_dim, g):
-        for splits in (1, 2):
+        for splits, invariant in itertools.product((1, 2), {False, chunk_invariant}):
             triton_attention.attention(q, cache, tables, seq_lens, query_lens, splits=splits,
-                                       rows=rows, block_n=block_n, num_warps=warps)
+                                       rows=rows, block_n=block_n, num_warps=warps,
+                                       chunk_invariant=invariant)
             launches += splits  # the split launch is followed by the merge kernel
     if gluon_attention.unsupported(q, cache) is None:  # the decode kernel of large batches
         wide = -(-gluon_attention.NARROW_POOL_MIN_PROGRAMS // num_kv_heads)

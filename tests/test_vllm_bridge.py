@@ -534,7 +534,7 @@ def test_mixed_runs_group_consecutive_fresh_prompts():
 
 
 def _step_metadata(q_lens, seq_lens, threshold=1, flash_attention=True, tile=128,
-                   block_table=None, device="cpu"):
+                   block_table=None, device="cpu", chunk_invariant=False, verify_len=1):
     from kvarn_vllm.backend import KVarNMetadataBuilder
 
     b = len(q_lens)
@@ -549,6 +549,8 @@ def _step_metadata(q_lens, seq_lens, threshold=1, flash_attention=True, tile=128
     builder = KVarNMetadataBuilder.__new__(KVarNMetadataBuilder)  # no vLLM config needed
     builder.reorder_batch_threshold, builder.flash_attention = threshold, flash_attention
     builder.tile = tile
+    builder.chunk_invariant, builder.sink_blocks = chunk_invariant, 1
+    builder.verify_len = verify_len
     return builder._metadata(cam)
 
 
@@ -662,3 +664,142 @@ def test_dense_continuation_matches_exact_attention_over_the_cache(registered, s
     KVarNAttentionImpl._dense(impl, q[0], cache, bt[0], run, got)
     err = (got.float() - want[0]).abs().max() / want[0].abs().max()
     assert err < TOL[cache.dtype], f"relative error {err:.2e}"
+
+
+# ---------------------------------------------------------------- KVARN_CHUNK_INVARIANT
+
+
+def test_chunk_invariant_setting(monkeypatch):
+    assert not settings.chunk_invariant()
+    monkeypatch.setenv(settings.ENV_CHUNK_INVARIANT, "1")
+    assert settings.chunk_invariant()
+    monkeypatch.setenv(settings.ENV_CHUNK_INVARIANT, "yes")
+    with pytest.raises(ValueError, match="KVARN_CHUNK_INVARIANT must be 0 or 1"):
+        settings.chunk_invariant()
+
+
+def test_blockwise_tables_give_each_row_its_own_block_and_the_records_before():
+    from kvarn_vllm.backend import blockwise_tables
+
+    # rows at positions 100 .. 299 with 64-token blocks: blocks 1 .. 4, records of 0 .. 3
+    cu, seen, pages = blockwise_tables(100, 200, 64)
+    assert cu == [0, 28, 92, 156, 200]  # rows 100-127, 128-191, 192-255, 256-299
+    assert seen == [128, 192, 256, 300]
+    assert pages == [[0, 4], [0, 1, 5], [0, 1, 2, 6], [0, 1, 2, 3, 7]]
+    assert blockwise_tables(0, 10, 64) == ([0, 10], [10], [[0]])
+
+
+def test_chunk_invariant_steps_snapshot_the_blocks_their_rows_pass(registered):
+    bt = torch.arange(40, dtype=torch.int32).view(4, 10)
+    # a decode; a prompt of 300 rows (fills blocks 0, 1; 0 is the sink); a continuation
+    # of rows 250 .. 389 (fills block 1 at 255 and block 2 at 383); a verify window
+    # 126 .. 129 (fills block 0: the sink)
+    md = _step_metadata([1, 300, 140, 4], [9, 300, 390, 130], tile=128, block_table=bt,
+                        chunk_invariant=True, flash_attention=False)
+    assert md.chunk_invariant and md.uniform_query_len == 0
+    got = md.snapshot_blocks.tolist()
+    assert sorted(b for b in got if b >= 0) == [11, 21, 22]
+    assert len(got) == (298 // 128 + 1) + (138 // 128 + 1) + 1  # the host's bound
+    # one request per launch, none through FlashAttention on raw K/V
+    assert [(r.fresh, r.blockwise) for r in md.runs] == [(False, False)] * 3
+    decode = _step_metadata([1, 1], [9, 300], block_table=bt[:2], chunk_invariant=True)
+    assert decode.snapshot_blocks is None
+    off = _step_metadata([1, 300], [9, 300], block_table=bt[:2])
+    assert off.snapshot_blocks is None and not off.chunk_invariant
+
+
+def test_chunk_invariant_prompts_run_blockwise_and_verify_windows_the_kernel(registered):
+    from kvarn_vllm.backend import DENSE_MAX_TOKENS
+
+    # rows 228 .. 527 lie in blocks 1 .. 4
+    md = _step_metadata([1, 4, 300], [9, 130, 528], chunk_invariant=True, verify_len=4)
+    verify, prompt = md.runs
+    assert not verify.blockwise and verify.cu is None
+    assert prompt.blockwise and (prompt.first_block, prompt.dense_blocks) == (1, 4)
+    assert prompt.cu.tolist() == [0, 28, 156, 284, 300]
+    assert prompt.seqused_k.tolist() == [256, 384, 512, 528]
+    assert prompt.page_table.tolist()[0] == [0, 4, 0, 0, 0]  # padded to the widest
+    assert prompt.max_len == 128
+    huge = _step_metadata([1, 300], [9, DENSE_MAX_TOKENS + 1], chunk_invariant=True)
+    assert not huge.runs[0].blockwise
+
+
+def _paged_varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, out, *, seqused_k,
+                            block_table):
+    """FlashAttention's paged varlen contract in float32: sequence i's keys are the first
+    seqused_k[i] tokens of its pages, causal aligned at its end."""
+    assert cu_k is None
+    g = k.shape[1]
+    for i in range(cu_q.shape[0] - 1):
+        n = int(seqused_k[i])
+        pages = block_table[i, : -(-n // g)].long()
+        ki = k[pages].flatten(0, 1)[:n]
+        vi = v[pages].flatten(0, 1)[:n]
+        qs, qe = int(cu_q[i]), int(cu_q[i + 1])
+        _causal_varlen_reference(q[qs:qe], ki, vi, torch.tensor([0, qe - qs]),
+                                 torch.tensor([0, n]), max_q, max_k, scale, out[qs:qe])
+
+
+@pytest.mark.parametrize("start", [0, 100])
+def test_blockwise_prompt_rows_match_the_chunk_invariant_reference(registered, start):
+    """A prompt chunk (rows start .. 299 of a 300-token sequence, all in the pool, records
+    of its full blocks written ahead) through the paged FlashAttention contract equals
+    the exact chunk-invariant attention over the cache."""
+    from test_torch_attention import TOL, build_cache
+
+    from kvarn_torch import attention_reference
+    from kvarn_torch import cache as kc
+    from kvarn_vllm.backend import KVarNAttentionImpl
+
+    d, hk, group, n, g = 64, 2, 3, 300, 64
+    sq = n - start
+    cache, bt, sl = build_cache(preset="kvarn_k4v2_g64", d=d, hk=hk, lens=(n,), state="pool")
+    dev = cache.device
+    md = _step_metadata([sq], [n], tile=g, block_table=bt, device=dev, chunk_invariant=True)
+    kc.snapshot(cache, md.snapshot_blocks)
+    assert sorted(b for b in md.snapshot_blocks.tolist() if b >= 0) == sorted(
+        bt[0, max(1, start // g): n // g].tolist())
+    q = (2.0 * torch.randn(1, sq, hk * group, d, generator=torch.Generator().manual_seed(3))
+         ).to(cache.dtype).to(dev)
+    ql = torch.tensor([sq], dtype=torch.int32, device=dev)
+    want = attention_reference.attention(q, cache, bt, sl, ql, chunk_invariant=True)
+    (run,) = md.runs
+    assert run.blockwise
+    impl = types.SimpleNamespace(_fa=_paged_varlen_reference, scale=d ** -0.5)
+    got = torch.empty_like(q[0])
+    KVarNAttentionImpl._blockwise(impl, q[0], cache, bt[0], run, got)
+    err = (got.float() - want[0]).abs().max() / want[0].abs().max()
+    assert err < TOL[cache.dtype], f"relative error {err:.2e}"
+    plain = attention_reference.attention(q, cache, bt, sl, ql)
+    assert (plain - want).abs().max() / want.abs().max() > 3 * TOL[cache.dtype]
+
+
+def test_chunk_invariant_forward_snapshots_then_reads_records(registered):
+    """forward with chunk-invariant metadata (no FlashAttention here: the kernel) writes
+    the records of the blocks the step fills, then gives the rows the kernel's
+    chunk-invariant values."""
+    from test_torch_attention import build_cache
+
+    from kvarn_torch import triton_attention
+    from kvarn_vllm.backend import KVarNAttentionImpl
+
+    hk, hq, d, g = 2, 4, 64, 64
+    lens = [200, 10]
+    cache, bt, sl = build_cache(preset="kvarn_k4v2_g64", d=d, hk=hk, lens=lens, state="pool")
+    dev = cache.device
+    impl = KVarNAttentionImpl.__new__(KVarNAttentionImpl)
+    impl.num_heads, impl.num_kv_heads, impl.head_size, impl.scale = hq, hk, d, d ** -0.5
+    impl.cache, impl.pool_k, impl._fa = cache, cache.pool_k, None
+    md = _step_metadata([1, 150], [10, 200], flash_attention=False, tile=g,
+                        block_table=bt[[1, 0]], device=dev, chunk_invariant=True)
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(151, hq * d, generator=gen).half().to(dev)
+    output = torch.empty_like(query)
+    kv = torch.zeros(151, hk * d, dtype=torch.float16, device=dev)
+    assert cache.pages[bt[0, 1]].eq(0).all()  # no record yet
+    impl.forward(None, query, kv, kv, cache.pages, md, output=output)
+    assert not cache.pages[bt[0, 1]].eq(0).all() and not cache.pages[bt[0, 2]].eq(0).all()
+    assert int(cache.block_to_slot[bt[0, 1]]) >= 0  # slot kept
+    rows = triton_attention.attention(query[1:].view(1, 150, hq, d), cache, bt[:1], sl[:1],
+                                      chunk_invariant=True)
+    assert torch.equal(output[1:].view(150, hq, d), rows.view(150, hq, d))

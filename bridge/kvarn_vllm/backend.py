@@ -12,6 +12,13 @@ Decoder self-attention over a paged KVarN cache (DESIGN §4-§5):
 * the builder, once per step and outside CUDA graphs, runs `lifecycle.PoolGroup.step`:
   release finished requests, commit accepted full blocks, give slots to new blocks.
 
+With KVARN_CHUNK_INVARIANT=1 (`settings.chunk_invariant`) every row reads the blocks
+before its own from their records and its own block raw, so results do not depend on how
+a sequence was cut into steps: `forward` first writes the records of the blocks this step
+filled (`cache.snapshot`, their slots kept until the commit), and prompt rows run
+FlashAttention block by block over the records of the earlier blocks (dequantized once,
+`triton_gather`) and their own block from the pool (`Run.blockwise`).
+
 The KV-cache tensor of a layer is its pages, uint8 [num_blocks, num_kv_heads,
 record_bytes]; the tail pool lives beside it, allocated with the weights so vLLM counts
 it before sizing the cache.
@@ -130,6 +137,10 @@ class KVarNMetadata(AttentionMetadata):
     uniform_query_len: int  # > 0: every request has this many query tokens (decode/verify)
     num_decodes: int  # leading requests with one query token (vLLM orders them first)
     runs: list[Run]  # a mixed batch's requests after the decodes, one launch each
+    chunk_invariant: bool = False  # settings.chunk_invariant
+    # chunk_invariant steps with multi-query rows: the blocks they fill before their last
+    # row (records written ahead, `cache.snapshot`); -1 pads
+    snapshot_blocks: torch.Tensor | None = None
 
     def query_lens(self) -> torch.Tensor:
         return self.query_start_loc[1:] - self.query_start_loc[:-1]
@@ -152,6 +163,13 @@ class Run:
     # [0, seq_len] on the device.
     dense_blocks: int = 0
     cu_k: torch.Tensor | None = None
+    # chunk_invariant prompt rows (`blockwise_tables`): one FlashAttention sequence per
+    # block the rows lie in, over pages [records of blocks 0 .. dense_blocks - 1, pool
+    # copies of blocks first_block .. dense_blocks]; `cu` its query offsets
+    blockwise: bool = False
+    first_block: int = 0
+    seqused_k: torch.Tensor | None = None
+    page_table: torch.Tensor | None = None
 
 
 # From this many query tokens on, a prefill continuation runs FlashAttention over its
@@ -178,6 +196,24 @@ def on_finish(vllm_config, sync_commit: bool = False) -> lifecycle.OnFinish:
     if vllm_config.cache_config.enable_prefix_caching is not False:
         return "quantize" if sync_commit else "retire_sinks"
     return "drop"
+
+
+def blockwise_tables(start: int, rows: int, tile: int) -> tuple[list[int], list[int],
+                                                                 list[list[int]]]:
+    """Query positions start .. start + rows - 1 of one sequence as one FlashAttention
+    sequence per block they lie in: (query offsets, keys each sequence sees, its page
+    table), over pages [the records of blocks 0 .. last - 1, then pool copies of blocks
+    first .. last] (first, last: the blocks of the first and last row). Aligned at its end,
+    FlashAttention's causal mask then gives each row the earlier blocks' records and its
+    own block up to itself."""
+    first, last = start // tile, (start + rows - 1) // tile
+    cu, seen, pages = [0], [], []
+    for j in range(first, last + 1):
+        end = min(start + rows, (j + 1) * tile)  # past this block's last row
+        cu.append(end - start)
+        seen.append(end)
+        pages.append(list(range(j)) + [last + j - first])
+    return cu, seen, pages
 
 
 def mixed_runs(starts: list[int], fresh: list[bool], first: int) -> list[Run]:
@@ -210,6 +246,18 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
         self.sync_commit = settings.sync_commit(spec.num_speculative_tokens if spec else 0)
         self.flash_attention = _flash_attention(kv_cache_spec.head_size) is not None
         self.tile = kv_cache_spec.block_size
+        self.chunk_invariant = settings.chunk_invariant()
+        self.sink_blocks = settings.sink_blocks()
+        # rows of a request up to this many are verify rows (the kernel), longer ones prompts
+        self.verify_len = 1 + (spec.num_speculative_tokens if spec else 0)
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        """Chunk-invariant verify batches write records ahead, a launch sized by the step:
+        they run with piecewise CUDA graphs (attention eager), decode batches in full."""
+        if settings.chunk_invariant() and vllm_config.speculative_config is not None:
+            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        return cls._cudagraph_support
 
     def _pool_group(self) -> lifecycle.PoolGroup | None:
         if self.group is None:
@@ -233,18 +281,62 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
         if uniform > self.reorder_batch_threshold:
             uniform = 0  # equal-length prompts are not decode rows: FlashAttention serves them
         qsl = cam.query_start_loc[: b + 1]
+        invariant = getattr(self, "chunk_invariant", False)
         runs: list[Run] = []
         if not uniform:  # once per step, not per layer: host lists and device offsets
             seq_cpu = cam.seq_lens_cpu_upper_bound
             fresh = ((seq_cpu[:b] == q_lens_cpu).tolist()
-                     if seq_cpu is not None and self.flash_attention else [False] * b)
-            runs = [self._launch(run, cam, seq_cpu)
+                     if seq_cpu is not None and self.flash_attention and not invariant
+                     else [False] * b)
+            launch = self._blockwise_launch if invariant else self._launch
+            runs = [launch(run, cam, seq_cpu)
                     for run in mixed_runs(qsl_cpu.tolist(), fresh, num_decodes)]
+        snapshot = None
+        if invariant and b and cam.max_query_len > 1:
+            snapshot = self._snapshot_blocks(cam, q_lens_cpu)
         return KVarNMetadata(
             seq_lens=cam.seq_lens[:b], query_start_loc=qsl,
             block_table=cam.block_table_tensor[:b], num_actual_tokens=cam.num_actual_tokens,
             num_reqs=b, max_query_len=cam.max_query_len, uniform_query_len=uniform,
-            num_decodes=num_decodes, runs=runs)
+            num_decodes=num_decodes, runs=runs, chunk_invariant=invariant,
+            snapshot_blocks=snapshot)
+
+    def _snapshot_blocks(self, cam: CommonAttentionMetadata, q_lens_cpu) -> torch.Tensor:
+        """The blocks, past the sinks, that this step fills before its last row of the
+        request (rows past them read their records), -1 padded to a bound known on the
+        host (no sync): a request of n rows fills at most (n - 2) // G + 1 such blocks."""
+        b, g = cam.num_reqs, self.tile
+        bound = sum((n - 2) // g + 1 for n in q_lens_cpu.tolist() if n > 1)
+        bt = cam.block_table_tensor[:b]
+        seq = cam.seq_lens[:b].long()[:, None]
+        q_lens = (cam.query_start_loc[1: b + 1] - cam.query_start_loc[:b]).long()[:, None]
+        j = torch.arange(bt.shape[1], device=bt.device)[None, :]
+        last = (j + 1) * g - 1  # each block's last position
+        fills = (j >= self.sink_blocks) & (last >= seq - q_lens) & (last < seq - 1)
+        ids = torch.cat([torch.where(fills, bt, -1).flatten(),
+                         torch.full((1,), -1, dtype=bt.dtype, device=bt.device)])
+        return ids[kvcache.nth_true(fills.flatten(), bound)]
+
+    def _blockwise_launch(self, run: Run, cam: CommonAttentionMetadata, seq_cpu) -> Run:
+        """chunk_invariant: a prompt's rows (longer than a verify window) as FlashAttention
+        sequences block by block (`blockwise_tables`), where FlashAttention is there and
+        the context's dequantized copy stays small; else the kernel's chunk-invariant
+        reads."""
+        if (not self.flash_attention or seq_cpu is None or run.max_len <= self.verify_len
+                or int(seq_cpu[run.r0]) > DENSE_MAX_TOKENS):
+            return run
+        r = run.r0
+        seq = int(seq_cpu[r])  # exact for prompt rows: no speculative tokens
+        cu, seen, pages = blockwise_tables(seq - run.max_len, run.max_len, self.tile)
+        width = len(pages[-1])
+        table = torch.tensor([p + [0] * (width - len(p)) for p in pages], dtype=torch.int32)
+        dev = cam.query_start_loc.device
+        return dataclasses.replace(
+            run, blockwise=True, first_block=(seq - run.max_len) // self.tile,
+            dense_blocks=(seq - 1) // self.tile, max_len=max(b - a for a, b in zip(cu, cu[1:])),
+            cu=lifecycle.to_device(torch.tensor(cu, dtype=torch.int32), dev),
+            seqused_k=lifecycle.to_device(torch.tensor(seen, dtype=torch.int32), dev),
+            page_table=lifecycle.to_device(table, dev))
 
     def _launch(self, run: Run, cam: CommonAttentionMetadata, seq_cpu) -> Run:
         """Device offsets for the runs that FlashAttention serves, made once per step."""
@@ -362,6 +454,8 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
         cache = self.bind(kv_cache)
         if md is None or cache is None:
             return output.fill_(0)  # memory-profiling run
+        if md.snapshot_blocks is not None:  # after this layer's cache update
+            kvcache.snapshot(cache, md.snapshot_blocks)
         if md.uniform_query_len:  # decode / verify: one launch, graph-safe
             b, sq = md.num_reqs, md.uniform_query_len
             t = b * sq  # (a padded graph batch has padded requests too)
@@ -371,7 +465,8 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
                 self._decode(q, cache, md.block_table, md.seq_lens, o)
             else:
                 triton_attention.attention(q, cache, md.block_table, md.seq_lens,
-                                           md.query_lens(), softmax_scale=self.scale, out=o)
+                                           md.query_lens(), softmax_scale=self.scale,
+                                           chunk_invariant=md.chunk_invariant, out=o)
             return output
         n = md.num_actual_tokens
         q = query[:n].view(n, self.num_heads, self.head_size)
@@ -394,12 +489,16 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
                 self._fa(q[s:e], k[s:e].view(-1, hk, d), v[s:e].view(-1, hk, d), run.cu,
                          run.cu, run.max_len, run.max_len, self.scale, out[s:e])
                 continue
+            if run.blockwise:
+                self._blockwise(q[s:e], cache, md.block_table[run.r0], run, out[s:e])
+                continue
             if run.dense_blocks:
                 self._dense(q[s:e], cache, md.block_table[run.r0], run, out[s:e])
                 continue
             triton_attention.attention(q[s:e].view(1, e - s, hq, d), cache,
                                        md.block_table[run.r0: run.r1],
                                        md.seq_lens[run.r0: run.r1], softmax_scale=self.scale,
+                                       chunk_invariant=md.chunk_invariant,
                                        out=out[s:e].view(1, e - s, hq, d))
 
     def _decode(self, q, cache, block_table, seq_lens, out) -> None:
@@ -419,6 +518,23 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
         out.copy_(codec.unrotate(o))
 
 
+    def _blockwise(self, q, cache, block_table, run: Run, out) -> None:
+        """One request's prompt rows, chunk-invariant (`blockwise_tables`): the records of
+        the blocks before the last row's, dequantized once, and the blocks the rows lie in
+        as stored, as the pages of one paged FlashAttention call (rotated frame)."""
+        g, first, last = cache.tile, run.first_block, run.dense_blocks
+        k_rec, v_rec = triton_gather.gather(cache, block_table, last,
+                                            records_from=cache.sink_blocks)
+        k_own, v_own = triton_gather.gather(cache, block_table[first:], last + 1 - first)
+        shape = (-1, g, cache.num_kv_heads, cache.head_dim)
+        k_pages = torch.cat([k_rec, k_own]).view(shape)
+        v_pages = torch.cat([v_rec, v_own]).view(shape)
+        o = torch.empty_like(q)
+        self._fa(codec.rotate(q), k_pages, v_pages, run.cu, None, run.max_len, (last + 1) * g,
+                 self.scale, o, seqused_k=run.seqused_k, block_table=run.page_table)
+        out.copy_(codec.unrotate(o))
+
+
 def _flash_attention(head_size: int):
     """vLLM's FlashAttention for fresh prompts (causal over their own raw K/V), or None."""
     try:
@@ -433,14 +549,21 @@ def _flash_attention(head_size: int):
     except Exception:  # no CUDA build of FlashAttention here: the Triton kernel serves all
         return None
 
-    def run(q, k, v, cu_q, cu_k, max_q, max_k, scale, out):
+    def run(q, k, v, cu_q, cu_k, max_q, max_k, scale, out, *, seqused_k=None,
+            block_table=None):
         """Causal (aligned at the end of each sequence) attention of q, out [t, heads, D]
         over k, v [t_k, kv heads, D]; cu_q, cu_k int32 offsets on the device (a tensor
-        built from host ints here would sync the stream), max_q, max_k upper bounds."""
+        built from host ints here would sync the stream), max_q, max_k upper bounds.
+        Paged: k, v [pages, page size, kv heads, D], sequence i's keys the first
+        seqused_k[i] of its pages block_table[i] (cu_k None); one split per row (FA3), so a
+        row's result does not depend on the other sequences of the call."""
         extra = {} if version is None else {"fa_version": version}
+        if block_table is not None and version == 3:
+            extra["num_splits"] = 1
         flash_attn_varlen_func(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                               max_seqlen_q=max_q, max_seqlen_k=max_k,
-                               softmax_scale=scale, causal=True, out=out, **extra)
+                               max_seqlen_q=max_q, max_seqlen_k=max_k, seqused_k=seqused_k,
+                               block_table=block_table, softmax_scale=scale, causal=True,
+                               out=out, **extra)
     return run
 
 
@@ -458,7 +581,8 @@ def _compile_once(impl: KVarNAttentionImpl, act_dtype: torch.dtype,
     _COMPILED.add(key)
     t0 = time.perf_counter()
     n = warmup.compile_kernels(impl.preset, impl.num_heads, impl.num_kv_heads,
-                               impl.head_size, act_dtype, device)
+                               impl.head_size, act_dtype, device,
+                               chunk_invariant=settings.chunk_invariant())
     log.info(f"kvarn: {n} kernel launches compiled in {time.perf_counter() - t0:.1f} s")
 
 

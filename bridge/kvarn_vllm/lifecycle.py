@@ -302,12 +302,12 @@ class PoolGroup:
                 table[i, : len(f.blocks)] = torch.tensor(f.blocks, dtype=torch.int32)
                 table[i, : self.mirror.kept_sinks(f)] = -1  # retired: neither marked
             lens = torch.tensor([f.tokens for f in plan.finished], dtype=torch.int32)
-            quantize, free = kvcache.release_marks(head, _to_device(table, head.device),
-                                                   _to_device(lens, head.device))
+            quantize, free = kvcache.release_marks(head, to_device(table, head.device),
+                                                   to_device(lens, head.device))
             if self.mirror.on_finish == "drop":  # dropped with their slots, none quantized
                 quantize, free = torch.zeros_like(quantize), free | quantize
         if evicted:
-            ids = _to_device(torch.tensor(evicted, dtype=torch.int64), head.device)
+            ids = to_device(torch.tensor(evicted, dtype=torch.int64), head.device)
             marks = torch.zeros(head.num_blocks, dtype=torch.bool, device=head.device)
             marks.index_fill_(0, ids, True)
             quantize = marks if quantize is None else quantize | marks
@@ -325,7 +325,7 @@ class PoolGroup:
         self._seen[1].copy_(self.backlog, non_blocking=True)
 
 
-def _to_device(x: Tensor, device: torch.device) -> Tensor:
+def to_device(x: Tensor, device: torch.device) -> Tensor:
     """A host tensor on `device` without waiting for the GPU (pinned, asynchronous copy)."""
     if device.type != "cuda":
         return x

@@ -17,6 +17,7 @@ DTYPES = tuple(PRESETS)  # every preset is a kv-cache dtype of the same name
 ENV_POOL_SLOTS = "KVARN_POOL_SLOTS"
 ENV_SINK_BLOCKS = "KVARN_SINK_BLOCKS"
 ENV_SYNC_COMMIT = "KVARN_SYNC_COMMIT"
+ENV_CHUNK_INVARIANT = "KVARN_CHUNK_INVARIANT"
 POOL_SLACK = 8  # slots beyond the bound below: cheap insurance against off-by-ones
 
 
@@ -57,6 +58,18 @@ def sync_commit(speculative_tokens: int) -> bool:
     if value not in ("0", "1"):
         raise ValueError(f"{ENV_SYNC_COMMIT} must be 0 or 1; got {value!r}")
     return value == "1" or speculative_tokens > 0
+
+
+def chunk_invariant() -> bool:
+    """KVARN_CHUNK_INVARIANT=1: every query row reads the blocks before its own from their
+    records (sinks excepted) and its own block unquantized, prompt rows included, so a
+    token's result does not depend on how the scheduler split its sequence into steps:
+    outputs agree with prefix caching and speculative decoding on or off. Prompts then
+    attend over quantized K/V, and prefill quantizes each full block once more."""
+    value = os.environ.get(ENV_CHUNK_INVARIANT, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{ENV_CHUNK_INVARIANT} must be 0 or 1; got {value!r}")
+    return value == "1"
 
 
 def sink_blocks() -> int:
