@@ -185,6 +185,31 @@ def _flush(cache: KVarNCache, quantize_blocks: jax.Array, free_blocks: jax.Array
     )
 
 
+def snapshot(cache: KVarNCache, blocks: jax.Array, *, impl: str = "auto") -> KVarNCache:
+    """Write the records of the pool blocks `blocks` [n] (physical ids; negative ids and
+    blocks without a slot are skipped) and keep their slots: chunk-invariant attention
+    (`pallas_attention.attention(..., chunk_invariant=True)`) reads a block from its
+    record for the rows past it, also in the step that filled it, while the block's own
+    rows read it from the pool. Committing the block later writes the same bytes again."""
+    if blocks.ndim != 1 or not jnp.issubdtype(blocks.dtype, jnp.integer):
+        raise ValueError(f"blocks must be a 1-D integer array of block ids; got "
+                         f"{blocks.dtype} {blocks.shape}")
+    n = blocks.shape[0]
+    if n == 0:
+        return cache
+    slot = jnp.where(blocks >= 0, cache.block_to_slot[jnp.maximum(blocks, 0)], -1)
+    take = jnp.maximum(slot, 0)
+    hk, g, d = cache.num_kv_heads, cache.tile, cache.head_dim
+
+    def tiles(pool):  # [n, G, Hk, D] -> [n * Hk, G, D]
+        return jnp.swapaxes(pool[take], 1, 2).reshape(n * hk, g, d)
+
+    records = codec.quantize(tiles(cache.pool_k), tiles(cache.pool_v), cache.preset,
+                             cache.iters, impl=impl).reshape(n, hk, -1)
+    return dataclasses.replace(cache, pages=cache.pages.at[
+        jnp.where(slot >= 0, blocks, cache.num_blocks)].set(records, mode="drop"))
+
+
 def _mark(num_blocks: int, block_tables: jax.Array, mask: jax.Array) -> jax.Array:
     """[num_blocks] bool: physical blocks referenced where `mask` [B, M] holds."""
     ids = jnp.where(mask & (block_tables >= 0), block_tables, num_blocks)
@@ -222,10 +247,13 @@ def release(cache: KVarNCache, block_tables: jax.Array, seq_lens: jax.Array,
     return _flush(cache, ready, dropped, max_tiles or cache.pool_slots, impl)
 
 
-@functools.partial(jax.jit, static_argnums=(2,))
-def gather_kv(cache: KVarNCache, block_tables: jax.Array, max_blocks: int):
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def gather_kv(cache: KVarNCache, block_tables: jax.Array, max_blocks: int,
+              records_from: int | None = None):
     """K, V [B, max_blocks * G, Hk, D] float32 (rotated frame) of each sequence's blocks,
-    read from the pool or dequantized from the pages: the exact view attention sees."""
+    read from the pool or dequantized from the pages: the exact view attention sees.
+    records_from: blocks from this index of each table on are dequantized from their
+    records even while in the pool (chunk-invariant reads of the rows past them)."""
     _check_tables(block_tables)
     bt = block_tables[:, :max_blocks]
     b, m = bt.shape
@@ -238,7 +266,10 @@ def gather_kv(cache: KVarNCache, block_tables: jax.Array, max_blocks: int):
     def arrange(x):  # -> [B, M, G, Hk, D]
         return jnp.swapaxes(x.reshape(b, m, hk, g, d), 2, 3)
 
-    in_pool = (slot >= 0)[:, :, None, None, None]
+    in_pool = slot >= 0
+    if records_from is not None:
+        in_pool &= jnp.arange(m)[None, :] < records_from
+    in_pool = in_pool[:, :, None, None, None]
     take = jnp.maximum(slot, 0)
     k = jnp.where(in_pool, cache.pool_k[take].astype(jnp.float32), arrange(k_q))
     v = jnp.where(in_pool, cache.pool_v[take].astype(jnp.float32), arrange(v_q))

@@ -175,7 +175,10 @@ def _softmax_step(s, pos, limit, m, l):
 def _attention_kernel(bt_ref, lens_ref, qlens_ref, b2s_ref, q_ref, pages_ref, pk_ref, pv_ref,
                       o_ref, l_ref, m_ref, *, lay: Layout, group: int, blocks_per_split: int,
                       causal: bool, q_scale: float, gpu: bool, query_len: int | None,
-                      rows: int):
+                      rows: int, sinks: int | None):
+    """sinks None: a block is read from its record where it has no pool slot. An int
+    (chunk-invariant reads): each row reads the blocks before its own from their records,
+    the first `sinks` excepted, even those still in the pool (records written ahead)."""
     b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     g, d, p = lay.preset.tile, lay.head_dim, lay.preset
     max_blocks = bt_ref.shape[1]
@@ -190,11 +193,18 @@ def _attention_kernel(bt_ref, lens_ref, qlens_ref, b2s_ref, q_ref, pages_ref, pk
 
     seq_len = lens_ref[b]
     row = lax.broadcasted_iota(jnp.int32, (1, rows), 1)
+    q_len = qlens_ref[b] if query_len is None else query_len
     if causal:
-        q_len = qlens_ref[b] if query_len is None else query_len
         limit = jnp.minimum(seq_len - q_len + row // group + 1, seq_len)
     else:
         limit = jnp.full((1, rows), seq_len, jnp.int32)
+    own = (seq_len - q_len + row // group) // g  # each row's own block
+    last_own = jnp.max(jnp.where(row < q_ref.shape[2], own, 0))
+
+    def reads_record(j, slot):  # whether the record loop attends to block j
+        if sinks is None:
+            return slot < 0
+        return (slot < 0) | ((j >= sinks) & (j < last_own))
     n_blocks = (seq_len + g - 1) // g
     start = split * blocks_per_split
     stop = jnp.minimum(start + blocks_per_split, n_blocks)
@@ -213,12 +223,13 @@ def _attention_kernel(bt_ref, lens_ref, qlens_ref, b2s_ref, q_ref, pages_ref, pk
             pos = j * g + lax.broadcasted_iota(jnp.int32, (g, 1), 0)
             codes_k = _unpack(k_words, p.k_bits, d, g, gpu)  # [D, G]
             s = _code_dot(q_unit, a_k, z_k, codes_k, p.k_bits) * q_norm * tau[:, None]
-            prob, alpha, m, l = _softmax_step(s, pos, limit, m, l)
+            prob, alpha, m, l = _softmax_step(s, pos, seen, m, l)
             codes_v = _unpack(v_words, p.v_bits, g, d, gpu)  # [G, D]
             pv = _code_dot(prob, a_v, z_v, codes_v, p.v_bits) * sigma[:, None]
             return acc * alpha + pv, m, l
 
-        acc, m, l = lax.cond(slot < 0, attend, lambda *c: c, acc, m, l)
+        seen = limit if sinks is None else jnp.where((slot < 0) | (own > j), limit, 0)
+        acc, m, l = lax.cond(reads_record(j, slot), attend, lambda *c: c, acc, m, l)
         return acc, m, l, blk_after, slot_next, slot_after, rec_next
 
     def pool_block(j, slot, acc, m, l):  # keeps the query rows tall, transposes its results
@@ -227,7 +238,8 @@ def _attention_kernel(bt_ref, lens_ref, qlens_ref, b2s_ref, q_ref, pages_ref, pk
         k = jnp.where(live, pk_ref[slot, :, h, :], 0)  # [G, D]
         v = jnp.where(live, pv_ref[slot, :, h, :], 0)
         s = pltr.dot(q.astype(k.dtype), k, trans_b=True).T  # [G, R]
-        prob, alpha, m, l = _softmax_step(s, pos, limit, m, l)
+        seen = limit if sinks is None else jnp.where((j >= sinks) & (own > j), 0, limit)
+        prob, alpha, m, l = _softmax_step(s, pos, seen, m, l)
         pv = pltr.dot(prob.T.astype(v.dtype), v).T  # [D, R]
         return acc * alpha + pv, m, l
 
@@ -298,13 +310,17 @@ def _num_sms() -> int:
 def attention(q: jax.Array, cache: KVarNCache, block_tables: jax.Array, seq_lens: jax.Array,
               query_lens: jax.Array | None = None, *, causal: bool = True,
               softmax_scale: float | None = None, splits: int | None = None,
-              interpret: bool | None = None) -> jax.Array:
+              chunk_invariant: bool = False, interpret: bool | None = None) -> jax.Array:
     """q [B, Sq, Hq, D] (Sq = 1: decode; Sq > 1: the last query_lens[b] tokens of each
     sequence, already appended) -> out [B, Sq, Hq, D] in q's dtype.
 
     block_tables [B, M] int32 physical block ids; seq_lens [B] int32 (tokens in the cache,
     the query rows included); query_lens [B] (default Sq). `splits` defaults to an
-    automatic split-KV choice."""
+    automatic split-KV choice. chunk_invariant: each row reads the blocks before its own
+    from their records (the first `cache.sink_blocks` excepted) and its own block as
+    stored, whichever step filled them: blocks filled by this call's rows need their
+    records written first (`cache.snapshot`); a row's result then does not depend on how
+    its sequence was split into steps."""
     b, sq, hq, d = q.shape
     hk = cache.num_kv_heads
     if d != cache.head_dim or hq % hk:
@@ -327,11 +343,12 @@ def attention(q: jax.Array, cache: KVarNCache, block_tables: jax.Array, seq_lens
     scale = softmax_scale if softmax_scale is not None else d ** -0.5
     return _attention(q, cache, block_tables.astype(jnp.int32), seq_lens.astype(jnp.int32),
                       None if query_lens is None else query_lens.astype(jnp.int32), causal,
-                      float(scale), splits, interpret)
+                      float(scale), splits, bool(chunk_invariant), interpret)
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8))
-def _attention(q, cache, block_tables, seq_lens, query_lens, causal, scale, splits, interpret):
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
+def _attention(q, cache, block_tables, seq_lens, query_lens, causal, scale, splits,
+               chunk_invariant, interpret):
     b, sq, hq, d = q.shape
     hk, group = cache.num_kv_heads, hq // cache.num_kv_heads
     rows = max(MIN_ROWS, 1 << math.ceil(math.log2(sq * group)))
@@ -350,7 +367,7 @@ def _attention(q, cache, block_tables, seq_lens, query_lens, causal, scale, spli
     kernel = functools.partial(_attention_kernel, lay=lay, group=group, blocks_per_split=bps,
                                causal=causal, q_scale=scale * LOG2E / math.sqrt(d),
                                gpu=not interpret, query_len=None if query_lens is not None else sq,
-                               rows=rows)
+                               rows=rows, sinks=cache.sink_blocks if chunk_invariant else None)
     whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)  # noqa: E731
     part = lambda *shape: pl.BlockSpec((None, None, None, *shape),  # noqa: E731
                                        lambda i, j, s: (i, j, s) + (0,) * len(shape))

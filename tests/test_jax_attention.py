@@ -214,6 +214,65 @@ def test_multi_query_rows(causal):
     _kernel_vs_reference(s, q, [5, 3], causal, 2, atol=0.03)
 
 
+def _snapshot_full_blocks(s):
+    """Records for every full block past the sinks, the blocks left in the pool."""
+    full = [int(b) for i, n in enumerate(s.lens)
+            for b in s.tables[i, s.cache.sink_blocks: n // s.g]]
+    s.cache = cache.snapshot(s.cache, jnp.asarray(full, jnp.int32))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_chunk_invariant_rows_read_earlier_blocks_from_records(causal, splits):
+    """A prefill chunk whose rows span several pool blocks: each row reads the blocks
+    before its own (sink excepted) from their records, its own block as stored."""
+    s = Sequences([[3, 5, 7, 11], [1, 9, 13, -1]], seed=12, dtype=jnp.bfloat16)
+    s.step([200, 150], commit=False)
+    _snapshot_full_blocks(s)
+    assert s.slot(0, 2) >= 0  # the slot is kept
+    q = np.random.default_rng(13).standard_normal((2, 160, 2, D)).astype(jnp.bfloat16)
+    args = (s.cache, jnp.asarray(s.tables), jnp.asarray(s.lens), jnp.asarray([160, 100]))
+    got = pallas_attention.attention(jnp.asarray(q), *args, causal=causal, splits=splits,
+                                     chunk_invariant=True)
+    want = attention_reference.attention(jnp.asarray(q, jnp.float32), *args, causal=causal,
+                                         max_blocks=4, chunk_invariant=True)
+    plain = attention_reference.attention(jnp.asarray(q, jnp.float32), *args, causal=causal,
+                                          max_blocks=4)
+    got, want, plain = (np.asarray(x, np.float32) for x in (got, want, plain))
+    for b, n in enumerate([160, 100]):
+        np.testing.assert_allclose(got[b, :n], want[b, :n], atol=0.06, rtol=0)
+        assert np.abs(plain[b, :n] - want[b, :n]).max() > 0.1  # the records differ
+
+
+def test_chunk_invariant_row_matches_a_committed_context_bit_for_bit():
+    """Rows of block 2 whose block 1 was filled in the same step (in the pool, record
+    written ahead) give the bits they give once block 1 is committed."""
+    s = Sequences([[3, 5, 7, -1]], hk=1, seed=14)
+    s.step([170], commit=False)
+    _snapshot_full_blocks(s)
+    q = jnp.asarray(np.random.default_rng(15).standard_normal((1, 30, 2, D)), jnp.float16)
+    args = (jnp.asarray(s.tables), jnp.asarray(s.lens), jnp.asarray([30]))
+    same_step = pallas_attention.attention(q, s.cache, *args, chunk_invariant=True)
+    s.cache = cache.commit(s.cache, *args)
+    assert s.slot(0, 1) == -1 and s.slot(0, 2) >= 0
+    later = pallas_attention.attention(q, s.cache, *args, chunk_invariant=True)
+    assert np.array_equal(np.asarray(same_step), np.asarray(later))
+    assert np.array_equal(np.asarray(later),
+                          np.asarray(pallas_attention.attention(q, s.cache, *args)))
+
+
+def test_snapshot_writes_the_commit_bytes_and_keeps_slots():
+    s = Sequences([[3, 5, 7, -1]], seed=16)
+    s.step([170], commit=False)
+    s.cache = cache.snapshot(s.cache, jnp.asarray([5, -1, 7], jnp.int32))  # 7: partial
+    assert s.slot(0, 1) >= 0 and s.slot(0, 2) >= 0
+    snap = np.asarray(s.cache.pages)
+    s.cache = cache.commit(s.cache, jnp.asarray(s.tables), jnp.asarray(s.lens),
+                           jnp.asarray([0]))
+    np.testing.assert_array_equal(snap[5], np.asarray(s.cache.pages)[5])
+    assert s.slot(0, 1) == -1
+
+
 KERNEL_CASES = [
     # preset, head_dim, dtype, KV heads, GQA group, sequence lengths
     ("kvarn_k4v2_g128", 128, jnp.bfloat16, 1, 16, (300, 129)),
@@ -297,6 +356,19 @@ def test_attention_kernel_lowers_for_cuda(preset, d, dtype, sq):
         lambda q, kv, bt, lens, qlens: pallas_attention.attention(q, kv, bt, lens, qlens,
                                                                   splits=2, interpret=False),
         q, kv, jax.ShapeDtypeStruct((3, 5), jnp.int32), ints, ints)
+    assert "__gpu$xla.gpu.triton" in hlo
+
+
+def test_chunk_invariant_kernel_lowers_for_cuda():
+    from test_jax_codec import lower_for_cuda
+
+    kv = cache.init(16, 2, 128, pool_slots=4, preset="kvarn_k4v2_g128", dtype=jnp.bfloat16)
+    ints = jax.ShapeDtypeStruct((3,), jnp.int32)
+    hlo = lower_for_cuda(
+        lambda q, kv, bt, lens, qlens: pallas_attention.attention(
+            q, kv, bt, lens, qlens, splits=2, chunk_invariant=True, interpret=False),
+        jax.ShapeDtypeStruct((3, 5, 8, 128), jnp.bfloat16), kv,
+        jax.ShapeDtypeStruct((3, 5), jnp.int32), ints, ints)
     assert "__gpu$xla.gpu.triton" in hlo
 
 

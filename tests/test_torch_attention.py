@@ -320,6 +320,50 @@ def test_chunk_invariant_row_matches_a_committed_context_bit_for_bit():
     assert torch.equal(later, triton_attention.attention(q, cache, bt, sl))
 
 
+def _serve(schedule, chunk_invariant, n=160, hq=2, d=64, seed=0):
+    """One sequence of n tokens served in steps of `schedule` query rows, as the vLLM
+    bridge runs them: commit what earlier steps filled, append the step's K/V, write the
+    records of the blocks the step fills ahead of its later rows (chunk_invariant), then
+    attend. -> every row's output [n, hq, d]."""
+    gen = torch.Generator().manual_seed(seed)
+    k, v = (kv_like(gen, n, 1, d).half().to(DEVICE) for _ in range(2))
+    q = (2 * torch.randn(n, hq, d, generator=gen)).half().to(DEVICE)
+    cache = kc.init(8, 1, d, pool_slots=8, preset="kvarn_k4v2_g64", device=DEVICE)
+    g, bt = cache.tile, torch.tensor([[3, 1, 6, 0, 7, 2]], dtype=torch.int32, device=DEVICE)
+    out, done = torch.empty_like(q), 0
+    for m in schedule:
+        sl, ql = (torch.tensor([x], dtype=torch.int32, device=DEVICE) for x in (done + m, m))
+        kc.commit(cache, bt, sl, ql, impl="reference")
+        pos = torch.arange(done, done + m, device=DEVICE)
+        kc.append(cache, k[done: done + m], v[done: done + m],
+                  bt[0, pos // g].long() * g + pos % g, impl="reference")
+        if chunk_invariant:
+            j = torch.arange(bt.shape[1], device=DEVICE)
+            fills = (j >= cache.sink_blocks) & ((j + 1) * g - 1 >= done) & ((j + 1) * g < done + m)
+            kc.snapshot(cache, torch.where(fills, bt[0], -1), impl="reference")
+        out[done: done + m] = triton_attention.attention(
+            q[done: done + m][None], cache, bt, sl, ql, chunk_invariant=chunk_invariant)[0]
+        done += m
+    return out
+
+
+def test_chunk_invariant_outputs_do_not_depend_on_the_schedule():
+    """One prompt prefilled at once, in three chunks, or partly decoded token by token:
+    with chunk-invariant reads every row reads the same K/V values, so the outputs agree
+    to rounding (the programs' shapes differ); without, rows past a block filled in their
+    own step read it unquantized and differ by the quantization error."""
+    def spread(x, y):
+        return ((x.float() - y.float()).abs().max() / y.float().abs().max()).item()
+
+    schedules = ([160], [50, 70, 40], [130] + [1] * 3 + [27])
+    invariant = [_serve(s, True) for s in schedules]
+    plain = [_serve(s, False) for s in schedules]
+    for other in invariant[1:]:
+        assert spread(other, invariant[0]) < 1e-3
+    assert max(spread(other, plain[0]) for other in plain[1:]) > 2e-2
+    assert spread(plain[2][130: 133], invariant[0][130: 133]) < 1e-3  # decode rows agree
+
+
 def test_empty_sequence_gives_zeros():
     cache, bt, sl = build_cache(lens=(70, 64))
     sl = sl.clone()
@@ -616,6 +660,10 @@ def _cache_bytes_identical_to_jax(dtype):
     jc = append([(0, 100, 140), (1, 70, 130)])  # chunks: 6 blocks want 5 slots, one drops
     jc = commit(jc, [140, 130], [40, 60])  # nothing fully accepted past the sinks yet
     _assert_same_state(tc, jc, "chunk")
+    blocks = torch.tensor([2, 0, -1, 9], dtype=torch.int32)  # full, full, none, partial
+    kc.snapshot(tc, blocks, impl="reference")
+    jc = jcache.snapshot(jc, _to_jax(blocks), impl="reference")
+    _assert_same_state(tc, jc, "snapshot")
     jc = append([(0, 140, 141), (1, 130, 131)])
     jc = commit(jc, [141, 131], [1, 1], max_tiles=1)  # one of two ready blocks
     _assert_same_state(tc, jc, "commit max_tiles=1")
