@@ -683,10 +683,13 @@ def test_blockwise_tables_give_each_row_its_own_block_and_the_records_before():
 
     # rows at positions 100 .. 299 with 64-token blocks: blocks 1 .. 4, records of 0 .. 3
     cu, seen, pages = blockwise_tables(100, 200, 64)
-    assert cu == [0, 28, 92, 156, 200]  # rows 100-127, 128-191, 192-255, 256-299
-    assert seen == [128, 192, 256, 300]
-    assert pages == [[0, 4], [0, 1, 5], [0, 1, 2, 6], [0, 1, 2, 3, 7]]
-    assert blockwise_tables(0, 10, 64) == ([0, 10], [10], [[0]])
+    assert cu.tolist() == [0, 28, 92, 156, 200]  # rows 100-127, 128-191, 192-255, 256-299
+    assert seen.tolist() == [128, 192, 256, 300]
+    # each sequence reads its pages up to its own block; what follows is never read
+    assert [row[: j + 2] for j, row in enumerate(pages.tolist())] == [
+        [0, 4], [0, 1, 5], [0, 1, 2, 6], [0, 1, 2, 3, 7]]
+    assert cu.dtype == seen.dtype == pages.dtype == torch.int32
+    assert [x.tolist() for x in blockwise_tables(0, 10, 64)] == [[0, 10], [10], [[0]]]
 
 
 def test_chunk_invariant_steps_snapshot_the_blocks_their_rows_pass(registered):
@@ -718,7 +721,8 @@ def test_chunk_invariant_prompts_run_blockwise_and_verify_windows_the_kernel(reg
     assert prompt.blockwise and (prompt.first_block, prompt.dense_blocks) == (1, 4)
     assert prompt.cu.tolist() == [0, 28, 156, 284, 300]
     assert prompt.seqused_k.tolist() == [256, 384, 512, 528]
-    assert prompt.page_table.tolist()[0] == [0, 4, 0, 0, 0]  # padded to the widest
+    assert prompt.page_table.tolist()[0][:2] == [0, 4]  # then own-block padding
+    assert prompt.page_table.shape == (4, 5)
     assert prompt.max_len == 128
     huge = _step_metadata([1, 300], [9, DENSE_MAX_TOKENS + 1], chunk_invariant=True)
     assert not huge.runs[0].blockwise

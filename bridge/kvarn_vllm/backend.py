@@ -198,22 +198,22 @@ def on_finish(vllm_config, sync_commit: bool = False) -> lifecycle.OnFinish:
     return "drop"
 
 
-def blockwise_tables(start: int, rows: int, tile: int) -> tuple[list[int], list[int],
-                                                                 list[list[int]]]:
+def blockwise_tables(start: int, rows: int,
+                     tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Query positions start .. start + rows - 1 of one sequence as one FlashAttention
-    sequence per block they lie in: (query offsets, keys each sequence sees, its page
-    table), over pages [the records of blocks 0 .. last - 1, then pool copies of blocks
-    first .. last] (first, last: the blocks of the first and last row). Aligned at its end,
-    FlashAttention's causal mask then gives each row the earlier blocks' records and its
-    own block up to itself."""
+    sequence per block they lie in: int32 (query offsets [n + 1], keys each sequence sees
+    [n], page tables [n, last + 1]) over pages [the records of blocks 0 .. last - 1, then
+    the blocks first .. last as stored] (first, last: the blocks of the first and last
+    row). Aligned at its end, FlashAttention's causal mask then gives each row the earlier
+    blocks' records and its own block up to itself. (Host tensors, no Python loop: a 64K
+    context has 512 blocks.)"""
     first, last = start // tile, (start + rows - 1) // tile
-    cu, seen, pages = [0], [], []
-    for j in range(first, last + 1):
-        end = min(start + rows, (j + 1) * tile)  # past this block's last row
-        cu.append(end - start)
-        seen.append(end)
-        pages.append(list(range(j)) + [last + j - first])
-    return cu, seen, pages
+    j = torch.arange(first, last + 1, dtype=torch.int32)  # the blocks the rows lie in
+    ends = torch.clamp((j + 1) * tile, max=start + rows)  # past each block's last row
+    cu = torch.nn.functional.pad(ends - start, (1, 0))
+    page = torch.arange(last + 1, dtype=torch.int32)[None, :]
+    tables = torch.where(page < j[:, None], page, last + j[:, None] - first)  # own block last
+    return cu, ends, tables
 
 
 def mixed_runs(starts: list[int], fresh: list[bool], first: int) -> list[Run]:
@@ -327,16 +327,13 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
             return run
         r = run.r0
         seq = int(seq_cpu[r])  # exact for prompt rows: no speculative tokens
-        cu, seen, pages = blockwise_tables(seq - run.max_len, run.max_len, self.tile)
-        width = len(pages[-1])
-        table = torch.tensor([p + [0] * (width - len(p)) for p in pages], dtype=torch.int32)
+        cu, seen, tables = blockwise_tables(seq - run.max_len, run.max_len, self.tile)
         dev = cam.query_start_loc.device
         return dataclasses.replace(
             run, blockwise=True, first_block=(seq - run.max_len) // self.tile,
-            dense_blocks=(seq - 1) // self.tile, max_len=max(b - a for a, b in zip(cu, cu[1:])),
-            cu=lifecycle.to_device(torch.tensor(cu, dtype=torch.int32), dev),
-            seqused_k=lifecycle.to_device(torch.tensor(seen, dtype=torch.int32), dev),
-            page_table=lifecycle.to_device(table, dev))
+            dense_blocks=(seq - 1) // self.tile, max_len=int((cu[1:] - cu[:-1]).max()),
+            cu=lifecycle.to_device(cu, dev), seqused_k=lifecycle.to_device(seen, dev),
+            page_table=lifecycle.to_device(tables, dev))
 
     def _launch(self, run: Run, cam: CommonAttentionMetadata, seq_cpu) -> Run:
         """Device offsets for the runs that FlashAttention serves, made once per step."""
