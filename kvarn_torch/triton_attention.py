@@ -464,18 +464,20 @@ def _attention_kernel(
                 i = 0
                 while i < n_pool:
                     acc, m_i, l_i = _pool_tile(i, rank, pending, tt, slots, h, q32, acc, m_i,
-                                               l_i, pool_k_ptr, pool_v_ptr, limit, kv_end, own_block,
-                                               records_lo, pool_stride_slot, pool_stride_tok,
-                                               pool_stride_head, D, TILES_PER_BLOCK, BLOCK_N,
-                                               CHUNK_INVARIANT, UPCAST)
+                                               l_i, pool_k_ptr, pool_v_ptr, limit, kv_end,
+                                               own_block, records_lo, pool_stride_slot,
+                                               pool_stride_tok, pool_stride_head, D,
+                                               TILES_PER_BLOCK, BLOCK_N, CHUNK_INVARIANT,
+                                               UPCAST)
                     i += 1
             else:  # a for loop, whose loads Triton pipelines (num_stages > 1)
                 for i in range(0, n_pool):
                     acc, m_i, l_i = _pool_tile(i, rank, pending, tt, slots, h, q32, acc, m_i,
-                                               l_i, pool_k_ptr, pool_v_ptr, limit, kv_end, own_block,
-                                               records_lo, pool_stride_slot, pool_stride_tok,
-                                               pool_stride_head, D, TILES_PER_BLOCK, BLOCK_N,
-                                               CHUNK_INVARIANT, UPCAST)
+                                               l_i, pool_k_ptr, pool_v_ptr, limit, kv_end,
+                                               own_block, records_lo, pool_stride_slot,
+                                               pool_stride_tok, pool_stride_head, D,
+                                               TILES_PER_BLOCK, BLOCK_N, CHUNK_INVARIANT,
+                                               UPCAST)
 
     acc = tl.trans(acc)  # [ROWS, D]
     if SPLIT:  # partials [B, Hk, row_blocks, part_splits, ...] for the merge kernel

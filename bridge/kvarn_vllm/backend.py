@@ -281,7 +281,7 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
         if uniform > self.reorder_batch_threshold:
             uniform = 0  # equal-length prompts are not decode rows: FlashAttention serves them
         qsl = cam.query_start_loc[: b + 1]
-        invariant = getattr(self, "chunk_invariant", False)
+        invariant = self.chunk_invariant
         runs: list[Run] = []
         if not uniform:  # once per step, not per layer: host lists and device offsets
             seq_cpu = cam.seq_lens_cpu_upper_bound
@@ -302,9 +302,9 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
             snapshot_blocks=snapshot)
 
     def _snapshot_blocks(self, cam: CommonAttentionMetadata, q_lens_cpu) -> torch.Tensor:
-        """The blocks, past the sinks, that this step fills before its last row of the
-        request (rows past them read their records), -1 padded to a bound known on the
-        host (no sync): a request of n rows fills at most (n - 2) // G + 1 such blocks."""
+        """The blocks, past the sinks, that a request's rows of this step fill before its
+        last row (the rows past them read their records), -1 padded to a bound known on
+        the host (no sync): n rows fill at most (n - 2) // G + 1 such blocks."""
         b, g = cam.num_reqs, self.tile
         bound = sum((n - 2) // g + 1 for n in q_lens_cpu.tolist() if n > 1)
         bt = cam.block_table_tensor[:b]
