@@ -33,6 +33,12 @@ def test_compile_kernels_runs(dtype):
     assert n == 3 * (1 + 2) + 6  # 3 row sizes, unsplit and split (+ merge); 6 others
 
 
+def test_compile_kernels_with_chunk_invariant_reads():
+    n = warmup.compile_kernels("kvarn_k4v2_g64", 4, 2, 64, torch.float16, DEVICE,
+                               chunk_invariant=True)
+    assert n == 2 * 3 * (1 + 2) + 6  # each attention launch twice: plain and chunk-invariant
+
+
 def _compiled(kernel) -> int:
     return sum(len(c[0]) for c in kernel.device_caches.values())
 
@@ -40,7 +46,7 @@ def _compiled(kernel) -> int:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_serving_calls_compile_nothing_after_warmup():
     preset, hq, hk, d, g = "kvarn_k4v2_g128", 32, 8, 128, 128
-    warmup.compile_kernels(preset, hq, hk, d, torch.float16, DEVICE)
+    warmup.compile_kernels(preset, hq, hk, d, torch.float16, DEVICE, chunk_invariant=True)
     kernels = (triton_attention._attention_kernel, triton_attention._merge_kernel,
                triton_gather._gather_kernel, triton_write._write_kernel,
                triton_tiles._copy_kernel)
@@ -53,8 +59,9 @@ def test_serving_calls_compile_nothing_after_warmup():
     for b, sq in [(1, 1), (16, 1), (24, 1), (1, 5), (3, 4), (1, 40), (1, 300), (1, 1000)]:
         for r0 in (0, 3):  # table slices at unaligned offsets, as in a mixed batch
             q = torch.randn(b * sq, hq, d, device=DEVICE, dtype=torch.float16)
-            triton_attention.attention(q.view(b, sq, hq, d), cache, tables[r0: r0 + b],
-                                       lens[r0: r0 + b])
+            for invariant in (False, True):  # KVARN_CHUNK_INVARIANT's reads too
+                triton_attention.attention(q.view(b, sq, hq, d), cache, tables[r0: r0 + b],
+                                           lens[r0: r0 + b], chunk_invariant=invariant)
     # the Gluon decode: many record splits (merge kernel), a few (merged in the pool
     # launch), the 2-warp pool launch of wide batches
     for b in (1, 30, 64):
