@@ -597,6 +597,10 @@ def _log_pool_once(impl: KVarNAttentionImpl, act_dtype: torch.dtype) -> None:
            f"sized for max_num_seqs={cfg.scheduler_config.max_num_seqs} and "
            f"max_num_batched_tokens={cfg.scheduler_config.max_num_batched_tokens}")
     log.warning(msg)
+    if settings.chunk_invariant():
+        log.warning("kvarn: KVARN_CHUNK_INVARIANT=1: every row reads the blocks before its "
+                    "own quantized, prompt rows included (results independent of chunking, "
+                    "prefix hits and speculative decoding; prefill quantizes each block twice)")
     if impl.pool_slots < impl.pool_needed:
         log.warning(f"kvarn: KVARN_POOL_SLOTS={impl.pool_slots} is below the "
                     f"{impl.pool_needed} slots this configuration can need at full "
