@@ -91,6 +91,9 @@ ONE_TILE_SPLITS_PER_SM = 2
 # 1 x 32K 35.0 and 27.1. 8 KV heads: 140.4 at 32 (a wave), 146-193 at 48-256.
 MAX_SPLITS = 32
 WAVE_PROGRAMS_PER_SM = 2
+# Chunk-invariant launches split every sequence at the same positions whatever the batch
+# (a row's sums then do not depend on it): this many tokens per split.
+INVARIANT_SPLIT_TOKENS = 2048
 POOL_SCAN = tl.constexpr(64)  # tiles whose pool slots one vector load looks up
 LOG2E = 1.4426950408889634
 MASKED = tl.constexpr(-0.7 * float(np.finfo(np.float32).max))  # exp2 turns it into 0, no NaN
@@ -329,7 +332,8 @@ def _record_tile(q_unit, q_norm, acc, m_i, l_i, k_words, v_words, a_k, z_k, tau,
 # compile a new variant for each divisibility and alignment class it meets, seconds each
 # in the middle of a step. One variant per set of constexprs instead.
 _RUNTIME_INTS = ["num_query_tokens", "has_query_lens", "splits", "tiles_per_split",
-                 "max_tiles", "bt_stride_b", "part_splits", "part_first", "sink_blocks"]
+                 "max_tiles", "bt_stride_b", "part_splits", "part_first", "sink_blocks",
+                 "split_tiles"]
 _SLICED_POINTERS = ["block_tables_ptr", "seq_lens_ptr", "query_lens_ptr"]
 
 
@@ -339,7 +343,7 @@ def _attention_kernel(
     words_ptr, halves_ptr, pool_k_ptr, pool_v_ptr,
     block_tables_ptr, seq_lens_ptr, query_lens_ptr, block_to_slot_ptr,
     num_query_tokens, has_query_lens, qk_scale, splits, tiles_per_split, max_tiles,
-    part_splits, part_first, sink_blocks,
+    part_splits, part_first, sink_blocks, split_tiles,
     q_stride_b, q_stride_s, q_stride_h,
     out_stride_b, out_stride_s, out_stride_h,
     page_stride_block, page_stride_head,
@@ -359,8 +363,9 @@ def _attention_kernel(
     tiles only (the quantized ones are another kernel's). CHUNK_INVARIANT: a row reads
     every block before its own from the block's record, the first sink_blocks of the
     sequence excepted, even a block still in the pool (filled in this step: its record
-    was written ahead, `cache.snapshot`), so that its result does not depend on how the
-    sequence's tokens were split into steps."""
+    was written ahead, `cache.snapshot`), and split i covers tiles split_tiles * i ..
+    split_tiles * (i + 1) - 1 of every sequence, so that a row's result depends neither on how the
+    sequence's tokens were split into steps nor on the other rows of the launch."""
     TILES_PER_BLOCK: tl.constexpr = G // BLOCK_N
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -396,7 +401,10 @@ def _attention_kernel(
     records_lo = sink_blocks
     records_hi = tl.max(tl.where(row_ok, own_block, 0), 0)  # CHUNK_INVARIANT only
     n_tiles = tl.minimum(tl.cdiv(kv_end, BLOCK_N), max_tiles)
-    per_split = tl.cdiv(n_tiles, splits)
+    if CHUNK_INVARIANT:  # the same splits of a sequence whatever else the launch holds
+        per_split = split_tiles
+    else:
+        per_split = tl.cdiv(n_tiles, splits)
     tile_lo = split * per_split
     tile_hi = tl.minimum(tile_lo + per_split, n_tiles)
 
@@ -617,7 +625,9 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     sequence's first `cache.sink_blocks` excepted) and its own block as stored, whichever
     step filled them: blocks filled by this call's rows need their records written first
     (`cache.snapshot`). A row's result then does not depend on how its sequence was split
-    into steps (prefill chunks, speculative windows, prefix-cache hits).
+    into steps (prefill chunks, speculative windows, prefix-cache hits); and, `splits`
+    left to the default, split-KV cuts every sequence each INVARIANT_SPLIT_TOKENS tokens,
+    so it does not depend on the batch either.
 
     out: where to write the result (q's shape and dtype; e.g. a view of the caller's
     output buffer, saving a copy), a new tensor by default.
@@ -666,12 +676,16 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     p = lay.preset
     row_blocks = triton.cdiv(n_rows, rows)
     max_tiles = block_tables.shape[1] * (g // block_n)
-    if splits is None:
-        splits = num_splits(b * hk * row_blocks, max_tiles, _num_sms(q.device))
-    if not isinstance(splits, int) or splits < 1:
-        raise ValueError(f"splits must be a positive int; got {splits!r}")
+    if chunk_invariant and splits is None:  # splits at fixed positions
+        tiles_per_split = INVARIANT_SPLIT_TOKENS // block_n
+        splits = triton.cdiv(max_tiles, tiles_per_split)
+    else:
+        if splits is None:
+            splits = num_splits(b * hk * row_blocks, max_tiles, _num_sms(q.device))
+        if not isinstance(splits, int) or splits < 1:
+            raise ValueError(f"splits must be a positive int; got {splits!r}")
+        tiles_per_split = triton.cdiv(max_tiles, splits)
     split = splits > 1
-    tiles_per_split = triton.cdiv(max_tiles, splits)
 
     # A pool-only launch stores partials only: q stands in for the output it never writes.
     out = q if pool_partials is not None else output(q, out)
@@ -708,7 +722,7 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
         cache.block_to_slot, sq, int(has_query_lens),
         float(scale * LOG2E / math.sqrt(d)), splits,
         runtime_int(_attention_kernel, tiles_per_split), max_tiles, part_splits, part_first,
-        cache.sink_blocks,
+        cache.sink_blocks, tiles_per_split,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         cache.pages.stride(0), cache.pages.stride(1),

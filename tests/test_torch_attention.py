@@ -316,7 +316,34 @@ def test_chunk_invariant_row_matches_a_committed_context_bit_for_bit():
     assert int(cache.block_to_slot[bt[0, 1]]) == -1  # block 1 committed, block 2 not
     later = triton_attention.attention(q, cache, bt, sl, chunk_invariant=True)
     assert torch.equal(same_step, later)
-    assert torch.equal(later, triton_attention.attention(q, cache, bt, sl))
+    assert torch.equal(later, triton_attention.attention(q, cache, bt, sl, splits=1))
+
+
+def test_chunk_invariant_row_is_the_same_in_any_batch_and_as_a_verify_row(monkeypatch):
+    """Chunk-invariant launches split a sequence at fixed positions: the decode row of a
+    position gives the same bits alone, in a wider batch with a wider block table, and
+    as the last row of a verify window ending there."""
+    monkeypatch.setattr(triton_attention, "INVARIANT_SPLIT_TOKENS", 128)  # 2 tiles a split
+    # 4 SMs: the default rule then splits a lone sequence in two and a batch of 3 not at all
+    monkeypatch.setattr(triton_attention, "_num_sms", lambda device: 4)
+    cache, bt, sl = build_cache(lens=(300, 70, 200), seed=5)
+    gen = torch.Generator().manual_seed(6)
+    window = torch.randn(1, 4, 4, 64, generator=gen).half().to(DEVICE)  # positions 296..299
+    others = torch.randn(2, 1, 4, 64, generator=gen).half().to(DEVICE)
+
+    def run(q, rows, width_pad=0, invariant=True):
+        table = torch.nn.functional.pad(bt[rows], (0, width_pad), value=-1)
+        return triton_attention.attention(q, cache, table, sl[rows], chunk_invariant=invariant)
+
+    verify = run(window, [0])
+    alone = run(window[:, 3:], [0])
+    batch_q = torch.cat([others[:1], window[:, 3:], others[1:]])
+    batch = run(batch_q, [1, 0, 2], width_pad=3)
+    assert torch.equal(alone[0, 0], verify[0, 3])
+    assert torch.equal(batch[1, 0], alone[0, 0])
+    if not torch.cuda.is_available():  # the interpreter's rounding shows the default rule
+        plain = run(batch_q, [1, 0, 2], width_pad=3, invariant=False)
+        assert not torch.equal(plain[1, 0], run(window[:, 3:], [0], invariant=False)[0, 0])
 
 
 def _serve(schedule, chunk_invariant, n=160, hq=2, d=64, seed=0):

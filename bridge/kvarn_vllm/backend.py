@@ -459,7 +459,7 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
             q = query[:t].view(b, sq, self.num_heads, self.head_size)
             o = out[:t].view(b, sq, self.num_heads, self.head_size)
             if sq == 1:
-                self._decode(q, cache, md.block_table, md.seq_lens, o)
+                self._decode(q, cache, md.block_table, md.seq_lens, o, md.chunk_invariant)
             else:
                 triton_attention.attention(q, cache, md.block_table, md.seq_lens,
                                            md.query_lens(), softmax_scale=self.scale,
@@ -479,7 +479,7 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
         nd = md.num_decodes
         if nd:
             self._decode(q[:nd].view(nd, 1, hq, d), cache, md.block_table[:nd],
-                         md.seq_lens[:nd], out[:nd].view(nd, 1, hq, d))
+                         md.seq_lens[:nd], out[:nd].view(nd, 1, hq, d), md.chunk_invariant)
         for run in md.runs:
             s, e = run.start, run.end
             if run.fresh:
@@ -498,9 +498,14 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
                                        chunk_invariant=md.chunk_invariant,
                                        out=out[s:e].view(1, e - s, hq, d))
 
-    def _decode(self, q, cache, block_table, seq_lens, out) -> None:
+    def _decode(self, q, cache, block_table, seq_lens, out, chunk_invariant: bool) -> None:
         """One query token per sequence, into out (q's shape): the Gluon kernel where it is
-        the faster one."""
+        the faster one; chunk-invariant, the Triton kernel's launch of verify rows (splits
+        at fixed positions), so a token gets the same sums from a decode and a verify row."""
+        if chunk_invariant:
+            triton_attention.attention(q, cache, block_table, seq_lens,
+                                       softmax_scale=self.scale, chunk_invariant=True, out=out)
+            return
         kernel = gluon_attention if gluon_attention.applies(q, cache) else triton_attention
         kernel.attention(q, cache, block_table, seq_lens, softmax_scale=self.scale, out=out)
 
