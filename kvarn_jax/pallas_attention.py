@@ -65,6 +65,9 @@ MAX_SPLITS = 32  # ...unless one wave holds more, a power of two up to MAX_WAVE_
 # at 128; 1 x 32K: 33.0, 26.4, 31.3 (results/splits_b1_h200.txt). (The merge holds a
 # program's partials at once: 64 x D floats.)
 MAX_WAVE_SPLITS = 64
+# Chunk-invariant calls split every sequence at the same positions whatever the batch (a
+# row's sums then do not depend on it): this many tokens per split.
+INVARIANT_SPLIT_TOKENS = 2048
 POOL_SCAN = 64  # blocks whose pool slots one vector load looks up
 NO_BLOCK = 2**31 - 1
 MASK = -0.7 * float(np.finfo(np.float32).max)  # exp2 turns it into 0, no NaN
@@ -320,7 +323,9 @@ def attention(q: jax.Array, cache: KVarNCache, block_tables: jax.Array, seq_lens
     from their records (the first `cache.sink_blocks` excepted) and its own block as
     stored, whichever step filled them: blocks filled by this call's rows need their
     records written first (`cache.snapshot`); a row's result then does not depend on how
-    its sequence was split into steps."""
+    its sequence was split into steps, and, `splits` left to the default, split-KV cuts
+    every sequence each INVARIANT_SPLIT_TOKENS tokens, so it does not depend on the batch
+    either."""
     b, sq, hq, d = q.shape
     hk = cache.num_kv_heads
     if d != cache.head_dim or hq % hk:
@@ -339,15 +344,21 @@ def attention(q: jax.Array, cache: KVarNCache, block_tables: jax.Array, seq_lens
         raise ValueError(f"splits must be a positive int or None (automatic); got {splits!r}")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    splits = splits or num_splits(b, hk, block_tables.shape[1], _num_sms())
+    width = block_tables.shape[1]
+    if chunk_invariant and splits is None:  # splits at fixed positions
+        bps = max(1, INVARIANT_SPLIT_TOKENS // cache.tile)
+        splits = -(-width // bps)
+    else:
+        splits = splits or num_splits(b, hk, width, _num_sms())
+        bps = -(-width // splits)
     scale = softmax_scale if softmax_scale is not None else d ** -0.5
     return _attention(q, cache, block_tables.astype(jnp.int32), seq_lens.astype(jnp.int32),
                       None if query_lens is None else query_lens.astype(jnp.int32), causal,
-                      float(scale), splits, bool(chunk_invariant), interpret)
+                      float(scale), splits, bps, bool(chunk_invariant), interpret)
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
-def _attention(q, cache, block_tables, seq_lens, query_lens, causal, scale, splits,
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9, 10))
+def _attention(q, cache, block_tables, seq_lens, query_lens, causal, scale, splits, bps,
                chunk_invariant, interpret):
     b, sq, hq, d = q.shape
     hk, group = cache.num_kv_heads, hq // cache.num_kv_heads
@@ -359,7 +370,6 @@ def _attention(q, cache, block_tables, seq_lens, query_lens, causal, scale, spli
         qr = q.reshape(b, hk, group, d)
     else:
         qr = q.reshape(b, sq, hk, group, d).transpose(0, 2, 1, 3, 4).reshape(b, hk, sq * group, d)
-    bps = -(-block_tables.shape[1] // splits)
     splits_p2 = 1 << math.ceil(math.log2(splits))  # the merge loads a power of two
 
     # Without query_lens every sequence has Sq query rows: a constant, not an array that an

@@ -258,7 +258,30 @@ def test_chunk_invariant_row_matches_a_committed_context_bit_for_bit():
     later = pallas_attention.attention(q, s.cache, *args, chunk_invariant=True)
     assert np.array_equal(np.asarray(same_step), np.asarray(later))
     assert np.array_equal(np.asarray(later),
-                          np.asarray(pallas_attention.attention(q, s.cache, *args)))
+                          np.asarray(pallas_attention.attention(q, s.cache, *args, splits=1)))
+
+
+def test_chunk_invariant_splits_at_fixed_positions(monkeypatch):
+    """Chunk-invariant calls split a sequence every INVARIANT_SPLIT_TOKENS tokens whatever
+    the batch: the decode row of a position gives the same bits alone and in a wider batch
+    with a wider block table, where the default rule splits them differently."""
+    monkeypatch.setattr(pallas_attention, "INVARIANT_SPLIT_TOKENS", 128)  # 2 blocks a split
+    monkeypatch.setattr(pallas_attention, "_num_sms", lambda: 4)
+    s = Sequences([[3, 5, 7, 11, 13, -1], [1, 9, -1, -1, -1, -1]], seed=18)
+    s.step([300, 70])
+    s.step([1, 1])
+    q = jnp.asarray(np.random.default_rng(19).standard_normal((2, 1, 4, D)), jnp.float16)
+    tables, lens = jnp.asarray(s.tables), jnp.asarray(s.lens)
+
+    def run(rows, width, invariant=True):
+        rows = jnp.asarray(rows)
+        return pallas_attention.attention(q[rows], s.cache, tables[rows, :width], lens[rows],
+                                          chunk_invariant=invariant)
+
+    alone, batch = run([0], 5), run([1, 0], 6)
+    assert np.array_equal(np.asarray(alone[0]), np.asarray(batch[1]))
+    assert not np.array_equal(np.asarray(run([0], 5, False)[0]),
+                              np.asarray(run([1, 0], 6, False)[1]))
 
 
 def test_snapshot_writes_the_commit_bytes_and_keeps_slots():
