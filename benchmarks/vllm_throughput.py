@@ -15,6 +15,7 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -182,7 +183,9 @@ def main() -> None:
             tensor_parallel_size=args.tensor_parallel_size,
             device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
             commit=args.commit,
-            command="python benchmarks/vllm_throughput.py " + " ".join(sys.argv[1:]),
+            command="".join(f"{k}={v} " for k, v in sorted(os.environ.items())
+                            if k.startswith("KVARN_"))  # the bridge's knobs
+            + "python benchmarks/vllm_throughput.py " + " ".join(sys.argv[1:]),
             args=vars(args), results=results), indent=1))
         plot(json.loads(Path(args.json).read_text()), Path(args.json).with_suffix(".png"))
 
