@@ -287,6 +287,8 @@ def test_chunk_invariant_splits_at_fixed_positions(monkeypatch):
 def test_snapshot_writes_the_commit_bytes_and_keeps_slots():
     s = Sequences([[3, 5, 7, -1]], seed=16)
     s.step([170], commit=False)
+    with pytest.raises(ValueError, match="1-D integer array of block ids"):
+        cache.snapshot(s.cache, jnp.asarray([[5]], jnp.int32))
     s.cache = cache.snapshot(s.cache, jnp.asarray([5, -1, 7], jnp.int32))  # 7: partial
     assert s.slot(0, 1) >= 0 and s.slot(0, 2) >= 0
     snap = np.asarray(s.cache.pages)

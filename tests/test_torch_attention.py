@@ -316,6 +316,8 @@ def test_chunk_invariant_row_matches_a_committed_context_bit_for_bit():
     assert int(cache.block_to_slot[bt[0, 1]]) == -1  # block 1 committed, block 2 not
     later = triton_attention.attention(q, cache, bt, sl, chunk_invariant=True)
     assert torch.equal(same_step, later)
+    with pytest.raises(ValueError, match="1-D integer tensor of block ids"):
+        kc.snapshot(cache, bt.float())
     assert torch.equal(later, triton_attention.attention(q, cache, bt, sl, splits=1))
 
 
