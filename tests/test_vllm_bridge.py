@@ -807,3 +807,17 @@ def test_chunk_invariant_forward_snapshots_then_reads_records(registered):
     rows = triton_attention.attention(query[1:].view(1, 150, hq, d), cache, bt[:1], sl[:1],
                                       chunk_invariant=True)
     assert torch.equal(output[1:].view(150, hq, d), rows.view(150, hq, d))
+
+
+def test_chunk_invariant_verify_batches_leave_full_cuda_graphs(registered, monkeypatch):
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    from kvarn_vllm.backend import KVarNMetadataBuilder
+
+    spec = types.SimpleNamespace(speculative_config=types.SimpleNamespace())
+    plain = types.SimpleNamespace(speculative_config=None)
+    support = KVarNMetadataBuilder.get_cudagraph_support
+    assert support(spec, None) == AttentionCGSupport.UNIFORM_BATCH
+    monkeypatch.setenv(settings.ENV_CHUNK_INVARIANT, "1")
+    assert support(spec, None) == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    assert support(plain, None) == AttentionCGSupport.UNIFORM_BATCH
