@@ -151,6 +151,23 @@ def append(cache: KVarNCache, k: jax.Array, v: jax.Array, slot_mapping: jax.Arra
     )
 
 
+def _quantize_slots(cache: KVarNCache, slots: jax.Array, blocks: jax.Array,
+                    impl: str) -> jax.Array:
+    """The pages with the records of pool slots `slots` [n] written at `blocks` [n]
+    (negative: not written)."""
+    n = slots.shape[0]
+    hk, g, d = cache.num_kv_heads, cache.tile, cache.head_dim
+    take = jnp.maximum(slots, 0)
+
+    def tiles(pool):  # [n, G, Hk, D] -> [n * Hk, G, D]
+        return jnp.swapaxes(pool[take], 1, 2).reshape(n * hk, g, d)
+
+    records = codec.quantize(tiles(cache.pool_k), tiles(cache.pool_v), cache.preset,
+                             cache.iters, impl=impl).reshape(n, hk, -1)
+    return cache.pages.at[jnp.where(blocks >= 0, blocks, cache.num_blocks)].set(
+        records, mode="drop")
+
+
 def _flush(cache: KVarNCache, quantize_blocks: jax.Array, free_blocks: jax.Array,
            max_tiles: int, impl: str) -> KVarNCache:
     """Quantize the pool slots of blocks marked in `quantize_blocks` [num_blocks] (at most
@@ -161,17 +178,7 @@ def _flush(cache: KVarNCache, quantize_blocks: jax.Array, free_blocks: jax.Array
     chosen = held & quantize_blocks[safe]
     slots = jnp.nonzero(chosen, size=max_tiles, fill_value=-1)[0]
     blocks = jnp.where(slots >= 0, holder[jnp.maximum(slots, 0)], -1)
-
-    hk, g, d = cache.num_kv_heads, cache.tile, cache.head_dim
-    take = jnp.maximum(slots, 0)
-
-    def tiles(pool):  # [max_tiles, G, Hk, D] -> [max_tiles * Hk, G, D]
-        return jnp.swapaxes(pool[take], 1, 2).reshape(max_tiles * hk, g, d)
-
-    records = codec.quantize(tiles(cache.pool_k), tiles(cache.pool_v), cache.preset,
-                             cache.iters, impl=impl).reshape(max_tiles, hk, -1)
-    pages = cache.pages.at[jnp.where(blocks >= 0, blocks, cache.num_blocks)].set(
-        records, mode="drop")
+    pages = _quantize_slots(cache, slots, blocks, impl)
 
     # Chosen slots beyond max_tiles stay held and are quantized by the next call.
     quantized = jnp.zeros_like(held).at[jnp.where(slots >= 0, slots, cache.pool_slots)].set(
@@ -194,20 +201,11 @@ def snapshot(cache: KVarNCache, blocks: jax.Array, *, impl: str = "auto") -> KVa
     if blocks.ndim != 1 or not jnp.issubdtype(blocks.dtype, jnp.integer):
         raise ValueError(f"blocks must be a 1-D integer array of block ids; got "
                          f"{blocks.dtype} {blocks.shape}")
-    n = blocks.shape[0]
-    if n == 0:
+    if blocks.shape[0] == 0:
         return cache
     slot = jnp.where(blocks >= 0, cache.block_to_slot[jnp.maximum(blocks, 0)], -1)
-    take = jnp.maximum(slot, 0)
-    hk, g, d = cache.num_kv_heads, cache.tile, cache.head_dim
-
-    def tiles(pool):  # [n, G, Hk, D] -> [n * Hk, G, D]
-        return jnp.swapaxes(pool[take], 1, 2).reshape(n * hk, g, d)
-
-    records = codec.quantize(tiles(cache.pool_k), tiles(cache.pool_v), cache.preset,
-                             cache.iters, impl=impl).reshape(n, hk, -1)
-    return dataclasses.replace(cache, pages=cache.pages.at[
-        jnp.where(slot >= 0, blocks, cache.num_blocks)].set(records, mode="drop"))
+    return dataclasses.replace(cache, pages=_quantize_slots(
+        cache, slot, jnp.where(slot >= 0, blocks, -1), impl))
 
 
 def _mark(num_blocks: int, block_tables: jax.Array, mask: jax.Array) -> jax.Array:

@@ -213,14 +213,14 @@ def _locate(bt_row, block_to_slot_ptr, t, tile_hi, TILES_PER_BLOCK: tl.constexpr
 
 
 @triton.jit
-def _reads_record(slot, t, records_lo, records_hi, TILES_PER_BLOCK: tl.constexpr,
+def _reads_record(slot, t, sink_blocks, records_hi, TILES_PER_BLOCK: tl.constexpr,
                   CHUNK_INVARIANT: tl.constexpr):
     """Whether the record loop attends to tile t: its block is quantized (no pool slot),
-    or, CHUNK_INVARIANT, it is a block in [records_lo, records_hi) that some row of the
+    or, CHUNK_INVARIANT, it is a block in [sink_blocks, records_hi) that some row of the
     program reads from its record although it is still in the pool."""
     if CHUNK_INVARIANT:
         j = t // TILES_PER_BLOCK
-        return (slot < 0) | ((j >= records_lo) & (j < records_hi))
+        return (slot < 0) | ((j >= sink_blocks) & (j < records_hi))
     else:
         return slot < 0
 
@@ -277,7 +277,7 @@ def _softmax_step(s, pos, limit, m_i, l_i):
 
 @triton.jit
 def _pool_tile(i, rank, pending, tt, slots, h, q32, acc, m_i, l_i, pool_k_ptr, pool_v_ptr,
-               limit, kv_end, own_block, records_lo, pool_stride_slot, pool_stride_tok,
+               limit, kv_end, own_block, sink_blocks, pool_stride_slot, pool_stride_tok,
                pool_stride_head, D: tl.constexpr, TILES_PER_BLOCK: tl.constexpr,
                BLOCK_N: tl.constexpr, CHUNK_INVARIANT: tl.constexpr, UPCAST: tl.constexpr):
     """Attend to pool tile i (in order) of a scan chunk (tiles tt, their pool slots; the
@@ -288,13 +288,13 @@ def _pool_tile(i, rank, pending, tt, slots, h, q32, acc, m_i, l_i, pool_k_ptr, p
     are transposed to the record tiles' orientation. (Transposed like those, with both
     operands in shared memory, Triton 3.6's warpgroup MMA gave wrong results at 16 rows
     on an H200.) CHUNK_INVARIANT: rows past the block read it from its record instead
-    (the record loop), unless it is a sink (below records_lo)."""
+    (the record loop), unless it is one of the first sink_blocks."""
     here = (pending != 0) & (rank == i)
     t = tl.sum(tl.where(here, tt, 0), 0)
     slot = tl.sum(tl.where(here, slots, 0), 0)
     if CHUNK_INVARIANT:
         j = t // TILES_PER_BLOCK
-        limit = tl.where((j >= records_lo) & (own_block > j), 0, limit)
+        limit = tl.where((j >= sink_blocks) & (own_block > j), 0, limit)
     offs_n = (t % TILES_PER_BLOCK) * BLOCK_N + tl.arange(0, BLOCK_N)  # in the block
     base = slot.to(tl.int64) * pool_stride_slot + h * pool_stride_head
     pos = t * BLOCK_N + tl.arange(0, BLOCK_N)  # in the sequence
@@ -364,8 +364,10 @@ def _attention_kernel(
     every block before its own from the block's record, the first sink_blocks of the
     sequence excepted, even a block still in the pool (filled in this step: its record
     was written ahead, `cache.snapshot`), and split i covers tiles split_tiles * i ..
-    split_tiles * (i + 1) - 1 of every sequence, so that a row's result depends neither on how the
-    sequence's tokens were split into steps nor on the other rows of the launch."""
+    split_tiles * (i + 1) - 1 of every sequence, so that a row's result depends neither on
+    how the sequence's tokens were split into steps nor on the other rows of the launch.
+    (split_tiles is tiles_per_split again, as a plain int: under the interpreter the loop
+    bound is a NumPy int, which tensor arithmetic refuses.)"""
     TILES_PER_BLOCK: tl.constexpr = G // BLOCK_N
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -398,7 +400,6 @@ def _attention_kernel(
     limit = tl.where(row_ok, limit, 0)
     kv_end = tl.max(limit, 0)  # this row block sees no position past this one
     own_block = (seq_len - query_len + token) // G  # of each row's own position
-    records_lo = sink_blocks
     records_hi = tl.max(tl.where(row_ok, own_block, 0), 0)  # CHUNK_INVARIANT only
     n_tiles = tl.minimum(tl.cdiv(kv_end, BLOCK_N), max_tiles)
     if CHUNK_INVARIANT:  # the same splits of a sequence whatever else the launch holds
@@ -421,7 +422,7 @@ def _attention_kernel(
         k_words, v_words, a_k, z_k, tau, sigma, a_v, z_v = _load_record(
             words_ptr, halves_ptr, blk0 * page_stride_block + h * page_stride_head,
             (tile_lo % TILES_PER_BLOCK) * BLOCK_N,
-            (tile_lo < tile_hi) & _reads_record(slot0, tile_lo, records_lo, records_hi,
+            (tile_lo < tile_hi) & _reads_record(slot0, tile_lo, sink_blocks, records_hi,
                                                 TILES_PER_BLOCK, CHUNK_INVARIANT),
             D, G, BLOCK_N, K_BITS, V_BITS, K_CODES, A_K, Z_K, TAU_K, V_CODES, SIGMA_V, A_V, Z_V)
         for i in range(0, tiles_per_split):
@@ -433,13 +434,13 @@ def _attention_kernel(
                                  blk1 * page_stride_block + h * page_stride_head,
                                  ((t + 1) % TILES_PER_BLOCK) * BLOCK_N,
                                  (t + 1 < tile_hi) & _reads_record(
-                                     slot1, t + 1, records_lo, records_hi, TILES_PER_BLOCK,
+                                     slot1, t + 1, sink_blocks, records_hi, TILES_PER_BLOCK,
                                      CHUNK_INVARIANT),
                                  D, G, BLOCK_N, K_BITS, V_BITS,
                                  K_CODES, A_K, Z_K, TAU_K, V_CODES, SIGMA_V, A_V, Z_V)
 
                 # pool tiles come after this loop
-                if _reads_record(slot0, t, records_lo, records_hi, TILES_PER_BLOCK,
+                if _reads_record(slot0, t, sink_blocks, records_hi, TILES_PER_BLOCK,
                                  CHUNK_INVARIANT):
                     pos = t * BLOCK_N + tl.arange(0, BLOCK_N)  # in the sequence
                     seen = limit
@@ -473,7 +474,7 @@ def _attention_kernel(
                 while i < n_pool:
                     acc, m_i, l_i = _pool_tile(i, rank, pending, tt, slots, h, q32, acc, m_i,
                                                l_i, pool_k_ptr, pool_v_ptr, limit, kv_end,
-                                               own_block, records_lo, pool_stride_slot,
+                                               own_block, sink_blocks, pool_stride_slot,
                                                pool_stride_tok, pool_stride_head, D,
                                                TILES_PER_BLOCK, BLOCK_N, CHUNK_INVARIANT,
                                                UPCAST)
@@ -482,7 +483,7 @@ def _attention_kernel(
                 for i in range(0, n_pool):
                     acc, m_i, l_i = _pool_tile(i, rank, pending, tt, slots, h, q32, acc, m_i,
                                                l_i, pool_k_ptr, pool_v_ptr, limit, kv_end,
-                                               own_block, records_lo, pool_stride_slot,
+                                               own_block, sink_blocks, pool_stride_slot,
                                                pool_stride_tok, pool_stride_head, D,
                                                TILES_PER_BLOCK, BLOCK_N, CHUNK_INVARIANT,
                                                UPCAST)

@@ -322,11 +322,11 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
         sequences block by block (`blockwise_tables`), where FlashAttention is there and
         the context's dequantized copy stays small; else the kernel's chunk-invariant
         reads."""
-        if (not self.flash_attention or seq_cpu is None or run.max_len <= self.verify_len
-                or int(seq_cpu[run.r0]) > DENSE_MAX_TOKENS):
+        if not self.flash_attention or seq_cpu is None or run.max_len <= self.verify_len:
             return run
-        r = run.r0
-        seq = int(seq_cpu[r])  # exact for prompt rows: no speculative tokens
+        seq = int(seq_cpu[run.r0])  # exact for prompt rows: no speculative tokens
+        if seq > DENSE_MAX_TOKENS:
+            return run
         cu, seen, tables = blockwise_tables(seq - run.max_len, run.max_len, self.tile)
         dev = cam.query_start_loc.device
         return dataclasses.replace(
