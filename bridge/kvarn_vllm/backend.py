@@ -12,10 +12,11 @@ Decoder self-attention over a paged KVarN cache (DESIGN §4-§5):
 * the builder, once per step and outside CUDA graphs, runs `lifecycle.PoolGroup.step`:
   release finished requests, commit accepted full blocks, give slots to new blocks.
 
-With KVARN_CHUNK_INVARIANT=1 (`settings.chunk_invariant`) every row reads the blocks
-before its own from their records and its own block raw, so results do not depend on how
-a sequence was cut into steps: `forward` first writes the records of the blocks this step
-filled (`cache.snapshot`, their slots kept until the commit), and prompt rows run
+With KVARN_CHUNK_INVARIANT=1 (`settings.chunk_invariant`; the default under vLLM's
+VLLM_BATCH_INVARIANT=1) every row reads the blocks before its own from their records and
+its own block raw, so results do not depend on how a sequence was cut into steps:
+`forward` first writes the records of the blocks this step filled (`cache.snapshot`,
+their slots kept until the commit), and prompt rows run
 FlashAttention block by block over the records of the earlier blocks (dequantized once,
 `triton_gather`) and their own block from the pool (`Run.blockwise`).
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from typing import ClassVar
 
@@ -106,6 +108,12 @@ class KVarNAttentionBackend(AttentionBackend):
         return attn_type == AttentionType.DECODER
 
     @classmethod
+    def supports_batch_invariance(cls) -> bool:
+        """VLLM_BATCH_INVARIANT=1: with the chunk-invariant reads (on by default then) a
+        row's kernels and split points do not depend on the batch."""
+        return settings.chunk_invariant()
+
+    @classmethod
     def validate_configuration(cls, head_size, dtype, kv_cache_dtype, block_size, use_mla,
                                has_sink, use_sparse, use_mm_prefix, use_per_head_quant_scales,
                                device_capability, attn_type, has_sliding_window=False,
@@ -115,13 +123,14 @@ class KVarNAttentionBackend(AttentionBackend):
             kv_cache_dtype, head_size, block_size,
             model_dtype_ok=dtype in cls.supported_dtypes, use_mla=use_mla,
             sliding_window=has_sliding_window,
-            attn_type="decoder" if attn_type == AttentionType.DECODER else str(attn_type))
+            attn_type="decoder" if attn_type == AttentionType.DECODER else str(attn_type),
+            batch_invariant=bool(kwargs.get("use_batch_invariant", False)))
         generic = super().validate_configuration(
             head_size, dtype, kv_cache_dtype, block_size, use_mla, has_sink, use_sparse,
             use_mm_prefix, use_per_head_quant_scales, device_capability, attn_type,
             has_sliding_window, **kwargs)
         covered = ("head_size", "dtype", "kv_cache_dtype", "block_size", "MLA", "sliding",
-                   "attention type")
+                   "attention type", "batch invariance")
         return ours + [r for r in generic if not any(c in r for c in covered)]
 
 
@@ -372,7 +381,8 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
                  **kwargs) -> None:
         problems = settings.layer_problems(
             kv_cache_dtype, head_size, None, sliding_window=sliding_window is not None,
-            attn_type="decoder" if attn_type == AttentionType.DECODER else str(attn_type))
+            attn_type="decoder" if attn_type == AttentionType.DECODER else str(attn_type),
+            batch_invariant=settings.batch_invariant())
         if alibi_slopes is not None:
             problems.append("kvarn does not implement ALiBi: use --kv-cache-dtype auto")
         if logits_soft_cap:
@@ -603,9 +613,12 @@ def _log_pool_once(impl: KVarNAttentionImpl, act_dtype: torch.dtype) -> None:
            f"max_num_batched_tokens={cfg.scheduler_config.max_num_batched_tokens}")
     log.warning(msg)
     if settings.chunk_invariant():
-        log.warning("kvarn: KVARN_CHUNK_INVARIANT=1: every row reads the blocks before its "
-                    "own quantized, prompt rows included (results independent of chunking, "
-                    "prefix hits and speculative decoding; prefill quantizes each block twice)")
+        why = ("VLLM_BATCH_INVARIANT=1" if settings.ENV_CHUNK_INVARIANT not in os.environ
+               else "KVARN_CHUNK_INVARIANT=1")
+        log.warning(f"kvarn: chunk-invariant reads ({why}): every row reads the blocks "
+                    "before its own quantized, prompt rows included (results independent of "
+                    "chunking, prefix hits and speculative decoding; prefill quantizes each "
+                    "block twice)")
     if impl.pool_slots < impl.pool_needed:
         log.warning(f"kvarn: KVARN_POOL_SLOTS={impl.pool_slots} is below the "
                     f"{impl.pool_needed} slots this configuration can need at full "

@@ -18,6 +18,7 @@ ENV_POOL_SLOTS = "KVARN_POOL_SLOTS"
 ENV_SINK_BLOCKS = "KVARN_SINK_BLOCKS"
 ENV_SYNC_COMMIT = "KVARN_SYNC_COMMIT"
 ENV_CHUNK_INVARIANT = "KVARN_CHUNK_INVARIANT"
+ENV_BATCH_INVARIANT = "VLLM_BATCH_INVARIANT"  # vLLM's own: batch-invariant model kernels
 POOL_SLACK = 8  # slots beyond the bound below: cheap insurance against off-by-ones
 
 
@@ -65,11 +66,28 @@ def chunk_invariant() -> bool:
     records (sinks excepted) and its own block unquantized, prompt rows included, so a
     token's result does not depend on how the scheduler split its sequence into steps:
     outputs agree with prefix caching and speculative decoding on or off. Prompts then
-    attend over quantized K/V, and prefill quantizes each full block once more."""
-    value = os.environ.get(ENV_CHUNK_INVARIANT, "0")
+    attend over quantized K/V, and prefill quantizes each full block once more.
+
+    Unset, it follows vLLM's VLLM_BATCH_INVARIANT=1, whose promise (a request's output
+    does not depend on the batch around it) needs these reads: the model's other kernels
+    then round alike in every schedule, so the records, whose codes would otherwise move
+    with those roundings, come out byte for byte the same too."""
+    value = os.environ.get(ENV_CHUNK_INVARIANT)
+    if value is None:
+        return batch_invariant()
     if value not in ("0", "1"):
         raise ValueError(f"{ENV_CHUNK_INVARIANT} must be 0 or 1; got {value!r}")
     return value == "1"
+
+
+def batch_invariant() -> bool:
+    """vLLM's VLLM_BATCH_INVARIANT, parsed as vLLM parses it (an integer, nonzero on)."""
+    value = os.environ.get(ENV_BATCH_INVARIANT, "0")
+    try:
+        return bool(int(value))
+    except ValueError:
+        raise ValueError(f"{ENV_BATCH_INVARIANT} must be an integer (vLLM reads it as "
+                         f"one); got {value!r}") from None
 
 
 def sink_blocks() -> int:
@@ -107,8 +125,10 @@ def pool_bytes_per_slot(num_kv_heads: int, head_size: int, tile: int, itemsize: 
 
 def layer_problems(kv_cache_dtype: str | None, head_size: int, block_size: int | None,
                    *, model_dtype_ok: bool = True, use_mla: bool = False,
-                   sliding_window: bool = False, attn_type: str = "decoder") -> list[str]:
-    """Why a layer cannot run on the kvarn backend, each reason with its fix."""
+                   sliding_window: bool = False, attn_type: str = "decoder",
+                   batch_invariant: bool = False) -> list[str]:
+    """Why a layer cannot run on the kvarn backend, each reason with its fix.
+    batch_invariant: vLLM runs with VLLM_BATCH_INVARIANT=1."""
     if not is_kvarn(kv_cache_dtype):
         return [f"the kvarn backend serves only kvarn kv-cache dtypes ({', '.join(DTYPES)}); "
                 f"got {kv_cache_dtype!r}"]
@@ -135,4 +155,8 @@ def layer_problems(kv_cache_dtype: str | None, head_size: int, block_size: int |
     if attn_type != "decoder":
         out.append(f"kvarn serves decoder self-attention only; this layer is {attn_type} "
                    "attention (encoder / cross-attention models): use --kv-cache-dtype auto")
+    if batch_invariant and not chunk_invariant():
+        out.append(f"{ENV_BATCH_INVARIANT}=1 needs kvarn's chunk-invariant reads, which "
+                   f"{ENV_CHUNK_INVARIANT}=0 turns off: unset {ENV_CHUNK_INVARIANT} (it "
+                   f"follows {ENV_BATCH_INVARIANT}) or set it to 1")
     return out
