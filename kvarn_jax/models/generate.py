@@ -240,14 +240,27 @@ class Session:
         self.seq_lens = seq_lens
         return logits
 
-    def prefill(self, prompts: Sequence[Sequence[int]], *, all_logits: bool = False) -> jax.Array:
+    def prefill(self, prompts: Sequence[Sequence[int]], *, all_logits: bool = False,
+                chunk: int | None = None) -> jax.Array:
         """Fresh prompts (one per sequence, ragged, each >= 1 token) -> logits [B, V] of
-        each prompt's last token, or [B, S, V] for every (right-padded) position."""
+        each prompt's last token, or [B, S, V] for every (right-padded) position.
+
+        chunk: prefill at most this many tokens per sequence and step (chunked prefill,
+        as a serving scheduler does); the first chunk is a fresh prompt, the rest extend
+        it (`feed`). With `AttentionOptions(chunk_invariant=True)` the logits do not
+        depend on the chunk size."""
         if len(prompts) != self.batch_size or self.seq_lens.any():
             raise ValueError(f"prefill takes {self.batch_size} prompts on a fresh session")
         lens = np.array([len(p) for p in prompts], np.int32)
         if lens.min() < 1:
             raise ValueError("every prompt needs at least one token")
+        if chunk is not None:
+            if not isinstance(chunk, int) or chunk < 1:
+                raise ValueError(f"chunk must be a positive int or None; got {chunk!r}")
+            if all_logits:
+                raise ValueError("all_logits needs the whole prompt in one step (chunk=None)")
+            if chunk < lens.max():
+                return self._prefill_chunked(prompts, chunk)
         s = int(lens.max())
         tokens = np.zeros((self.batch_size, s), np.int32)
         for b, p in enumerate(prompts):
@@ -256,15 +269,38 @@ class Session:
         valid = positions < lens[:, None]
         return self._run(tokens, positions, valid, lens, fresh=True, all_logits=all_logits)
 
+    def _prefill_chunked(self, prompts: Sequence[Sequence[int]], chunk: int) -> jax.Array:
+        last = self.prefill([p[:chunk] for p in prompts])
+        for start in range(chunk, max(len(p) for p in prompts), chunk):
+            pieces = [p[start:start + chunk] for p in prompts]
+            logits = self.feed(pieces)
+            ended = np.array([len(x) > 0 for x in pieces])  # each prompt's logits come
+            last = jnp.where(jnp.asarray(ended)[:, None], logits, last)  # from its last piece
+        return last
+
+    def feed(self, tokens: Sequence[Sequence[int]]) -> jax.Array:
+        """Append a ragged run of tokens to each sequence (a chunked-prefill continuation;
+        an empty run adds nothing) in one step -> logits [B, V] after each sequence's last
+        new token (meaningless where its run is empty)."""
+        if len(tokens) != self.batch_size:
+            raise ValueError(f"feed takes one token run per sequence ({self.batch_size}); "
+                             f"got {len(tokens)}")
+        qlens = np.array([len(t) for t in tokens], np.int32)
+        s = max(1, int(qlens.max()))
+        tok = np.zeros((self.batch_size, s), np.int32)
+        for b, t in enumerate(tokens):
+            tok[b, :len(t)] = t
+        rows = np.arange(s, dtype=np.int32)[None, :]
+        return self._run(tok, self.seq_lens[:, None] + rows, rows < qlens[:, None], qlens,
+                         fresh=False, all_logits=False)
+
     def extend(self, tokens: Sequence[int] | np.ndarray,
                active: Sequence[bool] | np.ndarray | None = None) -> jax.Array:
         """Append one token per sequence (decode step) -> logits [B, V] after it.
         Inactive sequences add nothing; their logits are meaningless."""
         act = np.ones(self.batch_size, bool) if active is None else np.asarray(active, bool)
-        tok = np.asarray(tokens, np.int32).reshape(self.batch_size, 1)
-        positions = self.seq_lens[:, None].astype(np.int32)
-        return self._run(tok, positions, act[:, None], act.astype(np.int32), fresh=False,
-                         all_logits=False)
+        tok = np.asarray(tokens, np.int32).reshape(self.batch_size)
+        return self.feed([[int(t)] if a else [] for t, a in zip(tok, act)])
 
     def check(self) -> None:
         """Raise if the KVarN pool ran out of slots (tokens were dropped)."""
@@ -286,15 +322,17 @@ class Generation:
 
 def generate(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              cache: CacheSpec = CacheSpec(), opts: AttentionOptions = AttentionOptions(),
-             return_logits: bool = False, compile: str = "auto") -> Generation:
+             return_logits: bool = False, compile: str = "auto",
+             prefill_chunk: int | None = None) -> Generation:
     """Greedy decoding of a batch of prompts for a fixed number of tokens (no early stop:
-    sequences keep the same step count, which keeps comparisons simple)."""
+    sequences keep the same step count, which keeps comparisons simple). prefill_chunk:
+    prefill at most this many prompt tokens per step (`Session.prefill`'s chunk)."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
     longest = max(len(p) for p in prompts)
     sess = Session(model, len(prompts), longest + max_new_tokens, cache=cache, opts=opts,
                    max_prompt_len=longest, compile=compile)
-    logits = sess.prefill(prompts)
+    logits = sess.prefill(prompts, chunk=prefill_chunk)
     out_tokens, out_logits = [], []
     for step in range(max_new_tokens):
         host = np.asarray(logits)

@@ -16,6 +16,9 @@ masking rules of `dense_attention`) and differ only in how K/V are written and r
 A fresh prompt ("prefill", `fresh=True`) attends over its own raw K/V with plain dense
 causal attention, then writes the cache; every later step ("extend": decode, or several
 query rows over an existing context) first writes its tokens, then attends over the cache.
+With `AttentionOptions(chunk_invariant=True)` a prompt too attends over the cache, and
+every row reads the blocks before its own from their records (DESIGN §4's decode rule
+for every row), so a sequence's logits do not depend on how its prompt was cut into steps.
 
 Weights use Hugging Face's layout (rotate-half RoPE, q/k/v/o and gate/up/down
 projections, RMSNorm scaling `w * norm(x)`), so logits match transformers' Llama/Qwen2/
@@ -102,12 +105,19 @@ class AttentionOptions:
     pallas_splits: split-KV count of the Pallas kernel (None: its automatic choice).
     mesh: a `jax.sharding.Mesh` with axis "kv" (`sharding.kv_mesh()`): caches and
       attention split by KV head across its devices; None: one device.
+    chunk_invariant: every row of a KVarN cache reads the blocks before its own from
+      their records (sinks excepted) and its own block from the pool, whichever step
+      filled them: a prompt prefilled at once, in chunks or token by token gives the same
+      logits (up to float rounding). Prompts then attend over the cache, not over their
+      raw K/V, and a step's blocks are quantized once more (`cache.snapshot`) ahead of
+      the rows past them.
     """
 
     kvarn_attention: str = "reference"
     codec_impl: str = "auto"
     pallas_splits: int | None = None
     mesh: jax.sharding.Mesh | None = None
+    chunk_invariant: bool = False
 
     def __post_init__(self):
         if self.kvarn_attention not in ("reference", "pallas"):
@@ -206,7 +216,9 @@ def _commit_tiles(cache: KVarNCache, batch_size: int, rows: int) -> int:
 
 def write_cache(cache: LayerCache, k: jax.Array, v: jax.Array, batch: Batch, *, fresh: bool,
                 opts: AttentionOptions) -> LayerCache:
-    """Write this step's post-RoPE K/V [B, S, Hk, D] into the cache."""
+    """Write this step's post-RoPE K/V [B, S, Hk, D] into the cache. A fresh prompt's full
+    blocks are committed at once, except under chunk_invariant, whose prompt rows read
+    their own blocks from the pool: there `commit_prompt` follows the attention."""
     b, s, hk, d = k.shape
     slots = batch.slot_mapping.reshape(b * s)
     if isinstance(cache, PagedCache):
@@ -217,20 +229,43 @@ def write_cache(cache: LayerCache, k: jax.Array, v: jax.Array, batch: Batch, *, 
     # cast first so an fp32 model writes what an fp16 one would.
     dt = cache.pool_k.dtype
     kf, vf = k.reshape(b * s, hk, d).astype(dt), v.reshape(b * s, hk, d).astype(dt)
-    tiles = _commit_tiles(cache, b, s)
-    bt = batch.block_tables
-    if fresh:
-        cache = kvarn_cache.append(cache, kf, vf, slots, impl=opts.codec_impl)
-        # Prompt tokens are never speculative, so they count as accepted at once: their
-        # full tiles are quantized now and their pool slots freed before decoding starts.
-        return kvarn_cache.commit(cache, bt, batch.seq_lens, jnp.zeros_like(batch.query_lens),
-                                  max_tiles=tiles, impl=opts.codec_impl)
-    # Commit before append: blocks filled by earlier steps (all accepted) leave the pool
-    # before this step's tokens claim slots, so 2 slots per sequence (sink + tail) suffice,
-    # and this step's attention already reads them quantized, as in serving.
-    cache = kvarn_cache.commit(cache, bt, batch.seq_lens, batch.query_lens,
-                               max_tiles=tiles, impl=opts.codec_impl)
-    return kvarn_cache.append(cache, kf, vf, slots, impl=opts.codec_impl)
+    if not fresh:
+        # Commit before append: blocks filled by earlier steps (all accepted) leave the
+        # pool before this step's tokens claim slots, so 2 slots per sequence (sink + tail)
+        # suffice, and this step's attention already reads them quantized, as in serving.
+        cache = kvarn_cache.commit(cache, batch.block_tables, batch.seq_lens,
+                                   batch.query_lens, max_tiles=_commit_tiles(cache, b, s),
+                                   impl=opts.codec_impl)
+    cache = kvarn_cache.append(cache, kf, vf, slots, impl=opts.codec_impl)
+    if opts.chunk_invariant:
+        if s > 1:  # one row per sequence fills no block ahead of itself
+            cache = kvarn_cache.snapshot(cache, _filled_ahead(cache, batch, s),
+                                         impl=opts.codec_impl)
+        return cache
+    return commit_prompt(cache, batch, opts) if fresh else cache
+
+
+def commit_prompt(cache: LayerCache, batch: Batch, opts: AttentionOptions) -> LayerCache:
+    """Prompt tokens are never speculative, so they count as accepted at once: their full
+    blocks are quantized and their pool slots freed before decoding starts."""
+    if isinstance(cache, PagedCache):
+        return cache
+    b, s = batch.slot_mapping.shape
+    return kvarn_cache.commit(cache, batch.block_tables, batch.seq_lens,
+                              jnp.zeros_like(batch.query_lens),
+                              max_tiles=_commit_tiles(cache, b, s), impl=opts.codec_impl)
+
+
+def _filled_ahead(cache: KVarNCache, batch: Batch, rows: int) -> jax.Array:
+    """[B * ceil(rows / G)] the blocks this step writes that end before its last row's
+    block (sinks excepted, -1 pads): chunk-invariant rows past them read their records."""
+    g, bt = cache.tile, batch.block_tables
+    first = (batch.seq_lens - batch.query_lens) // g
+    last = (batch.seq_lens - 1) // g
+    j = first[:, None] + jnp.arange(-(-rows // g))[None, :]
+    ahead = (j < last[:, None]) & (j >= cache.sink_blocks) & (batch.query_lens[:, None] > 0)
+    ids = jnp.take_along_axis(bt, jnp.minimum(j, bt.shape[1] - 1), axis=1)
+    return jnp.where(ahead, ids, -1).reshape(-1)
 
 
 def cached_attention(q: jax.Array, cache: LayerCache, batch: Batch, *, scale: float,
@@ -242,9 +277,11 @@ def cached_attention(q: jax.Array, cache: LayerCache, batch: Batch, *, scale: fl
         return dense_attention(q, k, v, lens, qlens, scale=scale)
     if opts.kvarn_attention == "pallas":
         return pallas_attention.attention(q, cache, bt, lens, qlens, softmax_scale=scale,
-                                          splits=opts.pallas_splits)
+                                          splits=opts.pallas_splits,
+                                          chunk_invariant=opts.chunk_invariant)
     return attention_reference.attention(q, cache, bt, lens, qlens, max_blocks=bt.shape[1],
-                                         softmax_scale=scale)
+                                         softmax_scale=scale,
+                                         chunk_invariant=opts.chunk_invariant)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: LayerCache, batch: Batch, *,
@@ -260,12 +297,13 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: LayerCache, batch: B
 def _attend_local(q: jax.Array, k: jax.Array, v: jax.Array, cache: LayerCache, batch: Batch,
                   *, fresh: bool, scale: float, opts: AttentionOptions
                   ) -> tuple[jax.Array, LayerCache]:
-    if fresh:
+    if fresh and not opts.chunk_invariant:
         # A fresh prompt has no context in the cache: its raw K/V are the whole sequence.
         out = dense_attention(q, k, v, batch.seq_lens, batch.query_lens, scale=scale)
         return out, write_cache(cache, k, v, batch, fresh=True, opts=opts)
-    cache = write_cache(cache, k, v, batch, fresh=False, opts=opts)
-    return cached_attention(q, cache, batch, scale=scale, opts=opts), cache
+    cache = write_cache(cache, k, v, batch, fresh=fresh, opts=opts)
+    out = cached_attention(q, cache, batch, scale=scale, opts=opts)
+    return out, commit_prompt(cache, batch, opts) if fresh else cache
 
 
 # --------------------------------------------------------------------------- modules
