@@ -245,13 +245,14 @@ def release(cache: KVarNCache, block_tables: jax.Array, seq_lens: jax.Array,
     return _flush(cache, ready, dropped, max_tiles or cache.pool_slots, impl)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
 def gather_kv(cache: KVarNCache, block_tables: jax.Array, max_blocks: int,
-              records_from: int | None = None):
+              records_from: int | None = None, records_to: int | None = None):
     """K, V [B, max_blocks * G, Hk, D] float32 (rotated frame) of each sequence's blocks,
     read from the pool or dequantized from the pages: the exact view attention sees.
-    records_from: blocks from this index of each table on are dequantized from their
-    records even while in the pool (chunk-invariant reads of the rows past them)."""
+    records_from: blocks from this index of each table on, up to `records_to` (default:
+    the end), are dequantized from their records even while in the pool (chunk-invariant
+    reads of the rows past them)."""
     _check_tables(block_tables)
     bt = block_tables[:, :max_blocks]
     b, m = bt.shape
@@ -266,7 +267,8 @@ def gather_kv(cache: KVarNCache, block_tables: jax.Array, max_blocks: int,
 
     in_pool = slot >= 0
     if records_from is not None:
-        in_pool &= jnp.arange(m)[None, :] < records_from
+        j = jnp.arange(m)[None, :]
+        in_pool &= (j < records_from) | (j >= (m if records_to is None else records_to))
     in_pool = in_pool[:, :, None, None, None]
     take = jnp.maximum(slot, 0)
     k = jnp.where(in_pool, cache.pool_k[take].astype(jnp.float32), arrange(k_q))

@@ -427,11 +427,13 @@ def release(cache: Layers, block_tables: Tensor, seq_lens: Tensor,
 
 
 def gather_kv(cache: KVarNCache, block_tables: Tensor, max_blocks: int | None = None,
-              records_from: int | None = None) -> tuple[Tensor, Tensor]:
+              records_from: int | None = None,
+              records_to: int | None = None) -> tuple[Tensor, Tensor]:
     """K, V [B, max_blocks * G, Hk, D] float32 (rotated frame) of each sequence's blocks,
     read from the pool or dequantized from the pages: the exact view attention sees.
-    records_from: blocks from this index of each table on are dequantized from their
-    records even while in the pool (chunk-invariant reads of the rows past them)."""
+    records_from: blocks from this index of each table on, up to `records_to` (default:
+    the end), are dequantized from their records even while in the pool (chunk-invariant
+    reads of the rows past them)."""
     _check_tables(cache, block_tables)
     bt = block_tables[:, : (max_blocks or block_tables.shape[1])].long()
     b, m = bt.shape
@@ -446,7 +448,8 @@ def gather_kv(cache: KVarNCache, block_tables: Tensor, max_blocks: int | None = 
 
     in_pool = slot >= 0
     if records_from is not None:
-        in_pool &= torch.arange(m, device=bt.device)[None, :] < records_from
+        j = torch.arange(m, device=bt.device)[None, :]
+        in_pool &= (j < records_from) | (j >= (m if records_to is None else records_to))
     in_pool = in_pool[:, :, None, None, None]
     take = slot.clamp(min=0)
     k = torch.where(in_pool, cache.pool_k[take].float(), arrange(k_q))

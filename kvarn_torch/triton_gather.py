@@ -35,12 +35,13 @@ def _codes(words_ptr, rows, cols, ROW_WORDS: tl.constexpr, BITS: tl.constexpr):
     return ((w >> ((cols[None, :] % PER_WORD) * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
 
 
-@triton.jit(do_not_specialize=["records_from", "page_stride_block", "page_stride_head",
+@triton.jit(do_not_specialize=["records_from", "records_to", "page_stride_block",
+                               "page_stride_head",
                                "pool_stride_slot", "pool_stride_tok", "pool_stride_head"],
             do_not_specialize_on_alignment=["block_table_ptr"])
 def _gather_kernel(
     words_ptr, halves_ptr, pool_k_ptr, pool_v_ptr, block_table_ptr, block_to_slot_ptr,
-    k_out_ptr, v_out_ptr, records_from,
+    k_out_ptr, v_out_ptr, records_from, records_to,
     page_stride_block, page_stride_head, pool_stride_slot, pool_stride_tok, pool_stride_head,
     D: tl.constexpr, G: tl.constexpr, HK: tl.constexpr, TOKENS: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_CODES: tl.constexpr, A_K: tl.constexpr,
@@ -54,7 +55,7 @@ def _gather_kernel(
     blk = tl.maximum(tl.load(block_table_ptr + i).to(tl.int64), 0)  # -1 past the end
     slot = tl.load(block_to_slot_ptr + blk)
     out = ((i * G + t[:, None]).to(tl.int64) * HK + h) * D + d[None, :]
-    if (slot >= 0) & (i < records_from):  # still in the tail pool, as stored
+    if (slot >= 0) & ((i < records_from) | (i >= records_to)):  # in the tail pool, as stored
         at = slot.to(tl.int64) * pool_stride_slot + h * pool_stride_head
         ptrs = at + t[:, None] * pool_stride_tok + d[None, :]
         tl.store(k_out_ptr + out, tl.load(pool_k_ptr + ptrs))
@@ -77,12 +78,14 @@ def _gather_kernel(
 
 
 def gather(cache: KVarNCache, block_table: Tensor, num_blocks: int,
-           records_from: int | None = None) -> tuple[Tensor, Tensor]:
+           records_from: int | None = None,
+           records_to: int | None = None) -> tuple[Tensor, Tensor]:
     """K, V [num_blocks * G, Hk, D] in the cache's dtype (rotated frame) of the sequence
     whose blocks are block_table[:num_blocks] (a 1-D int32/int64 table on the cache's
     device). Positions past the sequence's length hold don't-care values. Blocks from
-    index `records_from` on are read from their records even while in the pool (written
-    ahead by `cache.snapshot`: chunk-invariant reads)."""
+    index `records_from` on, up to `records_to` (default: the end), are read from their
+    records even while in the pool (written ahead by `cache.snapshot`: chunk-invariant
+    reads); a table may list a block twice, once in that range and once past it."""
     if block_table.dim() != 1 or block_table.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"block_table must be one sequence's 1-D int32/int64 table; got "
                          f"{block_table.dtype} {list(block_table.shape)}")
@@ -104,6 +107,7 @@ def gather(cache: KVarNCache, block_table: Tensor, num_blocks: int,
         cache.pages.view(torch.int32), cache.pages.view(torch.float16), cache.pool_k,
         cache.pool_v, block_table, cache.block_to_slot, k, v,
         num_blocks if records_from is None else records_from,
+        num_blocks if records_to is None else records_to,
         cache.pages.stride(0), cache.pages.stride(1), pool[0], pool[1], pool[2],
         D=d, G=g, HK=hk, TOKENS=TOKENS, K_BITS=p.k_bits, V_BITS=p.v_bits,
         K_CODES=lay.k_codes.offset, A_K=lay.a_k.offset, Z_K=lay.z_k.offset,
@@ -113,7 +117,8 @@ def gather(cache: KVarNCache, block_table: Tensor, num_blocks: int,
 
 
 def gather_reference(cache: KVarNCache, block_table: Tensor, num_blocks: int,
-                     records_from: int | None = None) -> tuple[Tensor, Tensor]:
+                     records_from: int | None = None,
+                     records_to: int | None = None) -> tuple[Tensor, Tensor]:
     """`gather` from the torch reference, in float32."""
-    k, v = kvcache.gather_kv(cache, block_table[None], num_blocks, records_from)
+    k, v = kvcache.gather_kv(cache, block_table[None], num_blocks, records_from, records_to)
     return k[0], v[0]

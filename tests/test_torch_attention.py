@@ -701,10 +701,11 @@ def _cache_bytes_identical_to_jax(dtype):
     jc = jcache.release(jc, _to_jax(bt[:1]), jnp.asarray([141], jnp.int32), impl="reference")
     _assert_same_state(tc, jc, "release")
     assert int(tc.dropped_tokens) > 0  # the scenario did exhaust the pool
-    k_t, v_t = kc.gather_kv(tc, bt[1:], 3)
-    k_j, v_j = jcache.gather_kv(jc, _to_jax(bt[1:]), 3)
-    assert np.array_equal(k_t.numpy(), np.asarray(k_j))
-    assert np.array_equal(v_t.numpy(), np.asarray(v_j))
+    for window in ((None, None), (1, 2)):  # every block as attention reads it; records 1..2
+        k_t, v_t = kc.gather_kv(tc, bt[1:], 3, *window)
+        k_j, v_j = jcache.gather_kv(jc, _to_jax(bt[1:]), 3, *window)
+        assert np.array_equal(k_t.numpy(), np.asarray(k_j))
+        assert np.array_equal(v_t.numpy(), np.asarray(v_j))
 
 
 # ---------------------------------------------------------------- errors
@@ -742,6 +743,22 @@ def test_gather_records_from_reads_snapshots_of_pool_blocks():
         assert torch.equal(x, w.to(x.dtype))
         assert torch.equal(x[:g], r[:g])  # the sink, as stored
         assert not torch.equal(x[g:], r[g:])
+
+
+def test_gather_reads_a_block_listed_twice_from_its_record_and_as_stored():
+    """records_from .. records_to: the pages of chunk-invariant prompt rows in one launch,
+    the records of the earlier blocks, then the rows' own blocks as stored."""
+    cache, bt, sl = build_cache(lens=(300,), state="pool")
+    _snapshot_full_blocks(cache, bt, sl)
+    n, g = 300 // cache.tile, cache.tile  # 4 full blocks of 64 tokens, then a partial one
+    table = torch.cat([bt[0, :n], bt[0, 1: n + 1]])
+    got = triton_gather.gather(cache, table, 2 * n, records_from=1, records_to=n)
+    want = triton_gather.gather_reference(cache, table, 2 * n, records_from=1, records_to=n)
+    records = triton_gather.gather(cache, bt[0], n, records_from=1)
+    stored = triton_gather.gather(cache, bt[0], n + 1)
+    for x, w, r, p in zip(got, want, records, stored):
+        assert torch.equal(x, w.to(x.dtype))
+        assert torch.equal(x[: n * g], r) and torch.equal(x[n * g:], p[g:])
 
 
 def test_gather_errors_name_the_fix():

@@ -743,7 +743,9 @@ def test_chunk_invariant_prompts_run_blockwise_and_verify_windows_the_kernel(reg
     from kvarn_vllm.backend import DENSE_MAX_TOKENS
 
     # rows 228 .. 527 lie in blocks 1 .. 4
-    md = _step_metadata([1, 4, 300], [9, 130, 528], chunk_invariant=True, verify_len=4)
+    bt = torch.arange(24, dtype=torch.int32).view(3, 8)
+    md = _step_metadata([1, 4, 300], [9, 130, 528], chunk_invariant=True, verify_len=4,
+                        block_table=bt)
     verify, prompt = md.runs
     assert not verify.blockwise and verify.cu is None
     assert prompt.blockwise and (prompt.first_block, prompt.dense_blocks) == (1, 4)
@@ -751,6 +753,8 @@ def test_chunk_invariant_prompts_run_blockwise_and_verify_windows_the_kernel(reg
     assert prompt.seqused_k.tolist() == [256, 384, 512, 528]
     assert prompt.page_table.tolist()[0][:2] == [0, 4]  # then own-block padding
     assert prompt.page_table.shape == (4, 5)
+    # the pages' physical blocks: 0 .. 3 (records), then 1 .. 4 (as stored)
+    assert prompt.page_blocks.tolist() == [16, 17, 18, 19, 17, 18, 19, 20]
     assert prompt.max_len == 128
     huge = _step_metadata([1, 300], [9, DENSE_MAX_TOKENS + 1], chunk_invariant=True)
     assert not huge.runs[0].blockwise
@@ -799,7 +803,7 @@ def test_blockwise_prompt_rows_match_the_chunk_invariant_reference(registered, s
     assert run.blockwise
     impl = types.SimpleNamespace(_fa=_paged_varlen_reference, scale=d ** -0.5)
     got = torch.empty_like(q[0])
-    KVarNAttentionImpl._blockwise(impl, q[0], cache, bt[0], run, got)
+    KVarNAttentionImpl._blockwise(impl, q[0], cache, run, got)
     err = (got.float() - want[0]).abs().max() / want[0].abs().max()
     assert err < TOL[cache.dtype], f"relative error {err:.2e}"
     plain = attention_reference.attention(q, cache, bt, sl, ql)

@@ -174,11 +174,13 @@ class Run:
     cu_k: torch.Tensor | None = None
     # chunk_invariant prompt rows (`blockwise_tables`): one FlashAttention sequence per
     # block the rows lie in, over pages [records of blocks 0 .. dense_blocks - 1, pool
-    # copies of blocks first_block .. dense_blocks]; `cu` its query offsets
+    # copies of blocks first_block .. dense_blocks], the physical blocks `page_blocks`
+    # (device) gathered in one launch; `cu` its query offsets
     blockwise: bool = False
     first_block: int = 0
     seqused_k: torch.Tensor | None = None
     page_table: torch.Tensor | None = None
+    page_blocks: torch.Tensor | None = None
 
 
 # From this many query tokens on, a prefill continuation runs FlashAttention over its
@@ -338,11 +340,14 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
             return run
         cu, seen, tables = blockwise_tables(seq - run.max_len, run.max_len, self.tile)
         dev = cam.query_start_loc.device
+        first, last = (seq - run.max_len) // self.tile, (seq - 1) // self.tile
+        row = cam.block_table_tensor[run.r0]
         return dataclasses.replace(
-            run, blockwise=True, first_block=(seq - run.max_len) // self.tile,
-            dense_blocks=(seq - 1) // self.tile, max_len=int((cu[1:] - cu[:-1]).max()),
-            cu=lifecycle.to_device(cu, dev), seqused_k=lifecycle.to_device(seen, dev),
-            page_table=lifecycle.to_device(tables, dev))
+            run, blockwise=True, first_block=first, dense_blocks=last,
+            max_len=int((cu[1:] - cu[:-1]).max()), cu=lifecycle.to_device(cu, dev),
+            seqused_k=lifecycle.to_device(seen, dev),
+            page_table=lifecycle.to_device(tables, dev),
+            page_blocks=torch.cat([row[:last], row[first: last + 1]]))
 
     def _launch(self, run: Run, cam: CommonAttentionMetadata, seq_cpu) -> Run:
         """Device offsets for the runs that FlashAttention serves, made once per step."""
@@ -497,7 +502,7 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
                          run.cu, run.max_len, run.max_len, self.scale, out[s:e])
                 continue
             if run.blockwise:
-                self._blockwise(q[s:e], cache, md.block_table[run.r0], run, out[s:e])
+                self._blockwise(q[s:e], cache, run, out[s:e])
                 continue
             if run.dense_blocks:
                 self._dense(q[s:e], cache, md.block_table[run.r0], run, out[s:e])
@@ -530,20 +535,19 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
         out.copy_(codec.unrotate(o))
 
 
-    def _blockwise(self, q, cache, block_table, run: Run, out) -> None:
+    def _blockwise(self, q, cache, run: Run, out) -> None:
         """One request's prompt rows, chunk-invariant (`blockwise_tables`): the records of
         the blocks before the last row's, dequantized once, and the blocks the rows lie in
-        as stored, as the pages of one paged FlashAttention call (rotated frame)."""
-        g, first, last = cache.tile, run.first_block, run.dense_blocks
-        k_rec, v_rec = triton_gather.gather(cache, block_table, last,
-                                            records_from=cache.sink_blocks)
-        k_own, v_own = triton_gather.gather(cache, block_table[first:], last + 1 - first)
+        as stored, gathered in one launch as the pages of one paged FlashAttention call
+        (rotated frame)."""
+        g, last = cache.tile, run.dense_blocks
+        k, v = triton_gather.gather(cache, run.page_blocks, run.page_blocks.shape[0],
+                                    records_from=cache.sink_blocks, records_to=last)
         shape = (-1, g, cache.num_kv_heads, cache.head_dim)
-        k_pages = torch.cat([k_rec, k_own]).view(shape)
-        v_pages = torch.cat([v_rec, v_own]).view(shape)
         o = torch.empty_like(q)
-        self._fa(codec.rotate(q), k_pages, v_pages, run.cu, None, run.max_len, (last + 1) * g,
-                 self.scale, o, seqused_k=run.seqused_k, block_table=run.page_table)
+        self._fa(codec.rotate(q), k.view(shape), v.view(shape), run.cu, None, run.max_len,
+                 (last + 1) * g, self.scale, o, seqused_k=run.seqused_k,
+                 block_table=run.page_table)
         out.copy_(codec.unrotate(o))
 
 
