@@ -776,20 +776,28 @@ def _paged_varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, out, *, se
                                  torch.tensor([0, n]), max_q, max_k, scale, out[qs:qe])
 
 
-@pytest.mark.parametrize("start", [0, 100])
-def test_blockwise_prompt_rows_match_the_chunk_invariant_reference(registered, start):
+@pytest.mark.parametrize("fa", ["contract", "vllm"])
+@pytest.mark.parametrize("start,g", [(0, 64), (100, 64), (100, 128)])
+def test_blockwise_prompt_rows_match_the_chunk_invariant_reference(registered, start, g, fa):
     """A prompt chunk (rows start .. 299 of a 300-token sequence, all in the pool, records
-    of its full blocks written ahead) through the paged FlashAttention contract equals
-    the exact chunk-invariant attention over the cache."""
+    of its full blocks written ahead) through the paged FlashAttention contract (in
+    float32 here; vLLM's own FlashAttention on a GPU) equals the exact chunk-invariant
+    attention over the cache."""
     from test_torch_attention import TOL, build_cache
 
     from kvarn_torch import attention_reference
     from kvarn_torch import cache as kc
-    from kvarn_vllm.backend import KVarNAttentionImpl
+    from kvarn_vllm.backend import KVarNAttentionImpl, _flash_attention
 
-    d, hk, group, n, g = 64, 2, 3, 300, 64
+    flash = _paged_varlen_reference
+    if fa == "vllm":
+        flash = _flash_attention(64) if torch.cuda.is_available() else None
+        if flash is None:
+            pytest.skip("needs a GPU and vLLM's FlashAttention build")
+
+    d, hk, group, n = 64, 2, 3, 300
     sq = n - start
-    cache, bt, sl = build_cache(preset="kvarn_k4v2_g64", d=d, hk=hk, lens=(n,), state="pool")
+    cache, bt, sl = build_cache(preset=f"kvarn_k4v2_g{g}", d=d, hk=hk, lens=(n,), state="pool")
     dev = cache.device
     md = _step_metadata([sq], [n], tile=g, block_table=bt, device=dev, chunk_invariant=True)
     kc.snapshot(cache, md.snapshot_blocks)
@@ -801,7 +809,7 @@ def test_blockwise_prompt_rows_match_the_chunk_invariant_reference(registered, s
     want = attention_reference.attention(q, cache, bt, sl, ql, chunk_invariant=True)
     (run,) = md.runs
     assert run.blockwise
-    impl = types.SimpleNamespace(_fa=_paged_varlen_reference, scale=d ** -0.5)
+    impl = types.SimpleNamespace(_fa=flash, scale=d ** -0.5)
     got = torch.empty_like(q[0])
     KVarNAttentionImpl._blockwise(impl, q[0], cache, run, got)
     err = (got.float() - want[0]).abs().max() / want[0].abs().max()
