@@ -728,9 +728,14 @@ def test_chunk_invariant_steps_snapshot_the_blocks_their_rows_pass(registered):
     md = _step_metadata([1, 300, 140, 4], [9, 300, 390, 130], tile=128, block_table=bt,
                         chunk_invariant=True, flash_attention=False)
     assert md.chunk_invariant and md.uniform_query_len == 0
-    got = md.snapshot_blocks.tolist()
-    assert sorted(b for b in got if b >= 0) == [11, 21, 22]
-    assert len(got) == (298 // 128 + 1) + (138 // 128 + 1) + 1  # the host's bound
+    # exactly these: the snapshot's quantize launch is sized by them
+    assert md.snapshot_blocks.tolist() == [11, 21, 22]
+    spec = _step_metadata([1, 300, 140, 4], [9, 300, 390, 130], tile=128, block_table=bt,
+                          chunk_invariant=True, flash_attention=False, verify_len=4)
+    assert spec.snapshot_blocks.tolist() == [11, 21, 22]  # counted on the device
+    window = _step_metadata([4, 4], [130, 258], tile=128, block_table=bt[:2],
+                            chunk_invariant=True, verify_len=4)
+    assert window.snapshot_blocks.tolist() == [11]  # rows 254 .. 257 pass block 1's end
     # one request per launch, none through FlashAttention on raw K/V
     assert [(r.fresh, r.blockwise) for r in md.runs] == [(False, False)] * 3
     decode = _step_metadata([1, 1], [9, 300], block_table=bt[:2], chunk_invariant=True)

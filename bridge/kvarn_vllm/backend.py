@@ -314,19 +314,28 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
 
     def _snapshot_blocks(self, cam: CommonAttentionMetadata, q_lens_cpu) -> torch.Tensor:
         """The blocks, past the sinks, that a request's rows of this step fill before its
-        last row (the rows past them read their records), -1 padded to a bound known on
-        the host (no sync): n rows fill at most (n - 2) // G + 1 such blocks."""
+        last row (the rows past them read their records). Their number sizes the snapshot's
+        quantize launch, which would otherwise quantize every padding entry: from the host's
+        exact lengths, or, with speculative decoding (the host's lengths are upper bounds),
+        counted on the device, one sync in steps that sync for the commit already
+        (`settings.sync_commit`)."""
         b, g = cam.num_reqs, self.tile
-        bound = sum((n - 2) // g + 1 for n in q_lens_cpu.tolist() if n > 1)
         bt = cam.block_table_tensor[:b]
         seq = cam.seq_lens[:b].long()[:, None]
         q_lens = (cam.query_start_loc[1: b + 1] - cam.query_start_loc[:b]).long()[:, None]
         j = torch.arange(bt.shape[1], device=bt.device)[None, :]
         last = (j + 1) * g - 1  # each block's last position
         fills = (j >= self.sink_blocks) & (last >= seq - q_lens) & (last < seq - 1)
+        seq_cpu = cam.seq_lens_cpu_upper_bound
+        if self.verify_len > 1 or seq_cpu is None:
+            count = int(fills.sum())
+        else:  # blocks j >= sink whose last position lies in rows [seq - n, seq - 2]
+            count = sum(max(0, (s - 1) // g - max(-(-(s - n + 1) // g), self.sink_blocks + 1)
+                               + 1)
+                        for s, n in zip(seq_cpu[:b].tolist(), q_lens_cpu.tolist()) if n > 1)
         ids = torch.cat([torch.where(fills, bt, -1).flatten(),
                          torch.full((1,), -1, dtype=bt.dtype, device=bt.device)])
-        return ids[kvcache.nth_true(fills.flatten(), bound)]
+        return ids[kvcache.nth_true(fills.flatten(), count)]
 
     def _blockwise_launch(self, run: Run, cam: CommonAttentionMetadata, seq_cpu) -> Run:
         """chunk_invariant: a prompt's rows (longer than a verify window) as FlashAttention
