@@ -753,13 +753,16 @@ def test_chunk_invariant_prompts_run_blockwise_and_verify_windows_the_kernel(reg
                         block_table=bt)
     verify, prompt = md.runs
     assert not verify.blockwise and verify.cu is None
-    assert prompt.blockwise and (prompt.first_block, prompt.dense_blocks) == (1, 4)
+    assert prompt.blockwise and prompt.max_keys == 5 * 128
     assert prompt.cu.tolist() == [0, 28, 156, 284, 300]
     assert prompt.seqused_k.tolist() == [256, 384, 512, 528]
-    assert prompt.page_table.tolist()[0][:2] == [0, 4]  # then own-block padding
-    assert prompt.page_table.shape == (4, 5)
-    # the pages' physical blocks: 0 .. 3 (records), then 1 .. 4 (as stored)
-    assert prompt.page_blocks.tolist() == [16, 17, 18, 19, 17, 18, 19, 20]
+    # the pages' physical blocks: 1 .. 3 from their records, then the sink 0 and the
+    # rows' own blocks 1 .. 4 as stored
+    assert prompt.page_blocks.tolist() == [17, 18, 19, 16, 17, 18, 19, 20]
+    assert prompt.page_records == 3
+    assert prompt.page_table.shape == (4, 5)  # each row: earlier pages, then its own
+    assert [row[: j + 2] for j, row in enumerate(prompt.page_table.tolist())] == [
+        [3, 4], [3, 0, 5], [3, 0, 1, 6], [3, 0, 1, 2, 7]]
     assert prompt.max_len == 128
     huge = _step_metadata([1, 300], [9, DENSE_MAX_TOKENS + 1], chunk_invariant=True)
     assert not huge.runs[0].blockwise
@@ -821,6 +824,51 @@ def test_blockwise_prompt_rows_match_the_chunk_invariant_reference(registered, s
     assert err < TOL[cache.dtype], f"relative error {err:.2e}"
     plain = attention_reference.attention(q, cache, bt, sl, ql)
     assert (plain - want).abs().max() / want.abs().max() > 3 * TOL[cache.dtype]
+
+
+def test_blockwise_serves_consecutive_prompts_in_one_call(registered):
+    """Two requests' prompt rows of one step (rows 100 .. 299 of a 300-token sequence,
+    rows 0 .. 199 of a 200-token one) run as one gather and one FlashAttention call (its
+    contract in float32) and give each the exact chunk-invariant attention."""
+    from test_torch_attention import TOL, build_cache
+
+    from kvarn_torch import attention_reference
+    from kvarn_torch import cache as kc
+    from kvarn_vllm.backend import KVarNAttentionImpl
+
+    d, hk, group, g, sq = 64, 2, 3, 64, 200
+    cache, bt, sl = build_cache(preset="kvarn_k4v2_g64", d=d, hk=hk, lens=(300, 200),
+                                state="pool")
+    md = _step_metadata([sq, sq], [300, 200], tile=g, block_table=bt, device=cache.device,
+                        chunk_invariant=True)
+    kc.snapshot(cache, md.snapshot_blocks)
+    (run,) = md.runs
+    assert run.blockwise and (run.r0, run.r1, run.start, run.end) == (0, 2, 0, 2 * sq)
+    assert run.cu.tolist() == [0, 28, 92, 156, 200, 264, 328, 392, 400]
+    assert run.page_records == 3 + 2  # blocks 1 .. 3 and 1 .. 2
+    q = (2.0 * torch.randn(2, sq, hk * group, d, generator=torch.Generator().manual_seed(4))
+         ).to(cache.dtype).to(cache.device)
+    ql = torch.tensor([sq, sq], dtype=torch.int32, device=cache.device)
+    want = attention_reference.attention(q, cache, bt, sl, ql, chunk_invariant=True)
+    impl = types.SimpleNamespace(_fa=_paged_varlen_reference, scale=d ** -0.5)
+    got = torch.empty(2 * sq, hk * group, d, dtype=cache.dtype, device=cache.device)
+    KVarNAttentionImpl._blockwise(impl, q.flatten(0, 1), cache, run, got)
+    err = (got.view(2, sq, -1, d).float() - want).abs().max() / want.abs().max()
+    assert err < TOL[cache.dtype], f"relative error {err:.2e}"
+
+
+def test_blockwise_groups_keep_their_pages_bounded(registered, monkeypatch):
+    from kvarn_vllm import backend
+
+    monkeypatch.setattr(backend, "DENSE_MAX_TOKENS", 600)
+    # a verify-length request between prompts splits the group; so do pages past the bound
+    md = _step_metadata([200, 200, 1, 300, 300], [300, 200, 9, 300, 400], tile=64,
+                        block_table=torch.arange(50, dtype=torch.int32).view(5, 10),
+                        chunk_invariant=True, verify_len=4)
+    assert [(r.r0, r.r1, r.blockwise) for r in md.runs] == [
+        (0, 2, True), (2, 3, False), (3, 4, True), (4, 5, True)]
+    # records of blocks 1 .. 3 and 1 .. 2; the sinks and own blocks 1 .. 4 and 0 .. 3
+    assert md.runs[0].page_blocks.shape[0] == (3 + 2) + (1 + 4) + (1 + 4)
 
 
 def test_chunk_invariant_forward_snapshots_then_reads_records(registered):

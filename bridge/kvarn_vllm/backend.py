@@ -18,7 +18,8 @@ its own block raw, so results do not depend on how a sequence was cut into steps
 `forward` first writes the records of the blocks this step filled (`cache.snapshot`,
 their slots kept until the commit), and prompt rows run
 FlashAttention block by block over the records of the earlier blocks (dequantized once,
-`triton_gather`) and their own block from the pool (`Run.blockwise`).
+`triton_gather`) and their own block from the pool, a step's consecutive prompts in one
+call (`blockwise_run`).
 
 The KV-cache tensor of a layer is its pages, uint8 [num_blocks, num_kv_heads,
 record_bytes]; the tail pool lives beside it, allocated with the weights so vLLM counts
@@ -159,7 +160,8 @@ class KVarNMetadata(AttentionMetadata):
 class Run:
     """Requests [r0, r1) of a mixed batch that one launch serves, tokens [start, end):
     consecutive fresh prompts (causal over their own raw K/V, one varlen FlashAttention
-    call) or a single other request (verify rows, a prefill continuation)."""
+    call), consecutive chunk-invariant prompt rows (`blockwise_run`), or a single other
+    request (verify rows, a prefill continuation)."""
     fresh: bool
     r0: int
     r1: int
@@ -172,15 +174,17 @@ class Run:
     # [0, seq_len] on the device.
     dense_blocks: int = 0
     cu_k: torch.Tensor | None = None
-    # chunk_invariant prompt rows (`blockwise_tables`): one FlashAttention sequence per
-    # block the rows lie in, over pages [records of blocks 0 .. dense_blocks - 1, pool
-    # copies of blocks first_block .. dense_blocks], the physical blocks `page_blocks`
-    # (device) gathered in one launch; `cu` its query offsets
+    # chunk_invariant prompt rows of consecutive requests (`blockwise_run`): one
+    # FlashAttention sequence per block the rows lie in, `cu` their query offsets, over
+    # the pages `page_blocks` (physical ids on the device, one gather launch): the first
+    # `page_records` read from their records (each request's earlier blocks past the
+    # sinks), the rest as stored (the sinks and the rows' own blocks)
     blockwise: bool = False
-    first_block: int = 0
     seqused_k: torch.Tensor | None = None
     page_table: torch.Tensor | None = None
     page_blocks: torch.Tensor | None = None
+    page_records: int = 0
+    max_keys: int = 0
 
 
 # From this many query tokens on, a prefill continuation runs FlashAttention over its
@@ -225,6 +229,43 @@ def blockwise_tables(start: int, rows: int,
     page = torch.arange(last + 1, dtype=torch.int32)[None, :]
     tables = torch.where(page < j[:, None], page, last + j[:, None] - first)  # own block last
     return cu, ends, tables
+
+
+def blockwise_run(group: list[tuple[Run, int]], block_table: torch.Tensor, tile: int,
+                  sink_blocks: int) -> Run:
+    """One launch for the chunk-invariant prompt rows of consecutive requests (`group`:
+    each request's run and sequence length): each request's `blockwise_tables`, its
+    pages laid out as [the records of every request's earlier blocks past the sinks,
+    then every request's sinks and own blocks as stored], so one gather window reads
+    the records."""
+    g = tile
+    spans = [(run, seq, (seq - run.max_len) // g, (seq - 1) // g) for run, seq in group]
+    rec_at = 0  # where the next request's records go
+    pool_at = sum(max(0, last - sink_blocks) for *_, last in spans)
+    records, stored, cus, seen, tables = [], [], [], [], []
+    for run, seq, first, last in spans:
+        cu, ends, table = blockwise_tables(seq - run.max_len, run.max_len, g)
+        sinks = min(sink_blocks, last)  # earlier blocks read as stored
+        earlier = torch.where(table < sinks, pool_at + table, rec_at + table - sinks)
+        tables.append(torch.where(table < last, earlier, pool_at + sinks + table - last))
+        row = block_table[run.r0]
+        records.append(row[sinks:last])
+        stored += [row[:sinks], row[first: last + 1]]
+        cus.append(cu[1:] + (run.start - spans[0][0].start))
+        seen.append(ends)
+        rec_at += last - sinks
+        pool_at += sinks + last + 1 - first
+    width = max(t.shape[1] for t in tables)
+    table = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in tables])
+    cu = torch.cat([torch.zeros(1, dtype=torch.int32), *cus])
+    dev = block_table.device
+    head, tail = spans[0][0], spans[-1][0]
+    return Run(False, head.r0, tail.r1, head.start, tail.end,
+               int((cu[1:] - cu[:-1]).max()), cu=lifecycle.to_device(cu, dev),
+               blockwise=True, seqused_k=lifecycle.to_device(torch.cat(seen), dev),
+               page_table=lifecycle.to_device(table, dev),
+               page_blocks=torch.cat(records + stored), page_records=rec_at,
+               max_keys=max(last + 1 for *_, last in spans) * g)
 
 
 def mixed_runs(starts: list[int], fresh: list[bool], first: int) -> list[Run]:
@@ -299,9 +340,9 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
             fresh = ((seq_cpu[:b] == q_lens_cpu).tolist()
                      if seq_cpu is not None and self.flash_attention and not invariant
                      else [False] * b)
-            launch = self._blockwise_launch if invariant else self._launch
-            runs = [launch(run, cam, seq_cpu)
-                    for run in mixed_runs(qsl_cpu.tolist(), fresh, num_decodes)]
+            runs = mixed_runs(qsl_cpu.tolist(), fresh, num_decodes)
+            runs = (self._blockwise_runs(runs, cam, seq_cpu) if invariant
+                    else [self._launch(run, cam, seq_cpu) for run in runs])
         snapshot = None
         if invariant and b and cam.max_query_len > 1:
             snapshot = self._snapshot_blocks(cam, q_lens_cpu)
@@ -337,26 +378,35 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
                          torch.full((1,), -1, dtype=bt.dtype, device=bt.device)])
         return ids[kvcache.nth_true(fills.flatten(), count)]
 
-    def _blockwise_launch(self, run: Run, cam: CommonAttentionMetadata, seq_cpu) -> Run:
-        """chunk_invariant: a prompt's rows (longer than a verify window) as FlashAttention
-        sequences block by block (`blockwise_tables`), where FlashAttention is there and
-        the context's dequantized copy stays small; else the kernel's chunk-invariant
-        reads."""
-        if not self.flash_attention or seq_cpu is None or run.max_len <= self.verify_len:
-            return run
-        seq = int(seq_cpu[run.r0])  # exact for prompt rows: no speculative tokens
-        if seq > DENSE_MAX_TOKENS:
-            return run
-        cu, seen, tables = blockwise_tables(seq - run.max_len, run.max_len, self.tile)
-        dev = cam.query_start_loc.device
-        first, last = (seq - run.max_len) // self.tile, (seq - 1) // self.tile
-        row = cam.block_table_tensor[run.r0]
-        return dataclasses.replace(
-            run, blockwise=True, first_block=first, dense_blocks=last,
-            max_len=int((cu[1:] - cu[:-1]).max()), cu=lifecycle.to_device(cu, dev),
-            seqused_k=lifecycle.to_device(seen, dev),
-            page_table=lifecycle.to_device(tables, dev),
-            page_blocks=torch.cat([row[:last], row[first: last + 1]]))
+    def _blockwise_runs(self, runs: list[Run], cam: CommonAttentionMetadata,
+                        seq_cpu) -> list[Run]:
+        """chunk_invariant: the prompt rows (longer than a verify window) of consecutive
+        requests as one FlashAttention call (`blockwise_run`), where FlashAttention is
+        there and their pages stay within DENSE_MAX_TOKENS; other requests keep the
+        kernel's chunk-invariant reads."""
+        if not self.flash_attention or seq_cpu is None:
+            return runs
+        out: list[Run] = []
+        group: list[tuple[Run, int]] = []
+
+        def close() -> None:
+            if group:
+                out.append(blockwise_run(group, cam.block_table_tensor, self.tile,
+                                         self.sink_blocks))
+                group.clear()
+
+        for run in runs:
+            seq = int(seq_cpu[run.r0])  # exact for prompt rows: no speculative tokens
+            if run.max_len <= self.verify_len or seq > DENSE_MAX_TOKENS:
+                close()
+                out.append(run)
+                continue
+            # the pages, up to a context and a chunk per request, stay a bounded transient
+            if sum(s for _, s in group) + seq > DENSE_MAX_TOKENS:
+                close()
+            group.append((run, seq))
+        close()
+        return out
 
     def _launch(self, run: Run, cam: CommonAttentionMetadata, seq_cpu) -> Run:
         """Device offsets for the runs that FlashAttention serves, made once per step."""
@@ -545,17 +595,16 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
 
 
     def _blockwise(self, q, cache, run: Run, out) -> None:
-        """One request's prompt rows, chunk-invariant (`blockwise_tables`): the records of
-        the blocks before the last row's, dequantized once, and the blocks the rows lie in
-        as stored, gathered in one launch as the pages of one paged FlashAttention call
-        (rotated frame)."""
-        g, last = cache.tile, run.dense_blocks
+        """Consecutive requests' prompt rows, chunk-invariant (`blockwise_run`): the
+        records of each one's blocks before its last row's, dequantized once, and the
+        blocks the rows lie in as stored, gathered in one launch as the pages of one paged
+        FlashAttention call (rotated frame)."""
         k, v = triton_gather.gather(cache, run.page_blocks, run.page_blocks.shape[0],
-                                    records_from=cache.sink_blocks, records_to=last)
-        shape = (-1, g, cache.num_kv_heads, cache.head_dim)
+                                    records_from=0, records_to=run.page_records)
+        shape = (-1, cache.tile, cache.num_kv_heads, cache.head_dim)
         o = torch.empty_like(q)
         self._fa(codec.rotate(q), k.view(shape), v.view(shape), run.cu, None, run.max_len,
-                 (last + 1) * g, self.scale, o, seqused_k=run.seqused_k,
+                 run.max_keys, self.scale, o, seqused_k=run.seqused_k,
                  block_table=run.page_table)
         out.copy_(codec.unrotate(o))
 
