@@ -148,8 +148,8 @@ class KVarNMetadata(AttentionMetadata):
     num_decodes: int  # leading requests with one query token (vLLM orders them first)
     runs: list[Run]  # a mixed batch's requests after the decodes, one launch each
     chunk_invariant: bool = False  # settings.chunk_invariant
-    # chunk_invariant steps with multi-query rows: the blocks they fill before their last
-    # row (records written ahead, `cache.snapshot`); -1 pads
+    # chunk_invariant steps with multi-query rows: the blocks their rows fill (records
+    # written ahead, `cache.snapshot`); -1 pads
     snapshot_blocks: torch.Tensor | None = None
 
     def query_lens(self) -> torch.Tensor:
@@ -354,26 +354,27 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
             snapshot_blocks=snapshot)
 
     def _snapshot_blocks(self, cam: CommonAttentionMetadata, q_lens_cpu) -> torch.Tensor:
-        """The blocks, past the sinks, that a request's rows of this step fill before its
-        last row (the rows past them read their records). Their number sizes the snapshot's
-        quantize launch, which would otherwise quantize every padding entry: from the host's
-        exact lengths, or, with speculative decoding (the host's lengths are upper bounds),
-        counted on the device, one sync in steps that sync for the commit already
-        (`settings.sync_commit`)."""
+        """The blocks, past the sinks, that the rows of this step fill. Their records are
+        written before attention reads: by the same request's rows past them, and by a
+        request that hits them in vLLM's prefix cache in this very step (vLLM caches a
+        block's hash when it schedules the rows that fill it), both of which read them
+        from their records. Their number sizes the snapshot's quantize launch, which would
+        otherwise quantize every padding entry: from the host's exact lengths, or, with
+        speculative decoding (the host's lengths are upper bounds), counted on the device,
+        one sync in steps that sync for the commit already (`settings.sync_commit`)."""
         b, g = cam.num_reqs, self.tile
         bt = cam.block_table_tensor[:b]
         seq = cam.seq_lens[:b].long()[:, None]
         q_lens = (cam.query_start_loc[1: b + 1] - cam.query_start_loc[:b]).long()[:, None]
         j = torch.arange(bt.shape[1], device=bt.device)[None, :]
         last = (j + 1) * g - 1  # each block's last position
-        fills = (j >= self.sink_blocks) & (last >= seq - q_lens) & (last < seq - 1)
+        fills = (j >= self.sink_blocks) & (last >= seq - q_lens) & (last < seq)
         seq_cpu = cam.seq_lens_cpu_upper_bound
         if self.verify_len > 1 or seq_cpu is None:
             count = int(fills.sum())
-        else:  # blocks j >= sink whose last position lies in rows [seq - n, seq - 2]
-            count = sum(max(0, (s - 1) // g - max(-(-(s - n + 1) // g), self.sink_blocks + 1)
-                               + 1)
-                        for s, n in zip(seq_cpu[:b].tolist(), q_lens_cpu.tolist()) if n > 1)
+        else:  # blocks j >= sink whose last position lies in rows [seq - n, seq - 1]
+            count = sum(max(0, s // g - max(-(-(s - n + 1) // g), self.sink_blocks + 1) + 1)
+                        for s, n in zip(seq_cpu[:b].tolist(), q_lens_cpu.tolist()))
         ids = torch.cat([torch.where(fills, bt, -1).flatten(),
                          torch.full((1,), -1, dtype=bt.dtype, device=bt.device)])
         return ids[kvcache.nth_true(fills.flatten(), count)]
