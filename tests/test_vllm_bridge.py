@@ -720,7 +720,7 @@ def test_blockwise_tables_give_each_row_its_own_block_and_the_records_before():
     assert [x.tolist() for x in blockwise_tables(0, 10, 64)] == [[0, 10], [10], [[0]]]
 
 
-def test_chunk_invariant_steps_snapshot_the_blocks_their_rows_pass(registered):
+def test_chunk_invariant_steps_snapshot_the_blocks_their_rows_fill(registered):
     bt = torch.arange(40, dtype=torch.int32).view(4, 10)
     # a decode; a prompt of 300 rows (fills blocks 0, 1; 0 is the sink); a continuation
     # of rows 250 .. 389 (fills block 1 at 255 and block 2 at 383); a verify window
@@ -736,6 +736,12 @@ def test_chunk_invariant_steps_snapshot_the_blocks_their_rows_pass(registered):
     window = _step_metadata([4, 4], [130, 258], tile=128, block_table=bt[:2],
                             chunk_invariant=True, verify_len=4)
     assert window.snapshot_blocks.tolist() == [11]  # rows 254 .. 257 pass block 1's end
+    # a chunk whose last row fills a block: written ahead too, for a prefix hit on it in
+    # this step (test_chunk_invariant_prefix_hits_give_the_rows_of_the_request_alone)
+    for verify_len in (1, 4):
+        exact = _step_metadata([1, 128], [9, 256], tile=128, block_table=bt[:2],
+                               chunk_invariant=True, verify_len=verify_len)
+        assert exact.snapshot_blocks.tolist() == [11]
     # one request per launch, none through FlashAttention on raw K/V
     assert [(r.fresh, r.blockwise) for r in md.runs] == [(False, False)] * 3
     decode = _step_metadata([1, 1], [9, 300], block_table=bt[:2], chunk_invariant=True)
@@ -900,6 +906,79 @@ def test_chunk_invariant_forward_snapshots_then_reads_records(registered):
     rows = triton_attention.attention(query[1:].view(1, 150, hq, d), cache, bt[:1], sl[:1],
                                       chunk_invariant=True)
     assert torch.equal(output[1:].view(150, hq, d), rows.view(150, hq, d))
+
+
+def _replay(steps, blocks, kv, q):
+    """Scheduler steps (`_output` arguments, then the rows (request, first position,
+    count) in batch order) through the request follower, the pool rules, the cache write
+    and the chunk-invariant forward of one layer (FlashAttention's paged contract in
+    float32), as a vLLM worker runs them. K/V and queries are functions of (request,
+    position): `kv[r]` [2, T, HK, D], `q[r]` [T, HQ * D]. Returns {(request, position): row}."""
+    from kvarn_torch import cache as kvcache
+    from kvarn_vllm import lifecycle
+    from kvarn_vllm.backend import KVarNAttentionImpl
+
+    hq, g = next(iter(q.values())).shape[1] // D, G
+    cache = kvcache.init(24, HK, D, pool_slots=16, preset="kvarn_k4v2_g64")
+    group = lifecycle.PoolGroup([cache], lifecycle.SlotTables(
+        cache.block_to_slot, cache.slot_to_block, cache.dropped_tokens), "retire_sinks")
+    follower = lifecycle.RequestBlocks()
+    impl = KVarNAttentionImpl.__new__(KVarNAttentionImpl)
+    impl.num_heads, impl.num_kv_heads, impl.head_size, impl.scale = hq, HK, D, D ** -0.5
+    impl.cache, impl.pool_k, impl._fa = cache, cache.pool_k, _paged_varlen_reference
+    rows_out = {}
+    for out, rows in steps:
+        follower.observe(_output(**out))
+        bt = torch.zeros(len(rows), max(len(blocks[r]) for r, _, _ in rows), dtype=torch.int32)
+        sm = []
+        for i, (r, s, n) in enumerate(rows):
+            bt[i, : len(blocks[r])] = torch.tensor(blocks[r], dtype=torch.int32)
+            pos = torch.arange(s, s + n)
+            sm.append(bt[i, pos // g].long() * g + pos % g)
+        sm = torch.cat(sm)
+        k, v = (torch.cat([kv[r][i, s: s + n] for r, s, n in rows]) for i in (0, 1))
+        query = torch.cat([q[r][s: s + n] for r, s, n in rows])
+        md = _step_metadata([n for *_, n in rows], [s + n for _, s, n in rows], tile=g,
+                            block_table=bt, chunk_invariant=True)
+        group.step(md.block_table, md.seq_lens, md.query_lens(), sm, follower.plan)
+        kvcache.write(cache, k, v, sm)
+        output = torch.full_like(query, float("nan"))
+        impl.forward(None, query, k.flatten(1), v.flatten(1), cache.pages, md, output=output)
+        at = 0
+        for r, s, n in rows:
+            rows_out.update({(r, s + i): output[at + i] for i in range(n)})
+            at += n
+    return rows_out
+
+
+@pytest.mark.parametrize("when", ["later step", "same step"])
+def test_chunk_invariant_prefix_hits_give_the_rows_of_the_request_alone(registered, when):
+    """Request b shares a's first 256 tokens (4 blocks) and hits them in the prefix cache:
+    its rows equal, bit for bit, those of b computed alone in other chunks. "same step":
+    b hits a's blocks in the step whose rows fill them, block 3 at a's last row (vLLM
+    caches a block's hash when it schedules the rows that fill it); b reads block 3 from
+    its record, which that step must write ahead."""
+    gen = torch.Generator().manual_seed(7)
+    kv_b = 2 * torch.randn(2, 400, HK, D, generator=gen).half()
+    kv_a = torch.cat([kv_b[:, :256], torch.randn(2, 144, HK, D, generator=gen).half()], 1)
+    q = torch.randn(400, 4 * D, generator=gen).half()
+    alone = _replay([
+        (dict(new=[("b", list(range(10, 17)), 0)], scheduled={"b": 100}), [("b", 0, 100)]),
+        (dict(cached=[("b", None, 100, False)], scheduled={"b": 300}), [("b", 100, 300)]),
+    ], {"b": list(range(10, 17))}, {"b": kv_b}, {"b": q})
+    a, b = list(range(5)), list(range(4)) + [17, 18, 19]
+    steps = [(dict(new=[("a", a, 0)], scheduled={"a": 128}), [("a", 0, 128)])]
+    if when == "same step":
+        steps.append((dict(cached=[("a", None, 128, False)], new=[("b", b, 256)],
+                           scheduled={"a": 128, "b": 144}), [("a", 128, 128), ("b", 256, 144)]))
+    else:
+        steps += [
+            (dict(cached=[("a", None, 128, False)], scheduled={"a": 128}), [("a", 128, 128)]),
+            (dict(cached=[("a", None, 256, False)], new=[("b", b, 256)],
+                  scheduled={"a": 44, "b": 144}), [("a", 256, 44), ("b", 256, 144)])]
+    hit = _replay(steps, {"a": a, "b": b}, {"a": kv_a, "b": kv_b}, {"a": q, "b": q})
+    for p in range(256, 400):
+        assert torch.equal(hit[("b", p)], alone[("b", p)]), f"row {p}"
 
 
 def test_chunk_invariant_verify_batches_leave_full_cuda_graphs(registered, monkeypatch):
