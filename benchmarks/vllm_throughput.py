@@ -4,7 +4,9 @@ token-id prompts), all in one process and run, one engine after another.
 
 Reported per cache dtype: the GPU KV-cache tokens vLLM allocates, and output tokens/s for
 (i) a burst of long prompts that does not fit the fp16 cache at once (capacity-bound) and
-(ii) a burst of short prompts that does (not capacity-bound).
+(ii) a burst of short prompts that does (not capacity-bound). A kvarn dtype with the suffix
+`+chunk-invariant` runs the same cache with KVARN_CHUNK_INVARIANT=1, to price that mode
+against the default reads in the same run.
 
     PYTHONPATH=/tmp/vsite:$PWD python benchmarks/vllm_throughput.py --json out.json
 """
@@ -19,6 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -35,6 +38,7 @@ QWEN3_8B = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_si
 QWEN3_32B = QWEN3_8B | dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
                             num_attention_heads=64)
 SHAPES = {"qwen3-8b": QWEN3_8B, "qwen3-32b": QWEN3_32B}
+CHUNK_INVARIANT = "+chunk-invariant"  # a --dtypes suffix: KVARN_CHUNK_INVARIANT=1
 
 
 def engine(shape: str, kv_cache_dtype: str, max_num_seqs: int, **overrides):
@@ -132,31 +136,35 @@ def main() -> None:
         plot(json.loads(p.read_text()), p.with_suffix(".png"))
         return
     results = []
-    for dtype in args.dtypes:
-        row = dict(kv_cache_dtype=dtype)
+    for name in args.dtypes:
+        dtype = name.removesuffix(CHUNK_INVARIANT)
+        env = {"KVARN_CHUNK_INVARIANT": "1"} if name != dtype else {}
+        row = dict(kv_cache_dtype=name)
         try:
-            t0 = time.time()
-            llm = engine(args.shape, dtype, args.max_num_seqs, dtype=args.dtype,
-                         gpu_memory_utilization=args.gpu_memory_utilization,
-                         max_num_batched_tokens=args.max_num_batched_tokens,
-                         tensor_parallel_size=args.tensor_parallel_size,
-                         enforce_eager=args.eager)
-            cfg = llm.llm_engine.vllm_config.cache_config
-            row.update(startup_s=time.time() - t0, block_size=cfg.block_size,
-                       kv_tokens=cfg.num_gpu_blocks * cfg.block_size)
-            print(f"{dtype}: KV tokens {row['kv_tokens']}", flush=True)
-            # warm-up: every kernel variant (prefill chunks, decode, splits) compiled
-            burst(llm, 8, 2048, 64, seed=9)
-            burst(llm, 2, 12000, 16, seed=8)
-            row["capacity_bound"] = burst(llm, *args.long, seed=1)
-            short = [burst(llm, *b, seed=2 + i) for i, b in enumerate(args.short)]
-            row["not_capacity_bound"] = short[0]
-            if short[1:]:
-                row["more_not_capacity_bound"] = short[1:]
-            print(f"{dtype}: {row['capacity_bound']['output_tok_s']:.0f} tok/s (long), "
-                  + ", ".join(f"{b['output_tok_s']:.0f}" for b in short) + " tok/s (short)",
-                  flush=True)
-            del llm
+            # the engine-core process inherits the environment; other entries keep it as given
+            with mock.patch.dict(os.environ, env):
+                t0 = time.time()
+                llm = engine(args.shape, dtype, args.max_num_seqs, dtype=args.dtype,
+                             gpu_memory_utilization=args.gpu_memory_utilization,
+                             max_num_batched_tokens=args.max_num_batched_tokens,
+                             tensor_parallel_size=args.tensor_parallel_size,
+                             enforce_eager=args.eager)
+                cfg = llm.llm_engine.vllm_config.cache_config
+                row.update(startup_s=time.time() - t0, block_size=cfg.block_size,
+                           kv_tokens=cfg.num_gpu_blocks * cfg.block_size)
+                print(f"{name}: KV tokens {row['kv_tokens']}", flush=True)
+                # warm-up: every kernel variant (prefill chunks, decode, splits) compiled
+                burst(llm, 8, 2048, 64, seed=9)
+                burst(llm, 2, 12000, 16, seed=8)
+                row["capacity_bound"] = burst(llm, *args.long, seed=1)
+                short = [burst(llm, *b, seed=2 + i) for i, b in enumerate(args.short)]
+                row["not_capacity_bound"] = short[0]
+                if short[1:]:
+                    row["more_not_capacity_bound"] = short[1:]
+                print(f"{name}: {row['capacity_bound']['output_tok_s']:.0f} tok/s (long), "
+                      + ", ".join(f"{b['output_tok_s']:.0f}" for b in short) + " tok/s (short)",
+                      flush=True)
+                del llm
         except Exception as e:  # record and go on with the other dtypes
             import traceback
             traceback.print_exc()
