@@ -954,30 +954,36 @@ def _replay(steps, blocks, kv, q):
 @pytest.mark.parametrize("when", ["later step", "same step"])
 def test_chunk_invariant_prefix_hits_give_the_rows_of_the_request_alone(registered, when):
     """Request b shares a's first 256 tokens (4 blocks) and hits them in the prefix cache:
-    its rows equal, bit for bit, those of b computed alone in other chunks. "same step":
-    b hits a's blocks in the step whose rows fill them, block 3 at a's last row (vLLM
-    caches a block's hash when it schedules the rows that fill it); b reads block 3 from
-    its record, which that step must write ahead."""
+    its prompt rows and its first decode row equal, bit for bit, those of b computed alone
+    in other chunks. "same step": b hits a's blocks in the step whose rows fill them,
+    block 3 at a's last row (vLLM caches a block's hash when it schedules the rows that
+    fill it); b reads block 3 from its record, which that step must write ahead."""
     gen = torch.Generator().manual_seed(7)
-    kv_b = 2 * torch.randn(2, 400, HK, D, generator=gen).half()
-    kv_a = torch.cat([kv_b[:, :256], torch.randn(2, 144, HK, D, generator=gen).half()], 1)
-    q = torch.randn(400, 4 * D, generator=gen).half()
+    kv_b = 2 * torch.randn(2, 401, HK, D, generator=gen).half()
+    kv_a = torch.cat([kv_b[:, :256], torch.randn(2, 145, HK, D, generator=gen).half()], 1)
+    q = torch.randn(401, 4 * D, generator=gen).half()
     alone = _replay([
         (dict(new=[("b", list(range(10, 17)), 0)], scheduled={"b": 100}), [("b", 0, 100)]),
         (dict(cached=[("b", None, 100, False)], scheduled={"b": 300}), [("b", 100, 300)]),
+        (dict(cached=[("b", None, 400, False)], scheduled={"b": 1}), [("b", 400, 1)]),
     ], {"b": list(range(10, 17))}, {"b": kv_b}, {"b": q})
     a, b = list(range(5)), list(range(4)) + [17, 18, 19]
     steps = [(dict(new=[("a", a, 0)], scheduled={"a": 128}), [("a", 0, 128)])]
     if when == "same step":
-        steps.append((dict(cached=[("a", None, 128, False)], new=[("b", b, 256)],
-                           scheduled={"a": 128, "b": 144}), [("a", 128, 128), ("b", 256, 144)]))
+        steps += [
+            (dict(cached=[("a", None, 128, False)], new=[("b", b, 256)],
+                  scheduled={"a": 128, "b": 144}), [("a", 128, 128), ("b", 256, 144)]),
+            (dict(cached=[("a", None, 256, False), ("b", None, 400, False)],
+                  scheduled={"a": 44, "b": 1}), [("b", 400, 1), ("a", 256, 44)])]
     else:
         steps += [
             (dict(cached=[("a", None, 128, False)], scheduled={"a": 128}), [("a", 128, 128)]),
             (dict(cached=[("a", None, 256, False)], new=[("b", b, 256)],
-                  scheduled={"a": 44, "b": 144}), [("a", 256, 44), ("b", 256, 144)])]
+                  scheduled={"a": 44, "b": 144}), [("a", 256, 44), ("b", 256, 144)]),
+            (dict(cached=[("a", None, 300, False), ("b", None, 400, False)],
+                  scheduled={"a": 1, "b": 1}), [("a", 300, 1), ("b", 400, 1)])]
     hit = _replay(steps, {"a": a, "b": b}, {"a": kv_a, "b": kv_b}, {"a": q, "b": q})
-    for p in range(256, 400):
+    for p in range(256, 401):
         assert torch.equal(hit[("b", p)], alone[("b", p)]), f"row {p}"
 
 
