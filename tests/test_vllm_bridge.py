@@ -951,13 +951,16 @@ def _replay(steps, blocks, kv, q):
     return rows_out
 
 
-@pytest.mark.parametrize("when", ["later step", "same step"])
+@pytest.mark.parametrize("when", ["later step", "same step", "same step, partial block"])
 def test_chunk_invariant_prefix_hits_give_the_rows_of_the_request_alone(registered, when):
     """Request b shares a's first 256 tokens (4 blocks) and hits them in the prefix cache:
     its prompt rows and its first decode row equal, bit for bit, those of b computed alone
-    in other chunks. "same step": b hits a's blocks in the step whose rows fill them,
-    block 3 at a's last row (vLLM caches a block's hash when it schedules the rows that
-    fill it); b reads block 3 from its record, which that step must write ahead."""
+    in other chunks. "same step": b hits a's blocks in the step whose rows fill them
+    (vLLM caches a block's hash when it schedules the rows that fill it), block 3 at a's
+    last row: b reads block 3 from its record, which that step must write ahead. "partial
+    block": a's block 1 was half written the step before; b's hit must not commit it (it
+    would be quantized half written and lose its slot under a's writes). The schedules
+    are those vLLM 0.26's scheduler makes of such requests."""
     gen = torch.Generator().manual_seed(7)
     kv_b = 2 * torch.randn(2, 401, HK, D, generator=gen).half()
     kv_a = torch.cat([kv_b[:, :256], torch.randn(2, 145, HK, D, generator=gen).half()], 1)
@@ -969,7 +972,14 @@ def test_chunk_invariant_prefix_hits_give_the_rows_of_the_request_alone(register
     ], {"b": list(range(10, 17))}, {"b": kv_b}, {"b": q})
     a, b = list(range(5)), list(range(4)) + [17, 18, 19]
     steps = [(dict(new=[("a", a, 0)], scheduled={"a": 128}), [("a", 0, 128)])]
-    if when == "same step":
+    if when == "same step, partial block":
+        steps = [
+            (dict(new=[("a", a, 0)], scheduled={"a": 100}), [("a", 0, 100)]),
+            (dict(cached=[("a", None, 100, False)], new=[("b", b, 256)],
+                  scheduled={"a": 200, "b": 144}), [("a", 100, 200), ("b", 256, 144)]),
+            (dict(cached=[("a", None, 300, False), ("b", None, 400, False)],
+                  scheduled={"a": 1, "b": 1}), [("a", 300, 1), ("b", 400, 1)])]
+    elif when == "same step":
         steps += [
             (dict(cached=[("a", None, 128, False)], new=[("b", b, 256)],
                   scheduled={"a": 128, "b": 144}), [("a", 128, 128), ("b", 256, 144)]),

@@ -147,6 +147,15 @@ def shared_tables(device: torch.device, num_blocks: int, pool_slots: int) -> Slo
     return _TABLES[key]
 
 
+def written_blocks(plan: StepPlan, tile: int) -> set[int]:
+    """The blocks the step's rows write. vLLM caches a block's hash when it schedules the
+    rows that fill it, so a request scheduled after them in the same step can list the
+    block as a prefix hit, full in its eyes, before it is: it must not be committed for
+    that request (quantized half written, its slot freed under the writer)."""
+    return {b for s in plan.scheduled
+            for b in s.blocks[s.computed // tile: -(-(s.computed + s.new_tokens) // tile)]}
+
+
 class PoolMirror:
     """Which blocks hold a pool slot, on the host, following the rules of
     `kvarn_torch.cache` (allocate / commit / release) from the scheduler's numbers."""
@@ -180,16 +189,18 @@ class PoolMirror:
             self.retired.update((b, None) for b in f.blocks[:kept] if b in self.held)
             quantize.update(b for b in f.blocks[kept:full] if b in self.held)
             free.update(b for b in f.blocks[full: -(-f.tokens // g)] if b in self.held)
+        writing = written_blocks(plan, g)
         for s in plan.scheduled:
             # in use again (a prefix hit on the sink, or vLLM reused the block); a block
             # allocated ahead of the writes stays retired until they come
             for b in s.blocks[: -(-(s.computed + s.new_tokens) // g)]:
                 self.retired.pop(b, None)
             # blocks below `checked` were committed when they filled; a prefix hit's blocks
-            # are checked on first sight (another request may still hold one in the pool)
+            # are checked on first sight (another request may still hold one in the pool),
+            # but for those another request fills in this very step: its commit takes them
             full = min(s.computed // g, len(s.blocks))
             lo = max(sink, self.checked.get(s.req_id, 0))
-            quantize.update(b for b in s.blocks[lo:full] if b in self.held)
+            quantize.update(b for b in s.blocks[lo:full] if b in self.held and b not in writing)
             self.checked[s.req_id] = max(lo, full)
         free -= quantize
         self.held -= quantize | free
@@ -313,6 +324,7 @@ class PoolGroup:
             quantize = marks if quantize is None else quantize | marks
         if block_table.shape[0] and (sync or n or quantize is not None):
             ready = kvcache.commit_marks(head, block_table, seq_lens, query_lens)
+            ready &= ~_written_marks(head, slot_mapping)  # see written_blocks
             quantize = ready if quantize is None else quantize | ready
         if quantize is not None:
             kvcache.flush(self.caches, quantize, free if free is not None else
@@ -323,6 +335,14 @@ class PoolGroup:
         # read by the next step; the layers' writes of this step count in the one after
         self._seen[0].copy_(self.tables.dropped_tokens, non_blocking=True)
         self._seen[1].copy_(self.backlog, non_blocking=True)
+
+
+def _written_marks(cache: KVarNCache, slot_mapping: Tensor) -> Tensor:
+    """[num_blocks] bool: the blocks `slot_mapping` writes (no host sync)."""
+    n = cache.num_blocks
+    marks = torch.zeros(n + 1, dtype=torch.bool, device=slot_mapping.device)
+    marks[torch.where(slot_mapping >= 0, slot_mapping // cache.tile, n)] = True
+    return marks[:n]
 
 
 def to_device(x: Tensor, device: torch.device) -> Tensor:
