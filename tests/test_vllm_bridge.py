@@ -4,6 +4,7 @@ validation messages, page-size math, the request follower and the per-step pool 
 
 from __future__ import annotations
 
+import json
 import os
 import types
 import typing
@@ -908,18 +909,17 @@ def test_chunk_invariant_forward_snapshots_then_reads_records(registered):
     assert torch.equal(output[1:].view(150, hq, d), rows.view(150, hq, d))
 
 
-def _replay(steps, blocks, kv, q):
-    """Scheduler steps (`_output` arguments, then the rows (request, first position,
-    count) in batch order) through the request follower, the pool rules, the cache write
-    and the chunk-invariant forward of one layer (FlashAttention's paged contract in
-    float32), as a vLLM worker runs them. K/V and queries are functions of (request,
-    position): `kv[r]` [2, T, HK, D], `q[r]` [T, HQ * D]. Returns {(request, position): row}."""
+def _replay(steps, features, hq: int = 4):
+    """Scheduler steps ((a SchedulerOutput, the rows (request, first position, count) in
+    batch order)) through the request follower, the pool rules, the cache write and the
+    chunk-invariant forward of one layer (FlashAttention's paged contract in float32), as
+    a vLLM worker runs them. `features(request, first, count)` gives the rows' K, V
+    [count, HK, D] and queries [count, hq * D]. Returns {(request, position): row}."""
     from kvarn_torch import cache as kvcache
     from kvarn_vllm import lifecycle
     from kvarn_vllm.backend import KVarNAttentionImpl
 
-    hq, g = next(iter(q.values())).shape[1] // D, G
-    cache = kvcache.init(24, HK, D, pool_slots=16, preset="kvarn_k4v2_g64")
+    cache = kvcache.init(48, HK, D, pool_slots=24, preset="kvarn_k4v2_g64")
     group = lifecycle.PoolGroup([cache], lifecycle.SlotTables(
         cache.block_to_slot, cache.slot_to_block, cache.dropped_tokens), "retire_sinks")
     follower = lifecycle.RequestBlocks()
@@ -928,17 +928,19 @@ def _replay(steps, blocks, kv, q):
     impl.cache, impl.pool_k, impl._fa = cache, cache.pool_k, _paged_varlen_reference
     rows_out = {}
     for out, rows in steps:
-        follower.observe(_output(**out))
-        bt = torch.zeros(len(rows), max(len(blocks[r]) for r, _, _ in rows), dtype=torch.int32)
+        follower.observe(out)
+        if not rows:
+            continue
+        blocks = [follower.blocks[r] for r, *_ in rows]
+        bt = torch.zeros(len(rows), max(map(len, blocks)), dtype=torch.int32)
         sm = []
-        for i, (r, s, n) in enumerate(rows):
-            bt[i, : len(blocks[r])] = torch.tensor(blocks[r], dtype=torch.int32)
+        for i, ((r, s, n), row) in enumerate(zip(rows, blocks)):
+            bt[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
             pos = torch.arange(s, s + n)
-            sm.append(bt[i, pos // g].long() * g + pos % g)
+            sm.append(bt[i, pos // G].long() * G + pos % G)
         sm = torch.cat(sm)
-        k, v = (torch.cat([kv[r][i, s: s + n] for r, s, n in rows]) for i in (0, 1))
-        query = torch.cat([q[r][s: s + n] for r, s, n in rows])
-        md = _step_metadata([n for *_, n in rows], [s + n for _, s, n in rows], tile=g,
+        k, v, query = (torch.cat(x) for x in zip(*(features(*row) for row in rows)))
+        md = _step_metadata([n for *_, n in rows], [s + n for _, s, n in rows], tile=G,
                             block_table=bt, chunk_invariant=True)
         group.step(md.block_table, md.seq_lens, md.query_lens(), sm, follower.plan)
         kvcache.write(cache, k, v, sm)
@@ -948,6 +950,7 @@ def _replay(steps, blocks, kv, q):
         for r, s, n in rows:
             rows_out.update({(r, s + i): output[at + i] for i in range(n)})
             at += n
+    assert int(cache.dropped_tokens) == 0
     return rows_out
 
 
@@ -963,13 +966,21 @@ def test_chunk_invariant_prefix_hits_give_the_rows_of_the_request_alone(register
     are those vLLM 0.26's scheduler makes of such requests."""
     gen = torch.Generator().manual_seed(7)
     kv_b = 2 * torch.randn(2, 401, HK, D, generator=gen).half()
-    kv_a = torch.cat([kv_b[:, :256], torch.randn(2, 145, HK, D, generator=gen).half()], 1)
+    kv = {"b": kv_b,
+          "a": torch.cat([kv_b[:, :256], torch.randn(2, 145, HK, D, generator=gen).half()], 1)}
     q = torch.randn(401, 4 * D, generator=gen).half()
-    alone = _replay([
+
+    def features(r, s, n):
+        return kv[r][0, s: s + n], kv[r][1, s: s + n], q[s: s + n]
+
+    def replay(steps):
+        return _replay([(_output(**out), rows) for out, rows in steps], features)
+
+    alone = replay([
         (dict(new=[("b", list(range(10, 17)), 0)], scheduled={"b": 100}), [("b", 0, 100)]),
         (dict(cached=[("b", None, 100, False)], scheduled={"b": 300}), [("b", 100, 300)]),
         (dict(cached=[("b", None, 400, False)], scheduled={"b": 1}), [("b", 400, 1)]),
-    ], {"b": list(range(10, 17))}, {"b": kv_b}, {"b": q})
+    ])
     a, b = list(range(5)), list(range(4)) + [17, 18, 19]
     steps = [(dict(new=[("a", a, 0)], scheduled={"a": 128}), [("a", 0, 128)])]
     if when == "same step, partial block":
@@ -992,7 +1003,7 @@ def test_chunk_invariant_prefix_hits_give_the_rows_of_the_request_alone(register
                   scheduled={"a": 44, "b": 144}), [("a", 256, 44), ("b", 256, 144)]),
             (dict(cached=[("a", None, 300, False), ("b", None, 400, False)],
                   scheduled={"a": 1, "b": 1}), [("a", 300, 1), ("b", 400, 1)])]
-    hit = _replay(steps, {"a": a, "b": b}, {"a": kv_a, "b": kv_b}, {"a": q, "b": q})
+    hit = replay(steps)
     for p in range(256, 401):
         assert torch.equal(hit[("b", p)], alone[("b", p)]), f"row {p}"
 
@@ -1009,3 +1020,95 @@ def test_chunk_invariant_verify_batches_leave_full_cuda_graphs(registered, monke
     monkeypatch.setenv(settings.ENV_CHUNK_INVARIANT, "1")
     assert support(spec, None) == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
     assert support(plain, None) == AttentionCGSupport.UNIFORM_BATCH
+
+
+# ---------------------------------------------------------------- vLLM's scheduler, replayed
+
+LLAMA_TINY = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=32000,
+                  hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=HK, head_dim=D,
+                  max_position_embeddings=4096, rms_norm_eps=1e-5, torch_dtype="float16")
+
+
+def _scheduled_rows(tmp_path, token_prompts, prefix_caching: bool, new_tokens: int):
+    """vLLM 0.26's scheduler (no model: each request's next token is a function of its id
+    and position) on `token_prompts` with G-token blocks and a 128-token budget per step;
+    yields each step's (scheduler output, rows (request, first position, count) with the
+    decodes first as vLLM's model runner orders them, every request's tokens)."""
+    pytest.importorskip("xgrammar", reason="vllm.v1.request imports it (make test installs it)")
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.outputs import ModelRunnerOutput
+    from vllm.v1.request import Request
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_TINY))
+    cfg = EngineArgs(model=str(tmp_path), skip_tokenizer_init=True, max_model_len=1024,
+                     max_num_batched_tokens=128, max_num_seqs=8, block_size=G,
+                     enable_prefix_caching=prefix_caching, async_scheduling=False,
+                     dtype="float16", enforce_eager=True).create_engine_config()
+    cfg.cache_config.num_gpu_blocks = 48
+    spec = FullAttentionSpec(block_size=G, num_kv_heads=HK, head_size=D, dtype=torch.float16)
+    init_none_hash(sha256)
+    sched = Scheduler(cfg, KVCacheConfig(48, [], [KVCacheGroupSpec(["layer"], spec)]),
+                      StructuredOutputManager(cfg), block_size=G)
+    tokens = {}
+    for i, p in enumerate(token_prompts):
+        tokens[str(i)] = list(p)
+        sched.add_request(Request(str(i), list(p), SamplingParams(
+            max_tokens=new_tokens, ignore_eos=True, temperature=0.0), None,
+            block_hasher=get_request_block_hasher(G, sha256)))
+    while sched.get_num_unfinished_requests():
+        out = sched.schedule()
+        computed = {r.req_id: r.num_computed_tokens for r in out.scheduled_new_reqs}
+        cached = out.scheduled_cached_reqs
+        computed.update(zip(cached.req_ids, cached.num_computed_tokens))
+        n = out.num_scheduled_tokens
+        rows = [(r, computed[r], n[r]) for r in sorted(n, key=lambda r: n[r] != 1)]
+        yield out, rows, tokens
+        ids, sampled = [r for r, *_ in rows], []
+        for r, s, k in rows:
+            done = s + k >= len(tokens[r])
+            sampled.append([1000 + (int(r) * 7919 + (s + k) * 104729) % 20000]
+                           if done else [])
+            tokens[r] += sampled[-1]
+        sched.update_from_output(out, ModelRunnerOutput(
+            req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+            sampled_token_ids=sampled))
+
+
+def test_prefix_caching_changes_no_row_under_vllms_scheduler(registered, tmp_path):
+    """Chunk-invariant reads: the steps vLLM 0.26's scheduler makes of four prompts and two
+    multi-turn extensions of the first (each scheduled while its prefix is still being
+    written, as in benchmarks/vllm_e2e.py), replayed through the bridge with K/V and
+    queries that are functions of (token, position): every row computed with prefix
+    caching equals, bit for bit, the same row without it."""
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(1000, 30000, (3000,), generator=gen).tolist()
+    prompts = [ids[i * 500: i * 500 + 300 - (i % 3) * 50] for i in range(4)]
+    prompts.append(prompts[0] + ids[2500:2600])
+    prompts.append(prompts[-1] + ids[2700:2780])
+    tables = [torch.randn(4096, *shape, generator=gen) for shape in ((HK, D),) * 2 + ((4 * D,),)]
+    tables = [(t, torch.randn(1024, *t.shape[1:], generator=gen)) for t in tables]
+    rows = {}
+    for prefix_caching in (False, True):
+        tokens = {}
+
+        def steps():
+            for out, step_rows, seen in _scheduled_rows(tmp_path, prompts, prefix_caching, 2):
+                tokens.update(seen)
+                yield out, step_rows
+
+        def features(r, s, n):
+            t, pos = torch.tensor(tokens[r][s: s + n]) % 4096, torch.arange(s, s + n)
+            return [(tok[t] + at[pos]).half() for tok, at in tables]
+
+        rows[prefix_caching] = _replay(steps(), features)
+    off, on = rows[False], rows[True]
+    assert len(on) < len(off)  # prefix hits skipped rows
+    for key, row in on.items():
+        assert torch.equal(row, off[key]), f"request {key[0]}, position {key[1]}"
