@@ -239,20 +239,26 @@ def _layers(n_layers=2, num_blocks=24, slots=8, on_finish="quantize"):
     return caches, lifecycle.PoolGroup(caches, tables, on_finish)
 
 
+def _step_tables(rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block table [len(rows), width] int32, -1 padded; slot mapping) of a step whose
+    rows are (a request's blocks, its first position this step, its token count)."""
+    width = max([len(blocks) for blocks, *_ in rows] + [1])
+    table = torch.full((len(rows), width), -1, dtype=torch.int32)
+    slots = []
+    for i, (blocks, first, count) in enumerate(rows):
+        table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        pos = torch.arange(first, first + count)
+        slots.append(table[i, pos // G].long() * G + pos % G)
+    return table, torch.cat(slots) if slots else torch.zeros(0, dtype=torch.int64)
+
+
 def _run_step(caches, group, plan, rng, sync=False):
     """What the builder and the layers do in one step for `plan`: the attention metadata
     built from it, PoolGroup.step, then every layer's cache write."""
     from kvarn_torch import cache as kvcache
 
     rows = [s for s in plan.scheduled if s.new_tokens]
-    width = max([len(s.blocks) for s in rows] + [1])
-    table = torch.full((len(rows), width), -1, dtype=torch.int32)
-    slots = []
-    for i, s in enumerate(rows):
-        table[i, : len(s.blocks)] = torch.tensor(s.blocks, dtype=torch.int32)
-        pos = torch.arange(s.computed, s.computed + s.new_tokens)
-        slots.append(table[i, pos // G].long() * G + pos % G)
-    sm = torch.cat(slots) if slots else torch.zeros(0, dtype=torch.int64)
+    table, sm = _step_tables([(s.blocks, s.computed, s.new_tokens) for s in rows])
     q = torch.tensor([s.new_tokens for s in rows], dtype=torch.int32)
     seq = torch.tensor([s.computed + s.new_tokens for s in rows], dtype=torch.int32)
     group.step(table, seq, q, sm, plan, sync=sync)
@@ -931,14 +937,7 @@ def _replay(steps, features, hq: int = 4):
         follower.observe(out)
         if not rows:
             continue
-        blocks = [follower.blocks[r] for r, *_ in rows]
-        bt = torch.zeros(len(rows), max(map(len, blocks)), dtype=torch.int32)
-        sm = []
-        for i, ((r, s, n), row) in enumerate(zip(rows, blocks)):
-            bt[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
-            pos = torch.arange(s, s + n)
-            sm.append(bt[i, pos // G].long() * G + pos % G)
-        sm = torch.cat(sm)
+        bt, sm = _step_tables([(follower.blocks[r], s, n) for r, s, n in rows])
         k, v, query = (torch.cat(x) for x in zip(*(features(*row) for row in rows)))
         md = _step_metadata([n for *_, n in rows], [s + n for _, s, n in rows], tile=G,
                             block_table=bt, chunk_invariant=True)
