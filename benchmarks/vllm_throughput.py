@@ -38,7 +38,7 @@ QWEN3_8B = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_si
 QWEN3_32B = QWEN3_8B | dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
                             num_attention_heads=64)
 SHAPES = {"qwen3-8b": QWEN3_8B, "qwen3-32b": QWEN3_32B}
-CHUNK_INVARIANT = "+chunk-invariant"  # a --dtypes suffix: KVARN_CHUNK_INVARIANT=1
+CHUNK_INVARIANT = "+chunk-invariant"  # a --dtypes suffix: settings.ENV_CHUNK_INVARIANT=1
 
 
 def engine(shape: str, kv_cache_dtype: str, max_num_seqs: int, **overrides):
@@ -135,10 +135,12 @@ def main() -> None:
         p = Path(args.plot_only)
         plot(json.loads(p.read_text()), p.with_suffix(".png"))
         return
+    from kvarn_vllm import settings  # the variable as the backend reads it
+
     results = []
     for name in args.dtypes:
         dtype = name.removesuffix(CHUNK_INVARIANT)
-        env = {"KVARN_CHUNK_INVARIANT": "1"} if name != dtype else {}
+        env = {settings.ENV_CHUNK_INVARIANT: "1"} if name != dtype else {}
         row = dict(kv_cache_dtype=name)
         try:
             # the engine-core process inherits the environment; other entries keep it as given
