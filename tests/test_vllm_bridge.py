@@ -925,7 +925,9 @@ def _replay(steps, features, hq: int = 4):
     from kvarn_vllm import lifecycle
     from kvarn_vllm.backend import KVarNAttentionImpl
 
-    cache = kvcache.init(48, HK, D, pool_slots=24, preset="kvarn_k4v2_g64")
+    from test_torch_attention import DEVICE
+
+    cache = kvcache.init(48, HK, D, pool_slots=24, preset="kvarn_k4v2_g64", device=DEVICE)
     group = lifecycle.PoolGroup([cache], lifecycle.SlotTables(
         cache.block_to_slot, cache.slot_to_block, cache.dropped_tokens), "retire_sinks")
     follower = lifecycle.RequestBlocks()
@@ -937,10 +939,11 @@ def _replay(steps, features, hq: int = 4):
         follower.observe(out)
         if not rows:
             continue
-        bt, sm = _step_tables([(follower.blocks[r], s, n) for r, s, n in rows])
-        k, v, query = (torch.cat(x) for x in zip(*(features(*row) for row in rows)))
+        bt, sm = (t.to(DEVICE) for t in _step_tables(
+            [(follower.blocks[r], s, n) for r, s, n in rows]))
+        k, v, query = (torch.cat(x).to(DEVICE) for x in zip(*(features(*row) for row in rows)))
         md = _step_metadata([n for *_, n in rows], [s + n for _, s, n in rows], tile=G,
-                            block_table=bt, chunk_invariant=True)
+                            block_table=bt, device=DEVICE, chunk_invariant=True)
         group.step(md.block_table, md.seq_lens, md.query_lens(), sm, follower.plan)
         kvcache.write(cache, k, v, sm)
         output = torch.full_like(query, float("nan"))
