@@ -105,9 +105,12 @@ MASKED = tl.constexpr(-0.7 * float(np.finfo(np.float32).max))  # exp2 turns it i
 @triton.jit
 def _dot(a, b, acc, UPCAST: tl.constexpr):
     """acc + a @ b. UPCAST (Triton's interpreter only, which multiplies bf16 bit patterns)
-    widens the operands to float32, which holds fp16/bf16 values exactly."""
+    widens the operands to float32, which holds fp16/bf16 values and their products
+    exactly, and sums the products alike for every output: NumPy's matmul rounds an
+    output by where it lies in the tile (its BLAS kernels' edges), a GPU MMA does not,
+    and the chunk-invariance tests compare rows that lie in different places."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        return acc + tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], 1)
     else:
         return tl.dot(a, b, acc)
 
