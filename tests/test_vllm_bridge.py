@@ -448,8 +448,6 @@ def test_finished_blocks_are_kept_for_prefix_caching_and_kv_connectors():
                                kv_transfer_config=transfer)
 
     assert on_finish(cfg(True)) == "retire_sinks"
-    assert on_finish(cfg(True), sync_commit=True) == "quantize"  # speculative decoding
-    assert on_finish(cfg(False), sync_commit=True) == "drop"
     assert on_finish(cfg(False)) == "drop"
     assert on_finish(cfg(True, transfer=object())) == "quantize"
     assert on_finish(cfg(False, transfer=object())) == "quantize"
@@ -636,14 +634,17 @@ def test_long_continuations_run_dense_with_exact_key_offsets(registered):
 
 
 def _causal_varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, out):
-    """FlashAttention's varlen contract in float32: causal aligned at each sequence's end."""
+    """FlashAttention's varlen contract in float64: causal aligned at each sequence's end.
+    Float64, so that a row's result, once rounded to the model dtype, does not depend on
+    the other rows of its call (the matmuls' blocking), as the scheduler replays assume of
+    FlashAttention (a row's keys, not its chunk, set its sums)."""
     group = q.shape[1] // k.shape[1]
     for i in range(cu_q.shape[0] - 1):
         qs, qe, ks, ke = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
         assert qe - qs <= max_q and ke - ks <= max_k
-        qi = q[qs:qe].float()
-        ki = k[ks:ke].float().repeat_interleave(group, 1)
-        vi = v[ks:ke].float().repeat_interleave(group, 1)
+        qi = q[qs:qe].double()
+        ki = k[ks:ke].double().repeat_interleave(group, 1)
+        vi = v[ks:ke].double().repeat_interleave(group, 1)
         s = torch.einsum("qhd,khd->hqk", qi, ki) * scale
         pos_q = torch.arange(qe - qs, device=q.device)[:, None] + (ke - ks) - (qe - qs)
         s = s.masked_fill(torch.arange(ke - ks, device=q.device)[None, :] > pos_q,
@@ -783,7 +784,7 @@ def test_chunk_invariant_prompts_run_blockwise_and_verify_windows_the_kernel(reg
 
 def _paged_varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, out, *, seqused_k,
                             block_table):
-    """FlashAttention's paged varlen contract in float32: sequence i's keys are the first
+    """FlashAttention's paged varlen contract in float64: sequence i's keys are the first
     seqused_k[i] tokens of its pages, causal aligned at its end."""
     assert cu_k is None
     g = k.shape[1]
@@ -802,7 +803,7 @@ def _paged_varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, out, *, se
 def test_blockwise_prompt_rows_match_the_chunk_invariant_reference(registered, start, g, fa):
     """A prompt chunk (rows start .. 299 of a 300-token sequence, all in the pool, records
     of its full blocks written ahead) through the paged FlashAttention contract (in
-    float32 here; vLLM's own FlashAttention on a GPU) equals the exact chunk-invariant
+    float64 here; vLLM's own FlashAttention on a GPU) equals the exact chunk-invariant
     attention over the cache."""
     from test_torch_attention import TOL, build_cache
 
@@ -842,7 +843,7 @@ def test_blockwise_prompt_rows_match_the_chunk_invariant_reference(registered, s
 def test_blockwise_serves_consecutive_prompts_in_one_call(registered):
     """Two requests' prompt rows of one step (rows 100 .. 299 of a 300-token sequence,
     rows 0 .. 199 of a 200-token one) run as one gather and one FlashAttention call (its
-    contract in float32) and give each the exact chunk-invariant attention."""
+    contract in float64) and give each the exact chunk-invariant attention."""
     from test_torch_attention import TOL, build_cache
 
     from kvarn_torch import attention_reference
@@ -915,21 +916,26 @@ def test_chunk_invariant_forward_snapshots_then_reads_records(registered):
     assert torch.equal(output[1:].view(150, hq, d), rows.view(150, hq, d))
 
 
-def _replay(steps, features, hq: int = 4):
+def _replay(steps, features, hq: int = 4, *, prefix_caching: bool = True, spec: int = 0):
     """Scheduler steps ((a SchedulerOutput, the rows (request, first position, count) in
     batch order)) through the request follower, the pool rules, the cache write and the
-    chunk-invariant forward of one layer (FlashAttention's paged contract in float32), as
-    a vLLM worker runs them. `features(request, first, count)` gives the rows' K, V
-    [count, HK, D] and queries [count, hq * D]. Returns {(request, position): row}."""
+    chunk-invariant forward of one layer (FlashAttention's paged contract in float64), as
+    a vLLM worker runs them with `spec` speculative tokens. `features(request, first,
+    count)` gives the rows' K, V [count, HK, D] and queries [count, hq * D]. Returns
+    {(request, position): row}, a row recomputed after a rejected draft by its last value."""
     from kvarn_torch import cache as kvcache
     from kvarn_vllm import lifecycle
-    from kvarn_vllm.backend import KVarNAttentionImpl
+    from kvarn_vllm.backend import KVarNAttentionImpl, on_finish
 
     from test_torch_attention import DEVICE
 
-    cache = kvcache.init(48, HK, D, pool_slots=24, preset="kvarn_k4v2_g64", device=DEVICE)
+    config = types.SimpleNamespace(kv_transfer_config=None, cache_config=types.SimpleNamespace(
+        enable_prefix_caching=prefix_caching))
+    slots = settings.required_pool_slots(8, 128, G, spec)  # _scheduled_rows's limits
+    cache = kvcache.init(48, HK, D, pool_slots=slots, preset="kvarn_k4v2_g64", device=DEVICE)
     group = lifecycle.PoolGroup([cache], lifecycle.SlotTables(
-        cache.block_to_slot, cache.slot_to_block, cache.dropped_tokens), "retire_sinks")
+        cache.block_to_slot, cache.slot_to_block, cache.dropped_tokens),
+        on_finish(config))
     follower = lifecycle.RequestBlocks()
     impl = KVarNAttentionImpl.__new__(KVarNAttentionImpl)
     impl.num_heads, impl.num_kv_heads, impl.head_size, impl.scale = hq, HK, D, D ** -0.5
@@ -942,9 +948,11 @@ def _replay(steps, features, hq: int = 4):
         bt, sm = (t.to(DEVICE) for t in _step_tables(
             [(follower.blocks[r], s, n) for r, s, n in rows]))
         k, v, query = (torch.cat(x).to(DEVICE) for x in zip(*(features(*row) for row in rows)))
-        md = _step_metadata([n for *_, n in rows], [s + n for _, s, n in rows], tile=G,
-                            block_table=bt, device=DEVICE, chunk_invariant=True)
-        group.step(md.block_table, md.seq_lens, md.query_lens(), sm, follower.plan)
+        md = _step_metadata([n for *_, n in rows], [s + n for _, s, n in rows], 1 + spec,
+                            tile=G, block_table=bt, device=DEVICE, chunk_invariant=True,
+                            verify_len=1 + spec)
+        group.step(md.block_table, md.seq_lens, md.query_lens(), sm, follower.plan,
+                   sync=settings.sync_commit(spec))
         kvcache.write(cache, k, v, sm)
         output = torch.full_like(query, float("nan"))
         impl.forward(None, query, k.flatten(1), v.flatten(1), cache.pages, md, output=output)
@@ -1032,11 +1040,25 @@ LLAMA_TINY = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_
                   max_position_embeddings=4096, rms_norm_eps=1e-5, torch_dtype="float16")
 
 
-def _scheduled_rows(tmp_path, token_prompts, prefix_caching: bool, new_tokens: int):
+def _next_token(request: str, position: int) -> int:
+    """The scheduler replay's model: the token it samples for `position` of `request`."""
+    return 1000 + (int(request) * 7919 + position * 104729) % 20000
+
+
+def _draft(request: str, position: int) -> int:
+    """The replay's drafter: right except at every fourth position, so verify windows end
+    in acceptances and rejections of every length."""
+    return _next_token(request, position) + (position % 4 == 0)
+
+
+def _scheduled_rows(tmp_path, token_prompts, prefix_caching: bool, new_tokens: int,
+                    spec: int = 0):
     """vLLM 0.26's scheduler (no model: each request's next token is a function of its id
-    and position) on `token_prompts` with G-token blocks and a 128-token budget per step;
-    yields each step's (scheduler output, rows (request, first position, count) with the
-    decodes first as vLLM's model runner orders them, every request's tokens)."""
+    and position, `_next_token`) on `token_prompts` with G-token blocks and a 128-token
+    budget per step, with `spec` ngram draft tokens (`_draft`) per decode step; yields each
+    step's (scheduler output, rows (request, first position, count) with the decode and
+    verify rows first as vLLM's model runner orders them, the rows' input tokens by
+    request, drafts included)."""
     pytest.importorskip("xgrammar", reason="vllm.v1.request imports it (make test installs it)")
     from vllm import SamplingParams
     from vllm.engine.arg_utils import EngineArgs
@@ -1044,19 +1066,22 @@ def _scheduled_rows(tmp_path, token_prompts, prefix_caching: bool, new_tokens: i
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
-    from vllm.v1.outputs import ModelRunnerOutput
+    from vllm.v1.outputs import DraftTokenIds, ModelRunnerOutput
     from vllm.v1.request import Request
     from vllm.v1.structured_output import StructuredOutputManager
 
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_TINY))
+    drafting = dict(method="ngram", num_speculative_tokens=spec, prompt_lookup_max=4,
+                    prompt_lookup_min=2) if spec else None
     cfg = EngineArgs(model=str(tmp_path), skip_tokenizer_init=True, max_model_len=1024,
                      max_num_batched_tokens=128, max_num_seqs=8, block_size=G,
                      enable_prefix_caching=prefix_caching, async_scheduling=False,
-                     dtype="float16", enforce_eager=True).create_engine_config()
+                     speculative_config=drafting, dtype="float16",
+                     enforce_eager=True).create_engine_config()
     cfg.cache_config.num_gpu_blocks = 48
-    spec = FullAttentionSpec(block_size=G, num_kv_heads=HK, head_size=D, dtype=torch.float16)
+    layer = FullAttentionSpec(block_size=G, num_kv_heads=HK, head_size=D, dtype=torch.float16)
     init_none_hash(sha256)
-    sched = Scheduler(cfg, KVCacheConfig(48, [], [KVCacheGroupSpec(["layer"], spec)]),
+    sched = Scheduler(cfg, KVCacheConfig(48, [], [KVCacheGroupSpec(["layer"], layer)]),
                       StructuredOutputManager(cfg), block_size=G)
     tokens = {}
     for i, p in enumerate(token_prompts):
@@ -1070,25 +1095,35 @@ def _scheduled_rows(tmp_path, token_prompts, prefix_caching: bool, new_tokens: i
         cached = out.scheduled_cached_reqs
         computed.update(zip(cached.req_ids, cached.num_computed_tokens))
         n = out.num_scheduled_tokens
-        rows = [(r, computed[r], n[r]) for r in sorted(n, key=lambda r: n[r] != 1)]
-        yield out, rows, tokens
+        rows = [(r, computed[r], n[r]) for r in sorted(n, key=lambda r: n[r] > 1 + spec)]
+        drafts = {r: out.scheduled_spec_decode_tokens.get(r, []) for r in n}
+        inputs = {r: tokens[r][s: s + k - len(drafts[r])] + drafts[r] for r, s, k in rows}
+        assert all(len(inputs[r]) == k for r, _, k in rows)
+        yield out, rows, inputs
         ids, sampled = [r for r, *_ in rows], []
         for r, s, k in rows:
-            done = s + k >= len(tokens[r])
-            sampled.append([1000 + (int(r) * 7919 + (s + k) * 104729) % 20000]
-                           if done else [])
+            sampled.append([])
+            first = s + k - len(drafts[r])  # the position sampled after the inputs
+            if first < len(tokens[r]):
+                continue  # a prompt chunk: nothing sampled
+            for d in [*drafts[r], None]:
+                sampled[-1].append(_next_token(r, first + len(sampled[-1])))
+                if d != sampled[-1][-1]:
+                    break  # the first rejected draft ends the accepted tokens
             tokens[r] += sampled[-1]
         sched.update_from_output(out, ModelRunnerOutput(
             req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
             sampled_token_ids=sampled))
+        if spec:
+            proposing = [r for r, got in zip(ids, sampled) if got]
+            sched.update_draft_token_ids(DraftTokenIds(proposing, [
+                [_draft(r, len(tokens[r]) + j) for j in range(spec)] for r in proposing]))
 
 
-def test_prefix_caching_changes_no_row_under_vllms_scheduler(registered, tmp_path):
-    """Chunk-invariant reads: the steps vLLM 0.26's scheduler makes of four prompts and two
-    multi-turn extensions of the first (each scheduled while its prefix is still being
-    written, as in benchmarks/vllm_e2e.py), replayed through the bridge with K/V and
-    queries that are functions of (token, position): every row computed with prefix
-    caching equals, bit for bit, the same row without it."""
+def _replay_prompts(tmp_path, prefix_caching: bool, spec: int) -> tuple[dict, dict]:
+    """Four prompts and two multi-turn extensions of the first (each scheduled while its
+    prefix is still being written, as in benchmarks/vllm_e2e.py) through `_scheduled_rows`
+    and `_replay`, with K/V and queries that are functions of (token, position)."""
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(1000, 30000, (3000,), generator=gen).tolist()
     prompts = [ids[i * 500: i * 500 + 300 - (i % 3) * 50] for i in range(4)]
@@ -1096,21 +1131,43 @@ def test_prefix_caching_changes_no_row_under_vllms_scheduler(registered, tmp_pat
     prompts.append(prompts[-1] + ids[2700:2780])
     tables = [torch.randn(4096, *shape, generator=gen) for shape in ((HK, D),) * 2 + ((4 * D,),)]
     tables = [(t, torch.randn(1024, *t.shape[1:], generator=gen)) for t in tables]
-    rows = {}
-    for prefix_caching in (False, True):
-        tokens = {}
+    step_inputs = {}
 
-        def steps():
-            for out, step_rows, seen in _scheduled_rows(tmp_path, prompts, prefix_caching, 2):
-                tokens.update(seen)
-                yield out, step_rows
+    def steps():
+        for out, rows, inputs in _scheduled_rows(tmp_path, prompts, prefix_caching,
+                                                 new_tokens=8, spec=spec):
+            step_inputs.update(inputs)
+            yield out, rows
 
-        def features(r, s, n):
-            t, pos = torch.tensor(tokens[r][s: s + n]) % 4096, torch.arange(s, s + n)
-            return [(tok[t] + at[pos]).half() for tok, at in tables]
+    def features(r, s, n):
+        t, pos = torch.tensor(step_inputs[r]) % 4096, torch.arange(s, s + n)
+        return [(tok[t] + at[pos]).half() for tok, at in tables]
 
-        rows[prefix_caching] = _replay(steps(), features)
-    off, on = rows[False], rows[True]
-    assert len(on) < len(off)  # prefix hits skipped rows
-    for key, row in on.items():
-        assert torch.equal(row, off[key]), f"request {key[0]}, position {key[1]}"
+    return _replay(steps(), features, prefix_caching=prefix_caching, spec=spec)
+
+
+@pytest.fixture(scope="module")
+def rows_alone(registered, tmp_path_factory):
+    return _replay_prompts(tmp_path_factory.mktemp("alone"), False, 0)
+
+
+@pytest.mark.xdist_group("scheduler_replay")  # one worker replays the baseline once
+@pytest.mark.parametrize("prefix_caching, spec", [(True, 0), (False, 3), (True, 3)],
+                         ids=["prefix caching", "ngram", "both"])
+def test_prefix_caching_and_ngram_change_no_row_under_vllms_scheduler(
+        registered, rows_alone, tmp_path, prefix_caching, spec):
+    """Chunk-invariant reads, the steps vLLM 0.26's scheduler makes of prompts that share
+    prefixes, with prefix caching and/or ngram drafts (rejected ones are written into the
+    cache, read by the rows after them, then overwritten): every row equals, bit for bit,
+    the row with both off. (These schedules cut no prompt chunk as short as a verify
+    window: such a chunk goes to the kernel instead of FlashAttention, and its rows agree
+    with FlashAttention's to rounding only.) With drafts, prefix hits read finished
+    requests' sinks unquantized only because they retire (`backend.on_finish`)."""
+    alone, rows = rows_alone, _replay_prompts(tmp_path, prefix_caching, spec)
+    both = rows.keys() & alone.keys()
+    if prefix_caching:
+        assert len(both) < len(alone)  # prefix hits skipped rows
+    else:
+        assert both == alone.keys()
+    for key in both:
+        assert torch.equal(rows[key], alone[key]), f"request {key[0]}, position {key[1]}"

@@ -198,18 +198,19 @@ DENSE_MIN_QUERY = 128
 DENSE_MAX_TOKENS = 65536
 
 
-def on_finish(vllm_config, sync_commit: bool = False) -> lifecycle.OnFinish:
+def on_finish(vllm_config) -> lifecycle.OnFinish:
     """What becomes of finished requests' blocks (`lifecycle.OnFinish`): a KV connector
     reads the records of every full block; prefix caching reads them through our own
-    attention, which finds a retired sink in the pool; otherwise nothing reads them.
-    Prefix caching None (not decided yet) takes the safe side. Retired sinks hold slots
-    beyond the pool's sizing, freed when the host mirror sees a step short of slots: not
-    where the GPU counts instead (`sync_commit`: speculative decoding, whose optimistic
-    token counts the mirror could trail)."""
+    attention, which finds a retired sink in the pool, unquantized as its writer read it
+    (chunk-invariant reads need that of every sink); otherwise nothing reads them. Prefix
+    caching None (not decided yet) takes the safe side. Retired sinks hold slots beyond
+    the pool's sizing, freed when the host mirror sees a step short of slots; with
+    speculative decoding too: the GPU then counts the tiles to quantize, but the mirror
+    still follows every slot (the scheduler replays with ngram drafts and rejections)."""
     if getattr(vllm_config, "kv_transfer_config", None) is not None:
         return "quantize"
     if vllm_config.cache_config.enable_prefix_caching is not False:
-        return "quantize" if sync_commit else "retire_sinks"
+        return "retire_sinks"
     return "drop"
 
 
@@ -320,7 +321,7 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
             head = caches[0]
             self.group = lifecycle.PoolGroup(caches, lifecycle.SlotTables(
                 head.block_to_slot, head.slot_to_block, head.dropped_tokens),
-                on_finish=on_finish(self.vllm_config, self.sync_commit))
+                on_finish=on_finish(self.vllm_config))
         return self.group
 
     def _metadata(self, cam: CommonAttentionMetadata) -> KVarNMetadata:
