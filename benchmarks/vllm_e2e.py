@@ -7,7 +7,7 @@ small `max_num_batched_tokens` so long prompts prefill in chunks that read quant
 context); reported per prompt: tokens identical to fp16, the first divergent step, and the
 mean |delta logprob| of the chosen tokens before it. The kvarn runs also compare
 speculative decoding (ngram) on/off, prefix caching on/off (prompts sharing prefixes, run
-twice) and CUDA graphs on/off.
+twice), both together, and CUDA graphs on/off.
 
     PYTHONPATH=/tmp/vsite:$PWD python benchmarks/vllm_e2e.py --gguf PATH --json out.json
     ... --tp 2    # two GPUs: the model's attention heads repeated twice (same function)
@@ -167,7 +167,7 @@ def main() -> None:
         plain: uncompressed, f"{plain}+ngram": uncompressed | ngram,
         f"{plain}+prefix-cache": uncompressed | prefix,
         "kvarn": kvarn, "kvarn+ngram": kvarn | ngram, "kvarn+prefix-cache": kvarn | prefix,
-        "kvarn+cuda-graphs": kvarn | graphs,
+        "kvarn+ngram+prefix-cache": kvarn | ngram | prefix, "kvarn+cuda-graphs": kvarn | graphs,
     }
     results, errors = {}, {}
     for name, kw in runs.items():
