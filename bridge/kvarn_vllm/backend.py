@@ -595,7 +595,6 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
                  self.scale, o)
         out.copy_(codec.unrotate(o))
 
-
     def _blockwise(self, q, cache, run: Run, out) -> None:
         """Consecutive requests' prompt rows, chunk-invariant (`blockwise_run`): the
         records of each one's blocks before its last row's, dequantized once, and the
