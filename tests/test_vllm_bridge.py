@@ -1120,7 +1120,7 @@ def _scheduled_rows(tmp_path, token_prompts, prefix_caching: bool, new_tokens: i
                 [_draft(r, len(tokens[r]) + j) for j in range(spec)] for r in proposing]))
 
 
-def _replay_prompts(tmp_path, prefix_caching: bool, spec: int) -> tuple[dict, dict]:
+def _replay_prompts(tmp_path, prefix_caching: bool, spec: int) -> dict:
     """Four prompts and two multi-turn extensions of the first (each scheduled while its
     prefix is still being written, as in benchmarks/vllm_e2e.py) through `_scheduled_rows`
     and `_replay`, with K/V and queries that are functions of (token, position)."""
