@@ -916,6 +916,10 @@ def test_chunk_invariant_forward_snapshots_then_reads_records(registered):
     assert torch.equal(output[1:].view(150, hq, d), rows.view(150, hq, d))
 
 
+# The scheduler replays' engine: KV blocks, sequences and tokens per step
+REPLAY_BLOCKS, REPLAY_SEQS, REPLAY_TOKENS = 48, 8, 128
+
+
 def _replay(steps, features, hq: int = 4, *, prefix_caching: bool = True, spec: int = 0):
     """Scheduler steps ((a SchedulerOutput, the rows (request, first position, count) in
     batch order)) through the request follower, the pool rules, the cache write and the
@@ -931,8 +935,9 @@ def _replay(steps, features, hq: int = 4, *, prefix_caching: bool = True, spec: 
 
     config = types.SimpleNamespace(kv_transfer_config=None, cache_config=types.SimpleNamespace(
         enable_prefix_caching=prefix_caching))
-    slots = settings.required_pool_slots(8, 128, G, spec)  # _scheduled_rows's limits
-    cache = kvcache.init(48, HK, D, pool_slots=slots, preset="kvarn_k4v2_g64", device=DEVICE)
+    slots = settings.required_pool_slots(REPLAY_SEQS, REPLAY_TOKENS, G, spec)
+    cache = kvcache.init(REPLAY_BLOCKS, HK, D, pool_slots=slots, preset="kvarn_k4v2_g64",
+                         device=DEVICE)
     group = lifecycle.PoolGroup([cache], lifecycle.SlotTables(
         cache.block_to_slot, cache.slot_to_block, cache.dropped_tokens),
         on_finish(config))
@@ -1074,14 +1079,16 @@ def _scheduled_rows(tmp_path, token_prompts, prefix_caching: bool, new_tokens: i
     drafting = dict(method="ngram", num_speculative_tokens=spec, prompt_lookup_max=4,
                     prompt_lookup_min=2) if spec else None
     cfg = EngineArgs(model=str(tmp_path), skip_tokenizer_init=True, max_model_len=1024,
-                     max_num_batched_tokens=128, max_num_seqs=8, block_size=G,
+                     max_num_batched_tokens=REPLAY_TOKENS, max_num_seqs=REPLAY_SEQS,
+                     block_size=G,
                      enable_prefix_caching=prefix_caching, async_scheduling=False,
                      speculative_config=drafting, dtype="float16",
                      enforce_eager=True).create_engine_config()
-    cfg.cache_config.num_gpu_blocks = 48
+    cfg.cache_config.num_gpu_blocks = REPLAY_BLOCKS
     layer = FullAttentionSpec(block_size=G, num_kv_heads=HK, head_size=D, dtype=torch.float16)
     init_none_hash(sha256)
-    sched = Scheduler(cfg, KVCacheConfig(48, [], [KVCacheGroupSpec(["layer"], layer)]),
+    groups = [KVCacheGroupSpec(["layer"], layer)]
+    sched = Scheduler(cfg, KVCacheConfig(REPLAY_BLOCKS, [], groups),
                       StructuredOutputManager(cfg), block_size=G)
     tokens = {}
     for i, p in enumerate(token_prompts):
