@@ -12,7 +12,9 @@ Lifecycle, keyed by physical block id (so prefix sharing and block recycling sta
 `commit` quantizes every full block whose tokens were all accepted before this step
 (`seq_len - query_len`), except the first `sink_blocks` blocks of each sequence, and frees
 its slot; `release` does the same for finished sequences, sinks included, and drops
-partial blocks. Jit them with the cache donated (`jax.jit(..., donate_argnums=0)`), and
+partial blocks; `write_blocks` quantizes whole blocks straight from new tokens (a prompt's
+blocks that one step fills), the bytes `append` and `commit` would give, with no pool
+slot. Jit them with the cache donated (`jax.jit(..., donate_argnums=0)`), and
 XLA updates the buffers in place.
 """
 
@@ -149,6 +151,39 @@ def append(cache: KVarNCache, k: jax.Array, v: jax.Array, slot_mapping: jax.Arra
         dropped_tokens=cache.dropped_tokens
         + jnp.sum(valid & (slot < 0) & opens).astype(jnp.int32),
     )
+
+
+def write_blocks(cache: KVarNCache, k: jax.Array, v: jax.Array, token_starts: jax.Array,
+                 blocks: jax.Array, *, impl: str = "auto") -> KVarNCache:
+    """Quantize whole blocks straight from new tokens into their records, with no pool
+    slot: block `blocks[i]` holds the G tokens k, v [token_starts[i] : token_starts[i] + G]
+    of k, v [T, num_kv_heads, D] (the pool's dtype). The bytes of `append` then `commit`
+    (the pool holds exactly `codec.rotate` of the tokens): for blocks whose tokens all
+    arrive in one step and are accepted, a prompt's, which then need no slot. The caller
+    keeps them out of `append` (padding in its slot mapping)."""
+    if k.shape != v.shape or k.shape[1:] != (cache.num_kv_heads, cache.head_dim):
+        raise ValueError(f"k and v must be [T, {cache.num_kv_heads}, {cache.head_dim}]; "
+                         f"got {k.shape} and {v.shape}")
+    if k.dtype != cache.pool_k.dtype or v.dtype != cache.pool_k.dtype:
+        raise TypeError(f"k and v must be {cache.pool_k.dtype}, the pool's dtype (the model's); "
+                        f"got {k.dtype} and {v.dtype}")
+    if (token_starts.ndim != 1 or blocks.shape != token_starts.shape
+            or not all(jnp.issubdtype(x.dtype, jnp.integer) for x in (token_starts, blocks))):
+        raise ValueError(f"token_starts and blocks must be 1-D integer arrays of one length; "
+                         f"got {token_starts.dtype} {token_starts.shape} and {blocks.dtype} "
+                         f"{blocks.shape}")
+    n = blocks.shape[0]
+    if n == 0:
+        return cache
+    hk, g, d = cache.num_kv_heads, cache.tile, cache.head_dim
+    rows = token_starts[:, None] + jnp.arange(g)
+
+    def tiles(x):  # [n, G, Hk, D] -> [n * Hk, G, D], as the pool holds them
+        return jnp.swapaxes(codec.rotate(x[rows], impl=impl), 1, 2).reshape(n * hk, g, d)
+
+    records = codec.quantize(tiles(k), tiles(v), cache.preset, cache.iters,
+                             impl=impl).reshape(n, hk, -1)
+    return dataclasses.replace(cache, pages=cache.pages.at[blocks].set(records))
 
 
 def _quantize_slots(cache: KVarNCache, slots: jax.Array, blocks: jax.Array,

@@ -22,6 +22,8 @@ one pair of slot tables (vLLM's layers share block ids): the slot bookkeeping ru
 and one codec call quantizes the tiles of every layer (on the GPU, one `triton_tiles`
 launch gathers them and one writes the records back); `allocate` (slot tables only) and
 `write` (one layer's pool) are the two halves of `append` for the same reason.
+`write_blocks` quantizes whole blocks straight from new tokens (a prompt's blocks that
+one step fills), the bytes `append` and `commit` would give, with no pool slot.
 
 Every function works with vectorized index math and no Python loop over tokens or
 blocks. `append` and `gather_kv` never synchronize with the host; `commit` and `release`
@@ -264,6 +266,35 @@ def append(cache: KVarNCache, k: Tensor, v: Tensor, slot_mapping: Tensor,
     """
     _check_tokens(cache, k, v, slot_mapping)
     return write(allocate(cache, slot_mapping), k, v, slot_mapping, impl=impl)
+
+
+def write_blocks(cache: KVarNCache, k: Tensor, v: Tensor, token_starts: Tensor,
+                 blocks: Tensor, *, impl: codec.Impl = "auto") -> KVarNCache:
+    """Quantize whole blocks straight from new tokens into their records, with no pool
+    slot: block `blocks[i]` holds the G tokens k, v [token_starts[i] : token_starts[i] + G]
+    of k, v [T, num_kv_heads, D] (the pool's dtype). The bytes of `append` then `commit`
+    (the pool holds exactly `codec.rotate` of the tokens): for blocks whose tokens all
+    arrive in one step and are accepted, a prompt's, which then need no slot. The caller
+    keeps them out of `append` (padding in its slot mapping). No host sync."""
+    _check_tokens(cache, k, v, torch.zeros(k.shape[0], dtype=torch.int64, device=k.device))
+    if (token_starts.dim() != 1 or blocks.shape != token_starts.shape
+            or any(x.dtype.is_floating_point or x.dtype == torch.bool
+                   for x in (token_starts, blocks))):
+        raise ValueError(f"token_starts and blocks must be 1-D integer tensors of one length; "
+                         f"got {token_starts.dtype} {list(token_starts.shape)} and "
+                         f"{blocks.dtype} {list(blocks.shape)}")
+    n = blocks.shape[0]
+    if n == 0:
+        return cache
+    g, hk, d = cache.tile, cache.num_kv_heads, cache.head_dim
+    rows = token_starts.long()[:, None] + torch.arange(g, device=k.device)
+
+    def tiles(x: Tensor) -> Tensor:  # [n, G, Hk, D] -> [n * Hk, G, D], as the pool holds them
+        return codec.rotate(x[rows], impl=impl).transpose(1, 2).reshape(n * hk, g, d)
+
+    records = codec.quantize(tiles(k), tiles(v), cache.preset, cache.iters, impl=impl)
+    cache.pages.index_copy_(0, blocks.long(), records.view(n, hk, -1))
+    return cache
 
 
 Layers = KVarNCache | Sequence[KVarNCache]

@@ -708,6 +708,52 @@ def _cache_bytes_identical_to_jax(dtype):
         assert np.array_equal(v_t.numpy(), np.asarray(v_j))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("preset,d", [("kvarn_k4v2_g64", 64), ("kvarn_k4v4_g128", 128)])
+def test_write_blocks_gives_the_records_of_append_and_commit(preset, d, dtype):
+    """Blocks written straight from a step's tokens (`write_blocks`: prompt blocks that
+    need no pool slot) hold byte for byte the records that writing the tokens into the
+    pool and committing them gives, on random and adversarial tiles, in torch (the
+    default implementation, the one vLLM runs) and in JAX."""
+    from kvarn.tiles import adversarial_tiles
+
+    hk = 2
+    g = get_preset(preset).tile
+    tiles = [torch.from_numpy(t.astype(np.float32))
+             for t in adversarial_tiles(g, d, "float16").values()]
+    gen = torch.Generator().manual_seed(11)
+    tiles += [3 * torch.randn(g, d, generator=gen) for _ in range(3)]
+    tiles = torch.stack(tiles[: 2 * (len(tiles) // 2)]).view(-1, 2, g, d)  # two heads a block
+    n = tiles.shape[0]
+    k = tiles.transpose(1, 2).reshape(n * g, hk, d).to(dtype)
+    v = k.roll(1, dims=0)
+    pad = 5  # tokens of other requests before the blocks
+    k, v = (torch.cat([torch.randn(pad, hk, d, generator=gen).to(dtype), x]) for x in (k, v))
+    k, v = k.to(DEVICE), v.to(DEVICE)
+    blocks = torch.randperm(n + 3, generator=gen)[:n].to(torch.int32).to(DEVICE)
+
+    pooled = kc.init(n + 3, hk, d, pool_slots=n, dtype=dtype, preset=preset, sink_blocks=0,
+                     device=DEVICE)
+    sm = torch.cat([torch.full((pad,), -1), (blocks.long().cpu()[:, None] * g
+                                               + torch.arange(g)).flatten()]).to(DEVICE)
+    kc.append(pooled, k, v, sm)
+    lens = torch.full((n,), g, dtype=torch.int32, device=DEVICE)
+    kc.commit(pooled, blocks[:, None], lens, torch.zeros_like(lens))
+    assert int(pooled.block_to_slot.max()) == -1  # every block committed
+
+    direct = kc.init(n + 3, hk, d, pool_slots=1, dtype=dtype, preset=preset, device=DEVICE)
+    starts = pad + g * torch.arange(n, device=DEVICE)
+    kc.write_blocks(direct, k, v, starts, blocks)
+    assert torch.equal(direct.pages, pooled.pages)
+    assert int(direct.slot_to_block.max()) == -1 and int(direct.dropped_tokens) == 0
+
+    with jax.default_device(jax.devices("cpu")[0]):
+        jc = jcache.init(n + 3, hk, d, pool_slots=1, dtype=jnp.dtype(str(dtype)[6:]),
+                         preset=preset)
+        jc = jcache.write_blocks(jc, _to_jax(k), _to_jax(v), _to_jax(starts), _to_jax(blocks))
+        assert np.array_equal(np.asarray(jc.pages), pooled.pages.cpu().numpy())
+
+
 # ---------------------------------------------------------------- errors
 
 
