@@ -49,6 +49,11 @@ def test_page_math(name, d):
 def test_pool_size_and_env(monkeypatch):
     assert settings.required_pool_slots(64, 8192, 128) == 2 * 64 + 64 + settings.POOL_SLACK
     assert settings.required_pool_slots(64, 8192, 128, speculative_tokens=3) == 3 * 64 + 72
+    # prompt blocks straight to their records: room only for one chunked prefill's block
+    direct = dict(prompt_blocks_pooled=False)
+    assert settings.required_pool_slots(64, 8192, 128, **direct) == 2 * 64 + 1 + 8
+    assert settings.required_pool_slots(64, 8192, 128, 3, **direct, partial_prefills=64) == (
+        3 * 64 + 64 + 8)
     monkeypatch.setenv(settings.ENV_POOL_SLOTS, "100")
     assert settings.pool_slots(64, 8192, 128) == (100, 200)
     monkeypatch.setenv(settings.ENV_POOL_SLOTS, "lots")
@@ -57,6 +62,46 @@ def test_pool_size_and_env(monkeypatch):
     monkeypatch.setenv(settings.ENV_SINK_BLOCKS, "-1")
     with pytest.raises(ValueError, match="KVARN_SINK_BLOCKS"):
         settings.sink_blocks()
+
+
+def test_prompt_blocks_skip_the_pool_only_where_flash_attention_serves_them_raw(
+        registered, monkeypatch):
+    """The pool is sized without room for a step's prompt blocks only where every block
+    a step opens and fills is a prompt block that FlashAttention reads raw; the builder's
+    rule picks exactly the fresh prompts and dense continuations of such steps."""
+    from kvarn_vllm.backend import (
+        DENSE_MAX_TOKENS,
+        DENSE_MIN_QUERY,
+        direct_prompts_only,
+    )
+
+    assert direct_prompts_only(True, 128, 16384, 0)
+    assert direct_prompts_only(True, 128, DENSE_MAX_TOKENS, 3)
+    assert not direct_prompts_only(False, 128, 16384, 0)  # the kernel serves prompts
+    assert not direct_prompts_only(True, 64, 16384, 0)  # kernel chunks can fill a tile
+    assert not direct_prompts_only(True, 128, DENSE_MAX_TOKENS + 1, 0)
+    assert not direct_prompts_only(True, 128, 16384, 127)  # verify windows fill tiles
+    monkeypatch.setenv(settings.ENV_CHUNK_INVARIANT, "1")
+    assert not direct_prompts_only(True, 128, 16384, 0)
+
+    builder = _builder(threshold=4, verify_len=4)
+    assert builder.raw_prompt(0, 5) and not builder.raw_prompt(0, 4)  # a verify window
+    assert builder.raw_prompt(1000, DENSE_MIN_QUERY)
+    assert not builder.raw_prompt(1000, DENSE_MIN_QUERY - 1)  # the kernel's
+    assert not builder.raw_prompt(DENSE_MAX_TOKENS - 100, 101)  # past the dense copy
+    assert not _builder(chunk_invariant=True).raw_prompt(0, 500)
+    assert not _builder(flash_attention=False).raw_prompt(0, 500)
+    # a decode, a fresh 300-token prompt (blocks 1 of 0..2) and a dense chunk at 1000 of
+    # 300 tokens (blocks 8, 9 of 7..10): their first tokens and physical ids
+    table = torch.arange(40, dtype=torch.int32).view(4, 10)
+    md = _step_metadata([1, 300, 300, 5], [9, 300, 1300, 605], block_table=table)
+    assert md.direct_starts.tolist() == [1 + 128, 301 + 8 * 128 - 1000, 301 + 9 * 128 - 1000]
+    assert md.direct_blocks.tolist() == [11, 28, 29]
+    dense = md.runs[1]
+    assert dense.dense_blocks and dense.raw_from == 1000
+    assert md.runs[2].dense_blocks == 0  # 5 rows: the kernel, nothing direct
+    assert _step_metadata([1, 300], [9, 300], block_table=table,
+                          direct=False).direct_starts is None
 
 
 def test_layer_problems_name_the_fix():
@@ -538,25 +583,38 @@ def test_mixed_runs_group_consecutive_fresh_prompts():
     assert served == list(range(2, 36))
 
 
-def _step_metadata(q_lens, seq_lens, threshold=1, flash_attention=True, tile=128,
-                   block_table=None, device="cpu", chunk_invariant=False, verify_len=1):
+def _builder(threshold=1, flash_attention=True, tile=128, chunk_invariant=False,
+             verify_len=1, direct=None):
+    """A metadata builder without a vLLM config; `direct` defaults to its rule."""
     from kvarn_vllm.backend import KVarNMetadataBuilder
 
+    builder = KVarNMetadataBuilder.__new__(KVarNMetadataBuilder)
+    builder.reorder_batch_threshold, builder.flash_attention = threshold, flash_attention
+    builder.tile = tile
+    builder.chunk_invariant, builder.sink_blocks = chunk_invariant, 1
+    builder.verify_len = verify_len
+    builder.direct = flash_attention and not chunk_invariant if direct is None else direct
+    return builder
+
+
+def _common_metadata(q_lens, seq_lens, block_table=None, device="cpu"):
+    """What vLLM's CommonAttentionMetadata gives the builder of a step with these rows."""
     b = len(q_lens)
     qsl = torch.tensor([0, *np.cumsum(q_lens)], dtype=torch.int32)
-    cam = types.SimpleNamespace(
+    return types.SimpleNamespace(
         num_reqs=b, query_start_loc=qsl.to(device), query_start_loc_cpu=qsl,
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
         seq_lens_cpu_upper_bound=torch.tensor(seq_lens, dtype=torch.int32),
         block_table_tensor=(torch.zeros(b, 4, dtype=torch.int32) if block_table is None
                             else block_table),
         num_actual_tokens=int(qsl[-1]), max_query_len=max(q_lens))
-    builder = KVarNMetadataBuilder.__new__(KVarNMetadataBuilder)  # no vLLM config needed
-    builder.reorder_batch_threshold, builder.flash_attention = threshold, flash_attention
-    builder.tile = tile
-    builder.chunk_invariant, builder.sink_blocks = chunk_invariant, 1
-    builder.verify_len = verify_len
-    return builder._metadata(cam)
+
+
+def _step_metadata(q_lens, seq_lens, threshold=1, flash_attention=True, tile=128,
+                   block_table=None, device="cpu", chunk_invariant=False, verify_len=1,
+                   direct=None):
+    return _builder(threshold, flash_attention, tile, chunk_invariant, verify_len,
+                    direct)._metadata(_common_metadata(q_lens, seq_lens, block_table, device))
 
 
 def test_equal_prompts_are_not_a_decode_batch(registered):
@@ -669,7 +727,7 @@ def test_dense_continuation_matches_exact_attention_over_the_cache(registered, s
               dense_blocks=-(-n // 64) + 1, cu_k=torch.tensor([0, n], dtype=torch.int32))
     impl = types.SimpleNamespace(_fa=_causal_varlen_reference, scale=d ** -0.5)
     got = torch.empty_like(q[0])
-    KVarNAttentionImpl._dense(impl, q[0], cache, bt[0], run, got)
+    KVarNAttentionImpl._dense(impl, q[0], None, None, cache, bt[0], run, got)
     err = (got.float() - want[0]).abs().max() / want[0].abs().max()
     assert err < TOL[cache.dtype], f"relative error {err:.2e}"
 
@@ -920,32 +978,50 @@ def test_chunk_invariant_forward_snapshots_then_reads_records(registered):
 REPLAY_BLOCKS, REPLAY_SEQS, REPLAY_TOKENS = 48, 8, 128
 
 
-def _replay(steps, features, hq: int = 4, *, prefix_caching: bool = True, spec: int = 0):
+def _flash_reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, out, *, seqused_k=None,
+                     block_table=None):
+    """FlashAttention's contract in float64, varlen or paged (`backend._flash_attention`)."""
+    if block_table is None:
+        _causal_varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, out)
+    else:
+        _paged_varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, out,
+                                seqused_k=seqused_k, block_table=block_table)
+
+
+def _replay(steps, features, hq: int = 4, *, prefix_caching: bool = True, spec: int = 0,
+            chunk_invariant: bool = True, direct: bool = False, stats: dict | None = None):
     """Scheduler steps ((a SchedulerOutput, the rows (request, first position, count) in
-    batch order)) through the request follower, the pool rules, the cache write and the
-    chunk-invariant forward of one layer (FlashAttention's paged contract in float64), as
-    a vLLM worker runs them with `spec` speculative tokens. `features(request, first,
-    count)` gives the rows' K, V [count, HK, D] and queries [count, hq * D]. Returns
-    {(request, position): row}, a row recomputed after a rejected draft by its last value."""
+    batch order)) through the request follower, the metadata builder, the pool rules, the
+    cache write and the forward of one layer (FlashAttention's contract in float64), as a
+    vLLM worker runs them with `spec` speculative tokens, with chunk-invariant reads or,
+    with default reads, the prompt blocks a step fills written straight to their records
+    (`direct`) or through the pool. `features(request, first, count)` gives the rows' K, V
+    [count, HK, D] and queries [count, hq * D]. Returns {(request, position): row}, a row
+    recomputed after a rejected draft by its last value; `stats` gets the slots held in
+    each step ("held") and the blocks written straight to their records ("direct")."""
     from kvarn_torch import cache as kvcache
     from kvarn_vllm import lifecycle
-    from kvarn_vllm.backend import KVarNAttentionImpl, on_finish
+    from kvarn_vllm.backend import KVarNAttentionImpl, keep_out_of_pool, on_finish
 
     from test_torch_attention import DEVICE
 
     config = types.SimpleNamespace(kv_transfer_config=None, cache_config=types.SimpleNamespace(
         enable_prefix_caching=prefix_caching))
-    slots = settings.required_pool_slots(REPLAY_SEQS, REPLAY_TOKENS, G, spec)
+    builder = _builder(1 + spec, tile=G, chunk_invariant=chunk_invariant, verify_len=1 + spec,
+                       direct=direct)
+    slots = settings.required_pool_slots(REPLAY_SEQS, REPLAY_TOKENS, G, spec,
+                                         prompt_blocks_pooled=not direct)
     cache = kvcache.init(REPLAY_BLOCKS, HK, D, pool_slots=slots, preset="kvarn_k4v2_g64",
                          device=DEVICE)
     group = lifecycle.PoolGroup([cache], lifecycle.SlotTables(
         cache.block_to_slot, cache.slot_to_block, cache.dropped_tokens),
-        on_finish(config))
+        on_finish(config), direct=builder.raw_prompt if direct else None)
     follower = lifecycle.RequestBlocks()
     impl = KVarNAttentionImpl.__new__(KVarNAttentionImpl)
     impl.num_heads, impl.num_kv_heads, impl.head_size, impl.scale = hq, HK, D, D ** -0.5
-    impl.cache, impl.pool_k, impl._fa = cache, cache.pool_k, _paged_varlen_reference
+    impl.cache, impl.pool_k, impl._fa = cache, cache.pool_k, _flash_reference
     rows_out = {}
+    held, written = [], 0
     for out, rows in steps:
         follower.observe(out)
         if not rows:
@@ -953,11 +1029,13 @@ def _replay(steps, features, hq: int = 4, *, prefix_caching: bool = True, spec: 
         bt, sm = (t.to(DEVICE) for t in _step_tables(
             [(follower.blocks[r], s, n) for r, s, n in rows]))
         k, v, query = (torch.cat(x).to(DEVICE) for x in zip(*(features(*row) for row in rows)))
-        md = _step_metadata([n for *_, n in rows], [s + n for _, s, n in rows], 1 + spec,
-                            tile=G, block_table=bt, device=DEVICE, chunk_invariant=True,
-                            verify_len=1 + spec)
+        md = builder._metadata(_common_metadata([n for *_, n in rows],
+                                                [s + n for _, s, n in rows], bt, DEVICE))
+        keep_out_of_pool(md, sm, G)
         group.step(md.block_table, md.seq_lens, md.query_lens(), sm, follower.plan,
                    sync=settings.sync_commit(spec))
+        held.append(int((cache.slot_to_block >= 0).sum()))
+        written += 0 if md.direct_blocks is None else md.direct_blocks.shape[0]
         kvcache.write(cache, k, v, sm)
         output = torch.full_like(query, float("nan"))
         impl.forward(None, query, k.flatten(1), v.flatten(1), cache.pages, md, output=output)
@@ -966,6 +1044,8 @@ def _replay(steps, features, hq: int = 4, *, prefix_caching: bool = True, spec: 
             rows_out.update({(r, s + i): output[at + i] for i in range(n)})
             at += n
     assert int(cache.dropped_tokens) == 0
+    if stats is not None:
+        stats.update(held=held, direct=written)
     return rows_out
 
 
@@ -1035,6 +1115,49 @@ def test_chunk_invariant_verify_batches_leave_full_cuda_graphs(registered, monke
     monkeypatch.setenv(settings.ENV_CHUNK_INVARIANT, "1")
     assert support(spec, None) == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
     assert support(plain, None) == AttentionCGSupport.UNIFORM_BATCH
+
+
+@pytest.mark.parametrize("spec", [0, 3], ids=["host mirror", "counted on the device"])
+def test_prompt_blocks_written_straight_to_records_give_the_rows_of_the_pool(registered,
+                                                                              spec):
+    """Default reads: the prompt blocks a step opens and fills, written straight to their
+    records (`cache.write_blocks`, no pool slot), give every row bit for bit what writing
+    them through the pool and committing them at the next step gives: a fresh prompt
+    (FlashAttention over raw K/V), a dense continuation (its own blocks from its K/V, not
+    their records), a kernel continuation that completes a block an earlier chunk began,
+    and decodes reading them all; with fewer slots held, allocated from the host mirror or
+    (with speculative decoding) on the device."""
+    gen = torch.Generator().manual_seed(5)
+    kv = {r: 2 * torch.randn(2, 320, HK, D, generator=gen).half() for r in "ab"}
+    q = torch.randn(320, 4 * D, generator=gen).half()
+
+    def features(r, s, n):
+        return kv[r][0, s: s + n], kv[r][1, s: s + n], q[s: s + n]
+
+    steps = [
+        (dict(new=[("a", list(range(6)), 0)], scheduled={"a": 128}), [("a", 0, 128)]),
+        (dict(cached=[("a", None, 128, False)], scheduled={"a": 128}), [("a", 128, 128)]),
+        (dict(cached=[("a", None, 256, False)], new=[("b", list(range(6, 11)), 0)],
+              scheduled={"a": 44, "b": 100}), [("a", 256, 44), ("b", 0, 100)]),
+        (dict(cached=[("a", None, 300, False), ("b", None, 100, False)],
+              scheduled={"a": 1, "b": 60}), [("a", 300, 1), ("b", 100, 60)]),
+        (dict(cached=[("a", None, 301, False), ("b", None, 160, False)],
+              scheduled={"a": 1, "b": 1}), [("a", 301, 1), ("b", 160, 1)]),
+    ]
+    runs = {}
+    for direct in (False, True):
+        stats = {}
+        rows = _replay([(_output(**out), rows) for out, rows in steps], features,
+                       prefix_caching=False, spec=spec, chunk_invariant=False, direct=direct,
+                       stats=stats)
+        runs[direct] = rows, stats
+    (pooled, before), (direct, after) = runs[False], runs[True]
+    assert after["direct"] == 3 and before["direct"] == 0  # a's blocks 1, 2 and 3
+    assert all(x <= y for x, y in zip(after["held"], before["held"], strict=True))
+    assert sum(after["held"]) < sum(before["held"])
+    assert pooled.keys() == direct.keys() and len(pooled) == 302 + 161
+    for key in pooled:
+        assert torch.equal(direct[key], pooled[key]), f"request {key[0]}, position {key[1]}"
 
 
 # ---------------------------------------------------------------- vLLM's scheduler, replayed
@@ -1127,10 +1250,11 @@ def _scheduled_rows(tmp_path, token_prompts, prefix_caching: bool, new_tokens: i
                 [_draft(r, len(tokens[r]) + j) for j in range(spec)] for r in proposing]))
 
 
-def _replay_prompts(tmp_path, prefix_caching: bool, spec: int) -> dict:
+def _replay_prompts(tmp_path, prefix_caching: bool, spec: int, **kwargs) -> dict:
     """Four prompts and two multi-turn extensions of the first (each scheduled while its
     prefix is still being written, as in benchmarks/vllm_e2e.py) through `_scheduled_rows`
-    and `_replay`, with K/V and queries that are functions of (token, position)."""
+    and `_replay` (`kwargs`: its own), with K/V and queries that are functions of (token,
+    position)."""
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(1000, 30000, (3000,), generator=gen).tolist()
     prompts = [ids[i * 500: i * 500 + 300 - (i % 3) * 50] for i in range(4)]
@@ -1150,7 +1274,7 @@ def _replay_prompts(tmp_path, prefix_caching: bool, spec: int) -> dict:
         t, pos = torch.tensor(step_inputs[r]) % 4096, torch.arange(s, s + n)
         return [(tok[t] + at[pos]).half() for tok, at in tables]
 
-    return _replay(steps(), features, prefix_caching=prefix_caching, spec=spec)
+    return _replay(steps(), features, prefix_caching=prefix_caching, spec=spec, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -1178,3 +1302,27 @@ def test_prefix_caching_and_ngram_change_no_row_under_vllms_scheduler(
         assert both == alone.keys()
     for key in both:
         assert torch.equal(rows[key], alone[key]), f"request {key[0]}, position {key[1]}"
+
+
+@pytest.mark.xdist_group("direct_replay")  # about 4 min on one worker
+def test_prompt_blocks_written_straight_to_records_change_no_row(registered, tmp_path):
+    """Default reads under vLLM 0.26's scheduler, with prefix caching and ngram drafts:
+    the prompt blocks a step opens and fills written straight to their records
+    (`cache.write_blocks`, no pool slot) rather than through the pool and the next step's
+    commit give every row bit for bit, with fewer slots held, in a pool sized without
+    room for a step's prompt blocks. (No request here hits a block in the step that fills
+    it: such a hit reads the block's record, as hits in later steps do, where through the
+    pool it read the block unquantized.)"""
+    runs = {}
+    for direct in (False, True):
+        stats = {}
+        (tmp_path / str(direct)).mkdir()
+        rows = _replay_prompts(tmp_path / str(direct), True, 3, chunk_invariant=False,
+                               direct=direct, stats=stats)
+        runs[direct] = rows, stats
+    (pooled, before), (direct, after) = runs[False], runs[True]
+    assert after["direct"] > 0 and before["direct"] == 0
+    assert sum(after["held"]) < sum(before["held"])
+    assert pooled.keys() == direct.keys()
+    for key in pooled:
+        assert torch.equal(direct[key], pooled[key]), f"request {key[0]}, position {key[1]}"

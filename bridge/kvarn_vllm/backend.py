@@ -10,7 +10,10 @@ Decoder self-attention over a paged KVarN cache (DESIGN §4-§5):
   a long continuation over its context gathered dense by `kvarn_torch.triton_gather`
   (rotated q in, output rotated back);
 * the builder, once per step and outside CUDA graphs, runs `lifecycle.PoolGroup.step`:
-  release finished requests, commit accepted full blocks, give slots to new blocks.
+  release finished requests, commit accepted full blocks, give slots to new blocks;
+* the blocks that FlashAttention's prompt rows open and fill in one step never take a
+  slot: `forward` quantizes them straight from the step's K/V (`cache.write_blocks`),
+  so the pool needs no room for a step's prompt tokens (`direct_prompts_only`).
 
 With KVARN_CHUNK_INVARIANT=1 (`settings.chunk_invariant`; the default under vLLM's
 VLLM_BATCH_INVARIANT=1) every row reads the blocks before its own from their records and
@@ -151,6 +154,10 @@ class KVarNMetadata(AttentionMetadata):
     # chunk_invariant steps with multi-query rows: the blocks their rows fill (records
     # written ahead, `cache.snapshot`); -1 pads
     snapshot_blocks: torch.Tensor | None = None
+    # prompt blocks this step opens and fills (`KVarNMetadataBuilder._direct_blocks`):
+    # their first tokens in the batch and physical ids, written straight to their records
+    direct_starts: torch.Tensor | None = None
+    direct_blocks: torch.Tensor | None = None
 
     def query_lens(self) -> torch.Tensor:
         return self.query_start_loc[1:] - self.query_start_loc[:-1]
@@ -174,6 +181,7 @@ class Run:
     # [0, seq_len] on the device.
     dense_blocks: int = 0
     cu_k: torch.Tensor | None = None
+    raw_from: int = -1  # >= 0: the chunk's first position; its K/V replace what was gathered
     # chunk_invariant prompt rows of consecutive requests (`blockwise_run`): one
     # FlashAttention sequence per block the rows lie in, `cu` their query offsets, over
     # the pages `page_blocks` (physical ids on the device, one gather launch): the first
@@ -196,6 +204,17 @@ DENSE_MIN_QUERY = 128
 # Contexts up to this many tokens only: the dense copy is a transient outside vLLM's memory
 # profile (256 MiB for K and V at 8 KV heads x 128 x fp16).
 DENSE_MAX_TOKENS = 65536
+
+
+def direct_prompts_only(flash_attention: bool, tile: int, max_model_len: int,
+                        speculative_tokens: int) -> bool:
+    """Whether every block a step opens and fills goes straight to its record (so the pool
+    needs no room for a step's prompt blocks): FlashAttention serves every row run that
+    fills a block over its raw K/V (`KVarNMetadataBuilder.raw_prompt`), as with default
+    reads, whole-tile chunks of at least DENSE_MIN_QUERY rows, contexts of at most
+    DENSE_MAX_TOKENS and verify windows shorter than a tile."""
+    return (flash_attention and not settings.chunk_invariant() and tile >= DENSE_MIN_QUERY
+            and max_model_len <= DENSE_MAX_TOKENS and 1 + speculative_tokens < tile)
 
 
 def on_finish(vllm_config) -> lifecycle.OnFinish:
@@ -303,6 +322,16 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
         self.sink_blocks = settings.sink_blocks()
         # rows of a request up to this many are verify rows (the kernel), longer ones prompts
         self.verify_len = 1 + (spec.num_speculative_tokens if spec else 0)
+        # the blocks a step opens and fills go straight to their records where
+        # FlashAttention serves their rows over raw K/V (`raw_prompt`)
+        self.direct = self.flash_attention and not self.chunk_invariant
+
+    def raw_prompt(self, computed: int, new: int) -> bool:
+        """Whether a request's rows of a step are prompt rows that FlashAttention serves
+        over their own K/V unquantized (`_metadata`): a fresh prompt, or a continuation
+        that runs dense. Nothing reads the blocks they open and fill from the pool then."""
+        return self.direct and new > self.verify_len and (
+            computed == 0 or DENSE_MIN_QUERY <= new <= DENSE_MAX_TOKENS - computed)
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
@@ -321,7 +350,8 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
             head = caches[0]
             self.group = lifecycle.PoolGroup(caches, lifecycle.SlotTables(
                 head.block_to_slot, head.slot_to_block, head.dropped_tokens),
-                on_finish=on_finish(self.vllm_config))
+                on_finish=on_finish(self.vllm_config),
+                direct=self.raw_prompt if self.direct else None)
         return self.group
 
     def _metadata(self, cam: CommonAttentionMetadata) -> KVarNMetadata:
@@ -347,12 +377,40 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
         snapshot = None
         if invariant and b and cam.max_query_len > 1:
             snapshot = self._snapshot_blocks(cam, q_lens_cpu)
+        direct = (self._direct_blocks(cam, qsl_cpu.tolist(), num_decodes)
+                  if self.direct and not uniform else None) or (None, None)
         return KVarNMetadata(
             seq_lens=cam.seq_lens[:b], query_start_loc=qsl,
             block_table=cam.block_table_tensor[:b], num_actual_tokens=cam.num_actual_tokens,
             num_reqs=b, max_query_len=cam.max_query_len, uniform_query_len=uniform,
             num_decodes=num_decodes, runs=runs, chunk_invariant=invariant,
-            snapshot_blocks=snapshot)
+            snapshot_blocks=snapshot, direct_starts=direct[0], direct_blocks=direct[1])
+
+    def _direct_blocks(self, cam: CommonAttentionMetadata, starts: list[int],
+                       first: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The blocks past the sinks that this step's `raw_prompt` rows open and fill, as
+        (their first tokens in the batch, their physical ids) on the device, or None. The
+        layers write them straight into their records (`cache.write_blocks`), so they take
+        no pool slot (`lifecycle.PoolMirror` applies the same rule to the scheduler's
+        numbers) and `build` keeps their tokens out of the pool writes."""
+        g = self.tile
+        seq = cam.seq_lens_cpu_upper_bound  # exact for prompt rows
+        seq = (seq if seq is not None else cam.seq_lens.cpu())[: cam.num_reqs].tolist()
+        at, rows, cols = [], [], []
+        for r in range(first, cam.num_reqs):
+            n = starts[r + 1] - starts[r]
+            c = seq[r] - n
+            if self.raw_prompt(c, n):
+                js = lifecycle.filled_in_step(c, n, g, self.sink_blocks)
+                at += [starts[r] + j * g - c for j in js]
+                rows += [r] * len(js)
+                cols += js
+        if not at:
+            return None
+        dev = cam.block_table_tensor.device
+        rows_t, cols_t = (lifecycle.to_device(torch.tensor(x), dev) for x in (rows, cols))
+        return (lifecycle.to_device(torch.tensor(at), dev),
+                cam.block_table_tensor[rows_t, cols_t])
 
     def _snapshot_blocks(self, cam: CommonAttentionMetadata, q_lens_cpu) -> torch.Tensor:
         """The blocks, past the sinks, that the rows of this step fill. Their records are
@@ -421,9 +479,11 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
         if int(seq_cpu[r]) > DENSE_MAX_TOKENS:
             return run
         blocks = -(-int(seq_cpu[r]) // self.tile)  # an upper bound: cu_k holds the exact length
+        computed = int(seq_cpu[r]) - run.max_len  # exact for prompt rows
         return dataclasses.replace(
             run, cu=qsl[r: r + 2] - run.start, dense_blocks=blocks,
-            cu_k=torch.nn.functional.pad(cam.seq_lens[r: r + 1].to(torch.int32), (1, 0)))
+            cu_k=torch.nn.functional.pad(cam.seq_lens[r: r + 1].to(torch.int32), (1, 0)),
+            raw_from=computed if self.raw_prompt(computed, run.max_len) else -1)
 
     def build_for_cudagraph_capture(self, cam: CommonAttentionMetadata) -> KVarNMetadata:
         return self._metadata(cam)  # dummy batch: no cache bookkeeping
@@ -431,12 +491,21 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> KVarNMetadata:
         md = self._metadata(common_attn_metadata)
+        keep_out_of_pool(md, common_attn_metadata.slot_mapping, self.tile)
         group = self._pool_group()
         if group is not None and lifecycle.REQUESTS.in_step:  # real steps only
             group.step(md.block_table, md.seq_lens, md.query_lens(),
                        common_attn_metadata.slot_mapping[: md.num_actual_tokens],
                        lifecycle.REQUESTS.plan, sync=self.sync_commit)
         return md
+
+
+def keep_out_of_pool(md: KVarNMetadata, slot_mapping: torch.Tensor, tile: int) -> None:
+    """Make the tokens of the step's direct blocks padding in vLLM's slot mapping, which
+    only the pool's slot allocation and writes read: `forward` writes their records."""
+    if md.direct_starts is not None:
+        rows = md.direct_starts[:, None] + torch.arange(tile, device=slot_mapping.device)
+        slot_mapping.index_fill_(0, rows.flatten(), -1)
 
 
 class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
@@ -470,11 +539,15 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
         self.pool_v: torch.Tensor | None = None
         self.cache: KVarNCache | None = None
         cfg = get_current_vllm_config()
-        spec = cfg.speculative_config
-        self.pool_slots, self.pool_needed = settings.pool_slots(
-            cfg.scheduler_config.max_num_seqs, cfg.scheduler_config.max_num_batched_tokens,
-            self.tile, spec.num_speculative_tokens if spec is not None else 0)
+        sched = cfg.scheduler_config
+        drafts = cfg.speculative_config.num_speculative_tokens if cfg.speculative_config else 0
         self._fa = _flash_attention(head_size)
+        self.prompt_blocks_pooled = not direct_prompts_only(
+            self._fa is not None, self.tile, cfg.model_config.max_model_len, drafts)
+        self.pool_slots, self.pool_needed = settings.pool_slots(
+            sched.max_num_seqs, sched.max_num_batched_tokens, self.tile, drafts,
+            prompt_blocks_pooled=self.prompt_blocks_pooled,
+            partial_prefills=sched.max_num_seqs if sched.long_prefill_token_threshold else 1)
 
     def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
         """Allocate the tail pool now, before vLLM measures memory for the KV cache."""
@@ -543,6 +616,10 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
             return output
         n = md.num_actual_tokens
         q = query[:n].view(n, self.num_heads, self.head_size)
+        if md.direct_starts is not None:  # before any row reads them (a prefix hit may)
+            kvcache.write_blocks(cache, key[:n].view(n, self.num_kv_heads, self.head_size),
+                                 value[:n].view(n, self.num_kv_heads, self.head_size),
+                                 md.direct_starts, md.direct_blocks)
         self._mixed(q, key[:n], value[:n], cache, md, out)
         return output
 
@@ -566,7 +643,8 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
                 self._blockwise(q[s:e], cache, run, out[s:e])
                 continue
             if run.dense_blocks:
-                self._dense(q[s:e], cache, md.block_table[run.r0], run, out[s:e])
+                self._dense(q[s:e], k[s:e].view(-1, hk, d), v[s:e].view(-1, hk, d), cache,
+                            md.block_table[run.r0], run, out[s:e])
                 continue
             triton_attention.attention(q[s:e].view(1, e - s, hq, d), cache,
                                        md.block_table[run.r0: run.r1],
@@ -585,11 +663,16 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
         kernel = gluon_attention if gluon_attention.applies(q, cache) else triton_attention
         kernel.attention(q, cache, block_table, seq_lens, softmax_scale=self.scale, out=out)
 
-    def _dense(self, q, cache, block_table, run: Run, out) -> None:
+    def _dense(self, q, k_new, v_new, cache, block_table, run: Run, out) -> None:
         """One request's prefill chunk, FlashAttention over its whole context gathered
         dense: attention is invariant under the orthonormal rotation of q and K, and V's
-        rotation is undone on the output."""
+        rotation is undone on the output. The chunk's own K/V (k_new, v_new) come as the
+        pool holds them (rotated, rounded to the model dtype), also for the blocks it
+        fills, which hold only records (`raw_from`)."""
         k, v = triton_gather.gather(cache, block_table, run.dense_blocks)
+        if run.raw_from >= 0:
+            k[run.raw_from: run.raw_from + k_new.shape[0]] = codec.rotate(k_new)
+            v[run.raw_from: run.raw_from + v_new.shape[0]] = codec.rotate(v_new)
         o = torch.empty_like(q)
         self._fa(codec.rotate(q), k, v, run.cu, run.cu_k, run.max_len, k.shape[0],
                  self.scale, o)
@@ -673,7 +756,9 @@ def _log_pool_once(impl: KVarNAttentionImpl, act_dtype: torch.dtype) -> None:
            f"({impl.pool_slots * per_layer / 2**20:.1f} MiB per layer, "
            f"{impl.tile} tokens x {impl.num_kv_heads} KV heads in {act_dtype} per slot), "
            f"sized for max_num_seqs={cfg.scheduler_config.max_num_seqs} and "
-           f"max_num_batched_tokens={cfg.scheduler_config.max_num_batched_tokens}")
+           f"max_num_batched_tokens={cfg.scheduler_config.max_num_batched_tokens}"
+           + ("" if impl.prompt_blocks_pooled else
+              " (the prompt blocks a step fills go straight to their records)"))
     log.warning(msg)
     if settings.chunk_invariant():
         why = ("VLLM_BATCH_INVARIANT=1" if settings.ENV_CHUNK_INVARIANT not in os.environ

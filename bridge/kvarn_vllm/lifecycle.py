@@ -7,8 +7,9 @@ builder and outside any CUDA graph, `PoolGroup.step` settles the blocks of finis
 preempted requests (`OnFinish`: dropped, quantized, or quantized but for the sinks, which
 stay in the pool for prefix hits until their slots are needed), quantizes every full block
 whose tokens were all accepted before this step (one codec call for all layers), frees
-their slots, and gives a pool slot to every block this step writes. The layers'
-`do_kv_cache_update` then only rotate and scatter their tokens (graph-safe, no
+their slots, and gives a pool slot to every block this step writes but the prompt blocks
+it opens and fills, which the layers quantize straight from their tokens (`Direct`). The
+layers' `do_kv_cache_update` then only rotate and scatter their tokens (graph-safe, no
 allocation).
 
 Neither which requests finished nor how many tiles a step quantizes is part of the
@@ -24,6 +25,7 @@ finds nothing to do for launch no bookkeeping at all.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Literal, get_args
 
 import torch
@@ -156,17 +158,29 @@ def written_blocks(plan: StepPlan, tile: int) -> set[int]:
             for b in s.blocks[s.computed // tile: -(-(s.computed + s.new_tokens) // tile)]}
 
 
+def filled_in_step(computed: int, new: int, tile: int, sink_blocks: int) -> range:
+    """Which of a request's blocks (positions in its block list) past the sinks its rows
+    of one step open and fill."""
+    return range(max(sink_blocks, -(-computed // tile)), (computed + new) // tile)
+
+
+# Whether a request's blocks that one step opens and fills go straight to their records
+# (`cache.write_blocks`) rather than through pool slots, given (computed, new tokens).
+Direct = Callable[[int, int], bool]
+
+
 class PoolMirror:
     """Which blocks hold a pool slot, on the host, following the rules of
     `kvarn_torch.cache` (allocate / commit / release) from the scheduler's numbers."""
 
     def __init__(self, tile: int, sink_blocks: int, pool_slots: int,
-                 on_finish: OnFinish = "quantize") -> None:
+                 on_finish: OnFinish = "quantize", direct: Direct | None = None) -> None:
         if on_finish not in get_args(OnFinish):
             raise ValueError(f"on_finish must be one of {get_args(OnFinish)}; got "
                              f"{on_finish!r}")
         self.tile, self.sink, self.pool_slots = tile, sink_blocks, pool_slots
         self.on_finish = on_finish
+        self.direct = direct
         self.held: set[int] = set()
         self.retired: dict[int, None] = {}  # held sinks of finished requests, oldest first
         self.checked: dict[str, int] = {}  # per request: blocks below this are settled
@@ -207,14 +221,18 @@ class PoolMirror:
         return len(quantize)
 
     def _starting(self, plan: StepPlan) -> list[int]:
-        """The blocks this step starts that hold no slot, in order of first appearance."""
+        """The blocks this step starts that hold no slot and are not written straight to
+        their records, in order of first appearance."""
         g, out = self.tile, {}
         for s in plan.scheduled:
             if s.new_tokens <= 0:
                 continue
             first = -(-s.computed // g)  # blocks from here on are written from offset 0
             last = (s.computed + s.new_tokens - 1) // g
-            out.update((b, None) for b in s.blocks[first: last + 1] if b not in self.held)
+            direct = (filled_in_step(s.computed, s.new_tokens, g, self.sink)
+                      if self.direct and self.direct(s.computed, s.new_tokens) else range(0))
+            out.update((b, None) for j, b in enumerate(s.blocks[first: last + 1], first)
+                       if b not in self.held and j not in direct)
         return list(out)
 
     def allocate(self, plan: StepPlan) -> tuple[list[int], int, int]:
@@ -240,14 +258,19 @@ class PoolGroup:
     caching needs them readable: vLLM may hand such a block to a later request as a prefix
     hit, after its pool slot went to another block. Without prefix caching nothing reads
     them again, and "drop" saves their quantize launch (in a burst of 64 x 1K prompts,
-    every sequence's sink block at its end)."""
+    every sequence's sink block at its end).
+
+    `direct` (see `Direct`): the requests whose blocks a step opens and fills the layers
+    write straight into their records; the step's slot mapping leaves their tokens out.
+    """
 
     def __init__(self, caches: list[KVarNCache], tables: SlotTables,
-                 on_finish: OnFinish = "quantize") -> None:
+                 on_finish: OnFinish = "quantize", direct: Direct | None = None) -> None:
         self.caches = caches
         self.tables = tables
         head = caches[0]
-        self.mirror = PoolMirror(head.tile, head.sink_blocks, head.pool_slots, on_finish)
+        self.mirror = PoolMirror(head.tile, head.sink_blocks, head.pool_slots, on_finish,
+                                 direct)
         self.started = False
         # GPU-side counters read one step late through pinned copies (no step waits):
         # tokens that found no slot, and ready tiles the mirror did not count.

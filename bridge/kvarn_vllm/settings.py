@@ -98,18 +98,26 @@ def sink_blocks() -> int:
 
 
 def required_pool_slots(max_num_seqs: int, max_num_batched_tokens: int, tile: int,
-                        speculative_tokens: int = 0) -> int:
+                        speculative_tokens: int = 0, *, prompt_blocks_pooled: bool = True,
+                        partial_prefills: int = 1) -> int:
     """Slots that can never run out: a sink and a tail per running sequence (one more
-    when speculative tokens may spill into the next block), plus the full blocks one
-    step's prompt tokens can write before they are committed at the next step."""
+    when speculative tokens may spill into the next block), plus the prompt blocks a step
+    fills before they are committed at the next step: every one of them
+    (`prompt_blocks_pooled`), or, where the blocks a step opens and fills go straight to
+    their records, those a chunk completes after an earlier chunk began them, one per
+    prefill cut into chunks (`partial_prefills`; vLLM cuts one at a time unless
+    long_prefill_token_threshold is set)."""
     per_seq = 2 + (1 if speculative_tokens else 0)
-    return per_seq * max_num_seqs + math.ceil(max_num_batched_tokens / tile) + POOL_SLACK
+    prompt = math.ceil(max_num_batched_tokens / tile) if prompt_blocks_pooled else partial_prefills
+    return per_seq * max_num_seqs + prompt + POOL_SLACK
 
 
 def pool_slots(max_num_seqs: int, max_num_batched_tokens: int, tile: int,
-               speculative_tokens: int = 0) -> tuple[int, int]:
-    """(slots to allocate, slots required): KVARN_POOL_SLOTS overrides the first."""
-    need = required_pool_slots(max_num_seqs, max_num_batched_tokens, tile, speculative_tokens)
+               speculative_tokens: int = 0, **kwargs) -> tuple[int, int]:
+    """(slots to allocate, slots required): KVARN_POOL_SLOTS overrides the first. kwargs:
+    those of `required_pool_slots`."""
+    need = required_pool_slots(max_num_seqs, max_num_batched_tokens, tile, speculative_tokens,
+                               **kwargs)
     value = os.environ.get(ENV_POOL_SLOTS)
     if value is None:
         return need, need
