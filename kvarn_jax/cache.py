@@ -69,7 +69,8 @@ def init(num_blocks: int, num_kv_heads: int, head_dim: int, *, pool_slots: int,
          dtype=jnp.float16, preset: str = DEFAULT_PRESET, sink_blocks: int = 1,
          iters: int = oracle.DEFAULT_ITERS) -> KVarNCache:
     """An empty cache. Size `pool_slots` as 2 per running sequence (sink + tail) plus the
-    blocks one prefill step writes (prompt tokens per step / tile)."""
+    blocks one prefill step writes through the pool (prompt tokens per step / tile; none
+    of those that `write_blocks` writes)."""
     lay = layout(preset, head_dim)
     if jnp.dtype(dtype) not in (jnp.float16, jnp.bfloat16):
         raise TypeError(f"the cache holds the model dtype, float16 or bfloat16; got {dtype}")

@@ -92,7 +92,8 @@ def init(num_blocks: int, num_kv_heads: int, head_dim: int, *, pool_slots: int,
          sink_blocks: int = 1, iters: int = codec.DEFAULT_ITERS,
          device: torch.device | str | None = None) -> KVarNCache:
     """An empty cache. Size `pool_slots` as 2 per running sequence (sink + tail) plus the
-    blocks one prefill step writes (prompt tokens per step / tile)."""
+    blocks one prefill step writes through the pool (prompt tokens per step / tile; none
+    of those that `write_blocks` writes)."""
     lay = layout(preset, head_dim)
     if dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"the cache holds the model dtype, float16 or bfloat16; got {dtype}")
