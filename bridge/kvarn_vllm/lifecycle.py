@@ -287,18 +287,22 @@ class PoolGroup:
         self._seen.zero_()
         self.started = True
 
-    def _check_counters(self) -> None:
+    def _check_counters(self, sync: bool) -> None:
         """Raise if an earlier step lost tokens (no free slot) or left ready tiles
         unquantized (the host mirror went wrong)."""
         dropped, backlog = (int(x) for x in self._seen)
-        pool = self.mirror.pool_slots
+        pool = self.caches[0].pool_slots
         if dropped:
+            # allocating on the GPU (sync), a pool too small for the step explains it;
+            # from the mirror, which checks its count first, a block it missed does
+            why = ("" if sync else
+                   f" (the host-side mirror holds {len(self.mirror.held)} slots now; well "
+                   f"below {pool}, it missed a block: please report it, KVARN_SYNC_COMMIT=1 "
+                   "allocates on the GPU)")
             raise PoolExhausted(
                 f"kvarn tail pool exhausted: {dropped} token writes found none of the "
                 f"{pool} slots free, so their K/V were lost. Raise KVARN_POOL_SLOTS above "
-                f"{pool}, or lower --max-num-seqs / --max-num-batched-tokens (the host-side "
-                f"mirror holds {len(self.mirror.held)} slots now; well below {pool}, it "
-                "missed a block: please report it, KVARN_SYNC_COMMIT=1 allocates on the GPU)")
+                f"{pool}, or lower --max-num-seqs / --max-num-batched-tokens{why}")
         if backlog:
             raise RuntimeError(
                 f"kvarn internal error: {backlog} tiles were ready to quantize but not "
@@ -317,7 +321,7 @@ class PoolGroup:
         the next flush (a commit or a release) instead of this step's."""
         if not self.started:
             self._start()
-        self._check_counters()
+        self._check_counters(sync)
         head = self.caches[0]
         n = self.mirror.flush(plan)
         evicted, granted, missing = self.mirror.allocate(plan)
