@@ -268,7 +268,7 @@ def test_request_blocks_follow_the_scheduler():
 G, HK, D = 64, 2, 64
 
 
-def _layers(n_layers=2, num_blocks=24, slots=8, on_finish="quantize"):
+def _layers(n_layers=2, num_blocks=24, slots=8, on_finish="quantize", direct=None):
     from kvarn_torch import cache as kvcache
     from kvarn_vllm import lifecycle
 
@@ -281,7 +281,7 @@ def _layers(n_layers=2, num_blocks=24, slots=8, on_finish="quantize"):
         c.block_to_slot, c.slot_to_block, c.dropped_tokens = (
             tables.block_to_slot, tables.slot_to_block, tables.dropped_tokens)
         caches.append(c)
-    return caches, lifecycle.PoolGroup(caches, tables, on_finish)
+    return caches, lifecycle.PoolGroup(caches, tables, on_finish, direct)
 
 
 def _step_tables(rows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -480,6 +480,33 @@ def test_a_retired_sink_recycled_by_vllm_takes_new_tokens_in_its_slot():
     for c, f in zip(reused, fresh):
         for b in (2, 9):
             assert c.pages[b].any() and torch.equal(c.pages[b], f.pages[b])
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["mirror", "counted on the device"])
+def test_a_retired_sink_recycled_as_a_block_written_straight_to_its_record(sync):
+    """vLLM may hand a retired sink's block id to a new request as a block that its prompt
+    rows open and fill in one step, written straight to its record (`write_blocks`): the
+    slot, which holds the old sink, is freed unquantized; kept, it would shadow the new
+    record (readers take the pool first) and be committed over it at the next step."""
+    from kvarn_vllm.lifecycle import Finished, Scheduled, StepPlan
+
+    caches, group = _layers(slots=4, on_finish="retire_sinks", direct=lambda c, n: True)
+    rng = torch.Generator().manual_seed(1)
+    _run_step(caches, group, StepPlan([Scheduled("a", [2, 5], 0, 100)]), rng)
+    _run_step(caches, group, StepPlan([], [Finished("a", [2, 5], 100)]), rng)
+    assert group.mirror.retired == {2: None} and int(caches[0].block_to_slot[2]) >= 0
+    blocks = [7, 2, 9, 11]  # 2 and 9 filled by this step's rows, 7 the sink, 11 the tail
+    table, sm = _step_tables([(blocks, 0, 200)])
+    sm[G: 3 * G] = -1  # their tokens kept out of the pool writes (`keep_out_of_pool`)
+    group.step(table, torch.tensor([200]), torch.tensor([200]), sm,
+               StepPlan([Scheduled("n", blocks, 0, 200)]), sync=sync)
+    held = {int(b) for b in caches[0].slot_to_block if b >= 0}
+    assert held == group.mirror.held == {7, 11} and group.mirror.recycled == [2]
+    assert int(caches[0].block_to_slot[2]) == -1
+    assert all(not c.pages[2].any() for c in caches)  # not quantized: forward writes it
+    group.step(table, torch.tensor([201]), torch.tensor([1]), torch.tensor([200]),
+               StepPlan([Scheduled("n", blocks, 200, 1)]), sync=sync)
+    assert all(not c.pages[2].any() for c in caches) and int(group.backlog) == 0
 
 
 def test_finished_blocks_are_kept_for_prefix_caching_and_kv_connectors():

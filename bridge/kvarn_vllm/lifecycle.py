@@ -184,6 +184,7 @@ class PoolMirror:
         self.held: set[int] = set()
         self.retired: dict[int, None] = {}  # held sinks of finished requests, oldest first
         self.checked: dict[str, int] = {}  # per request: blocks below this are settled
+        self.recycled: list[int] = []  # the last flush's: held blocks now written direct
 
     def kept_sinks(self, f: Finished) -> int:
         """How many leading blocks of finished request `f` retire instead of quantizing."""
@@ -192,10 +193,14 @@ class PoolMirror:
         return min(self.sink, f.tokens // self.tile, len(f.blocks))
 
     def flush(self, plan: StepPlan) -> int:
-        """Apply release and commit; -> how many held blocks get quantized."""
+        """Apply release and commit; -> how many held blocks get quantized. Held blocks
+        that a request now writes straight to their records (a retired sink whose id vLLM
+        handed on) are freed unquantized, listed in `recycled`: their slots hold the old
+        tokens, which the pool would give readers in place of the new record."""
         g, sink = self.tile, self.sink
         quantize: set[int] = set()
         free: set[int] = set()
+        self.recycled = []
         for f in plan.finished:
             self.checked.pop(f.req_id, None)
             full = min(f.tokens // g, len(f.blocks)) if self.on_finish != "drop" else 0
@@ -209,6 +214,7 @@ class PoolMirror:
             # allocated ahead of the writes stays retired until they come
             for b in s.blocks[: -(-(s.computed + s.new_tokens) // g)]:
                 self.retired.pop(b, None)
+            self.recycled += [b for b in self._direct(s) if b in self.held]
             # blocks below `checked` were committed when they filled; a prefix hit's blocks
             # are checked on first sight (another request may still hold one in the pool),
             # but for those another request fills in this very step: its commit takes them
@@ -216,9 +222,16 @@ class PoolMirror:
             lo = max(sink, self.checked.get(s.req_id, 0))
             quantize.update(b for b in s.blocks[lo:full] if b in self.held and b not in writing)
             self.checked[s.req_id] = max(lo, full)
-        free -= quantize
+        free = (free | set(self.recycled)) - quantize
         self.held -= quantize | free
         return len(quantize)
+
+    def _direct(self, s: Scheduled) -> list[int]:
+        """The blocks of `s` that its rows of this step write straight to their records."""
+        if not (self.direct and self.direct(s.computed, s.new_tokens)):
+            return []
+        return [s.blocks[j] for j in filled_in_step(s.computed, s.new_tokens, self.tile,
+                                                    self.sink) if j < len(s.blocks)]
 
     def _starting(self, plan: StepPlan) -> list[int]:
         """The blocks this step starts that hold no slot and are not written straight to
@@ -229,10 +242,9 @@ class PoolMirror:
                 continue
             first = -(-s.computed // g)  # blocks from here on are written from offset 0
             last = (s.computed + s.new_tokens - 1) // g
-            direct = (filled_in_step(s.computed, s.new_tokens, g, self.sink)
-                      if self.direct and self.direct(s.computed, s.new_tokens) else range(0))
-            out.update((b, None) for j, b in enumerate(s.blocks[first: last + 1], first)
-                       if b not in self.held and j not in direct)
+            direct = set(self._direct(s))
+            out.update((b, None) for b in s.blocks[first: last + 1]
+                       if b not in self.held and b not in direct)
         return list(out)
 
     def allocate(self, plan: StepPlan) -> tuple[list[int], int, int]:
@@ -345,10 +357,12 @@ class PoolGroup:
             if self.mirror.on_finish == "drop":  # dropped with their slots, none quantized
                 quantize, free = torch.zeros_like(quantize), free | quantize
         if evicted:
-            ids = to_device(torch.tensor(evicted, dtype=torch.int64), head.device)
-            marks = torch.zeros(head.num_blocks, dtype=torch.bool, device=head.device)
-            marks.index_fill_(0, ids, True)
+            marks = _block_marks(head, evicted)
             quantize = marks if quantize is None else quantize | marks
+        if self.mirror.recycled:
+            marks = _block_marks(head, self.mirror.recycled)
+            free = marks if free is None else free | marks
+            quantize = torch.zeros_like(marks) if quantize is None else quantize
         if block_table.shape[0] and (sync or n or quantize is not None):
             ready = kvcache.commit_marks(head, block_table, seq_lens, query_lens)
             ready &= ~_written_marks(head, slot_mapping)  # see written_blocks
@@ -362,6 +376,13 @@ class PoolGroup:
         # read by the next step; the layers' writes of this step count in the one after
         self._seen[0].copy_(self.tables.dropped_tokens, non_blocking=True)
         self._seen[1].copy_(self.backlog, non_blocking=True)
+
+
+def _block_marks(cache: KVarNCache, blocks: list[int]) -> Tensor:
+    """[num_blocks] bool on the device: `blocks` (host ids)."""
+    ids = to_device(torch.tensor(blocks, dtype=torch.int64), cache.device)
+    marks = torch.zeros(cache.num_blocks, dtype=torch.bool, device=cache.device)
+    return marks.index_fill_(0, ids, True)
 
 
 def _written_marks(cache: KVarNCache, slot_mapping: Tensor) -> Tensor:
