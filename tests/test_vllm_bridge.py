@@ -104,6 +104,32 @@ def test_prompt_blocks_skip_the_pool_only_where_flash_attention_serves_them_raw(
                           direct=False).direct_starts is None
 
 
+@pytest.mark.parametrize("flash, threshold, slots", [
+    (False, 0, 2 * 16 + 2048 // 128 + 8),  # no FlashAttention: the kernel serves prompts
+    (True, 0, 2 * 16 + 1 + 8),
+    (True, 256, 2 * 16 + 16 + 8),  # every long prefill cut at 256 tokens a step
+])
+def test_the_impl_sizes_its_pool_from_vllms_config(registered, tmp_path, monkeypatch,
+                                                   flash, threshold, slots):
+    from vllm.config import set_current_vllm_config
+    from vllm.engine.arg_utils import EngineArgs
+
+    from kvarn_vllm import backend
+
+    monkeypatch.setattr(backend, "_flash_attention", lambda head_size: (
+        (lambda *args, **kwargs: None) if flash else None))
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_TINY))
+    cfg = EngineArgs(model=str(tmp_path), skip_tokenizer_init=True, max_model_len=1024,
+                     max_num_batched_tokens=2048, max_num_seqs=16, dtype="float16",
+                     kv_cache_dtype="kvarn_k4v2_g128", enforce_eager=True,
+                     long_prefill_token_threshold=threshold).create_engine_config()
+    with set_current_vllm_config(cfg):
+        impl = backend.KVarNAttentionImpl(4, D, D ** -0.5, num_kv_heads=HK,
+                                          kv_cache_dtype="kvarn_k4v2_g128")
+    assert (impl.pool_slots, impl.pool_needed) == (slots, slots)
+    assert impl.prompt_blocks_pooled == (not flash)
+
+
 def test_layer_problems_name_the_fix():
     assert settings.layer_problems("kvarn_k4v2_g128", 128, 128) == []
     assert settings.layer_problems("kvarn_k4v2_g64", 64, None) == []
