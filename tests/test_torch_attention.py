@@ -708,13 +708,18 @@ def _cache_bytes_identical_to_jax(dtype):
         assert np.array_equal(v_t.numpy(), np.asarray(v_j))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("preset,d", [("kvarn_k4v2_g64", 64), ("kvarn_k4v4_g128", 128)])
-def test_write_blocks_gives_the_records_of_append_and_commit(preset, d, dtype):
+@pytest.mark.parametrize("preset,d,dtype,impl", [
+    ("kvarn_k4v2_g64", 64, torch.float16, "auto"),
+    ("kvarn_k4v2_g64", 64, torch.bfloat16, "auto"),
+    ("kvarn_k4v4_g128", 128, torch.float16, "auto"),
+    ("kvarn_k4v4_g128", 128, torch.bfloat16, "auto"),
+    ("kvarn_k4v2_g64", 64, torch.bfloat16, "triton"),  # the interpreter on a CPU
+])
+def test_write_blocks_gives_the_records_of_append_and_commit(preset, d, dtype, impl):
     """Blocks written straight from a step's tokens (`write_blocks`: prompt blocks that
     need no pool slot) hold byte for byte the records that writing the tokens into the
-    pool and committing them gives, on random and adversarial tiles, in torch (the
-    default implementation, the one vLLM runs) and in JAX."""
+    pool and committing them gives, on random and adversarial tiles, in torch ("auto":
+    on a GPU the kernels vLLM runs), in Triton's kernels and in JAX."""
     from kvarn.tiles import adversarial_tiles
 
     hk = 2
@@ -736,14 +741,14 @@ def test_write_blocks_gives_the_records_of_append_and_commit(preset, d, dtype):
                      device=DEVICE)
     sm = torch.cat([torch.full((pad,), -1), (blocks.long().cpu()[:, None] * g
                                                + torch.arange(g)).flatten()]).to(DEVICE)
-    kc.append(pooled, k, v, sm)
+    kc.append(pooled, k, v, sm, impl=impl)
     lens = torch.full((n,), g, dtype=torch.int32, device=DEVICE)
-    kc.commit(pooled, blocks[:, None], lens, torch.zeros_like(lens))
+    kc.commit(pooled, blocks[:, None], lens, torch.zeros_like(lens), impl=impl)
     assert int(pooled.block_to_slot.max()) == -1  # every block committed
 
     direct = kc.init(n + 3, hk, d, pool_slots=1, dtype=dtype, preset=preset, device=DEVICE)
     starts = pad + g * torch.arange(n, device=DEVICE)
-    kc.write_blocks(direct, k, v, starts, blocks)
+    kc.write_blocks(direct, k, v, starts, blocks, impl=impl)
     assert torch.equal(direct.pages, pooled.pages)
     assert int(direct.slot_to_block.max()) == -1 and int(direct.dropped_tokens) == 0
 
