@@ -176,18 +176,27 @@ def _check_tables(cache: KVarNCache, block_tables: Tensor, *lens: Tensor) -> Non
 # ---------------------------------------------------------------- cache operations
 
 
-def _check_tokens(cache: KVarNCache, k: Tensor, v: Tensor, slot_mapping: Tensor) -> int:
+def _check_tokens(cache: KVarNCache, k: Tensor, v: Tensor, *index: Tensor) -> int:
+    """T, once k, v [T, num_kv_heads, D] and the index tensors are checked."""
     t = k.shape[0] if k.dim() else 0
     if k.shape != v.shape or tuple(k.shape[1:]) != (cache.num_kv_heads, cache.head_dim):
         raise ValueError(f"k and v must be [T, {cache.num_kv_heads}, {cache.head_dim}]; "
                          f"got {tuple(k.shape)} and {tuple(v.shape)}")
-    if tuple(slot_mapping.shape) != (t,):
-        raise ValueError(f"slot_mapping must be [T={t}]; got {tuple(slot_mapping.shape)}")
-    if k.device != cache.device or slot_mapping.device != cache.device:
-        raise ValueError(f"k, v and slot_mapping must be on the cache's device {cache.device}")
+    if any(x.device != cache.device for x in (k, v, *index)):
+        raise ValueError(f"k, v and their index tensors must be on the cache's device "
+                         f"{cache.device}")
     if k.dtype != cache.dtype or v.dtype != cache.dtype:
         raise TypeError(f"k and v must be {cache.dtype}, the pool's dtype (the model's); got "
                         f"{k.dtype} and {v.dtype}")
+    if any(x.dtype.is_floating_point or x.dtype == torch.bool for x in index):
+        raise TypeError(f"index tensors must be integers; got {[x.dtype for x in index]}")
+    return t
+
+
+def _check_writes(cache: KVarNCache, k: Tensor, v: Tensor, slot_mapping: Tensor) -> int:
+    t = _check_tokens(cache, k, v, slot_mapping)
+    if tuple(slot_mapping.shape) != (t,):
+        raise ValueError(f"slot_mapping must be [T={t}]; got {tuple(slot_mapping.shape)}")
     return t
 
 
@@ -230,7 +239,7 @@ def write(cache: KVarNCache, k: Tensor, v: Tensor, slot_mapping: Tensor,
     gave their blocks; tokens whose block has no slot are counted in `dropped_tokens`. No
     host sync. The Triton kernel (`triton_write`, one launch) where `impl` picks Triton;
     the torch ops below are its reference, with the same bytes."""
-    t = _check_tokens(cache, k, v, slot_mapping)
+    t = _check_writes(cache, k, v, slot_mapping)
     if t == 0:
         return cache
     if codec.use_triton(impl, k, triton_write._write_kernel):
@@ -265,7 +274,7 @@ def append(cache: KVarNCache, k: Tensor, v: Tensor, slot_mapping: Tensor,
     Tokens of one block must be contiguous in the batch (as a scheduler lays them out).
     Updates the cache in place (and returns it).
     """
-    _check_tokens(cache, k, v, slot_mapping)
+    _check_writes(cache, k, v, slot_mapping)
     return write(allocate(cache, slot_mapping), k, v, slot_mapping, impl=impl)
 
 
@@ -277,13 +286,10 @@ def write_blocks(cache: KVarNCache, k: Tensor, v: Tensor, token_starts: Tensor,
     (the pool holds exactly `codec.rotate` of the tokens): for blocks whose tokens all
     arrive in one step and are accepted, a prompt's, which then need no slot. The caller
     keeps them out of `append` (padding in its slot mapping). No host sync."""
-    _check_tokens(cache, k, v, torch.zeros(k.shape[0], dtype=torch.int64, device=k.device))
-    if (token_starts.dim() != 1 or blocks.shape != token_starts.shape
-            or any(x.dtype.is_floating_point or x.dtype == torch.bool
-                   for x in (token_starts, blocks))):
-        raise ValueError(f"token_starts and blocks must be 1-D integer tensors of one length; "
-                         f"got {token_starts.dtype} {list(token_starts.shape)} and "
-                         f"{blocks.dtype} {list(blocks.shape)}")
+    _check_tokens(cache, k, v, token_starts, blocks)
+    if token_starts.dim() != 1 or blocks.shape != token_starts.shape:
+        raise ValueError(f"token_starts and blocks must be 1-D and of one length; got "
+                         f"{list(token_starts.shape)} and {list(blocks.shape)}")
     n = blocks.shape[0]
     if n == 0:
         return cache

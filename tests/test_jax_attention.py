@@ -149,6 +149,18 @@ def test_init_errors():
         cache.init(4, 2, 96, pool_slots=2)
 
 
+def test_write_blocks_errors():
+    c = cache.init(4, 2, 64, pool_slots=2)
+    kv = jnp.zeros((64, 2, 64), jnp.float16)
+    starts = jnp.zeros((1,), jnp.int32)
+    with pytest.raises(ValueError, match="1-D integer arrays of one length"):
+        cache.write_blocks(c, kv, kv, starts.astype(jnp.float32), starts)
+    with pytest.raises(TypeError, match="pool's dtype"):
+        cache.write_blocks(c, kv.astype(jnp.bfloat16), kv.astype(jnp.bfloat16), starts, starts)
+    with pytest.raises(ValueError, match=r"\[T, 2, 64\]"):
+        cache.write_blocks(c, kv[:, :1], kv[:, :1], starts, starts)
+
+
 def dense_attention(q, k, v, limit):
     """q [Hq, D], k/v [T, Hk, D] numpy, positions < limit; exact float64."""
     hq, hk = q.shape[0], k.shape[1]

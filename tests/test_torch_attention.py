@@ -855,6 +855,13 @@ def test_errors_name_the_fix():
     with pytest.raises(ValueError, match="slot_mapping"):
         kv = torch.zeros(2, 2, 64, dtype=torch.float16, device=DEVICE)
         kc.append(cache, kv, kv, torch.zeros(3, dtype=torch.long, device=DEVICE))
+    with pytest.raises(TypeError, match="index tensors must be integers"):
+        kc.append(cache, kv, kv, torch.zeros(2, device=DEVICE))
+    starts = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="of one length"):
+        kc.write_blocks(cache, kv, kv, starts, starts[:0])
+    with pytest.raises(TypeError, match="pool's dtype"):
+        kc.write_blocks(cache, kv.bfloat16(), kv.bfloat16(), starts, starts)
     with pytest.raises(ValueError, match="seq_lens / query_lens"):
         kc.commit(cache, bt, sl, sl[:0])
     with pytest.raises(TypeError, match="float16 or bfloat16"):
