@@ -81,15 +81,18 @@ def test_prompt_blocks_skip_the_pool_only_where_flash_attention_serves_them_raw(
     assert not direct_prompts_only(True, 64, 16384, 0)  # kernel chunks can fill a tile
     assert not direct_prompts_only(True, 128, DENSE_MAX_TOKENS + 1, 0)
     assert not direct_prompts_only(True, 128, 16384, 127)  # verify windows fill tiles
-    monkeypatch.setenv(settings.ENV_CHUNK_INVARIANT, "1")
-    assert not direct_prompts_only(True, 128, 16384, 0)
+    monkeypatch.setenv(settings.ENV_CHUNK_INVARIANT, "1")  # every prompt row blockwise
+    assert direct_prompts_only(True, 64, 16384, 0)
+    assert not direct_prompts_only(True, 64, 16384, 63)
 
     builder = _builder(threshold=4, verify_len=4)
     assert builder.raw_prompt(0, 5) and not builder.raw_prompt(0, 4)  # a verify window
     assert builder.raw_prompt(1000, DENSE_MIN_QUERY)
     assert not builder.raw_prompt(1000, DENSE_MIN_QUERY - 1)  # the kernel's
     assert not builder.raw_prompt(DENSE_MAX_TOKENS - 100, 101)  # past the dense copy
-    assert not _builder(chunk_invariant=True).raw_prompt(0, 500)
+    invariant = _builder(chunk_invariant=True, verify_len=4)
+    assert invariant.raw_prompt(1000, 5) and not invariant.raw_prompt(1000, 4)
+    assert not invariant.raw_prompt(DENSE_MAX_TOKENS - 100, 101)
     assert not _builder(flash_attention=False).raw_prompt(0, 500)
     # a decode, a fresh 300-token prompt (blocks 1 of 0..2) and a dense chunk at 1000 of
     # 300 tokens (blocks 8, 9 of 7..10): their first tokens and physical ids
@@ -653,7 +656,7 @@ def _builder(threshold=1, flash_attention=True, tile=128, chunk_invariant=False,
     builder.tile = tile
     builder.chunk_invariant, builder.sink_blocks = chunk_invariant, 1
     builder.verify_len = verify_len
-    builder.direct = flash_attention and not chunk_invariant if direct is None else direct
+    builder.direct = flash_attention if direct is None else direct
     return builder
 
 
@@ -939,7 +942,8 @@ def test_blockwise_prompt_rows_match_the_chunk_invariant_reference(registered, s
     sq = n - start
     cache, bt, sl = build_cache(preset=f"kvarn_k4v2_g{g}", d=d, hk=hk, lens=(n,), state="pool")
     dev = cache.device
-    md = _step_metadata([sq], [n], tile=g, block_table=bt, device=dev, chunk_invariant=True)
+    md = _step_metadata([sq], [n], tile=g, block_table=bt, device=dev, chunk_invariant=True,
+                        direct=False)  # every block in the pool
     kc.snapshot(cache, md.snapshot_blocks)
     assert sorted(b for b in md.snapshot_blocks.tolist() if b >= 0) == sorted(
         bt[0, max(1, start // g): n // g].tolist())
@@ -951,7 +955,7 @@ def test_blockwise_prompt_rows_match_the_chunk_invariant_reference(registered, s
     assert run.blockwise
     impl = types.SimpleNamespace(_fa=flash, scale=d ** -0.5)
     got = torch.empty_like(q[0])
-    KVarNAttentionImpl._blockwise(impl, q[0], cache, run, got)
+    KVarNAttentionImpl._blockwise(impl, q[0], None, None, cache, run, got)
     err = (got.float() - want[0]).abs().max() / want[0].abs().max()
     assert err < TOL[cache.dtype], f"relative error {err:.2e}"
     plain = attention_reference.attention(q, cache, bt, sl, ql)
@@ -972,7 +976,7 @@ def test_blockwise_serves_consecutive_prompts_in_one_call(registered):
     cache, bt, sl = build_cache(preset="kvarn_k4v2_g64", d=d, hk=hk, lens=(300, 200),
                                 state="pool")
     md = _step_metadata([sq, sq], [300, 200], tile=g, block_table=bt, device=cache.device,
-                        chunk_invariant=True)
+                        chunk_invariant=True, direct=False)  # every block in the pool
     kc.snapshot(cache, md.snapshot_blocks)
     (run,) = md.runs
     assert run.blockwise and (run.r0, run.r1, run.start, run.end) == (0, 2, 0, 2 * sq)
@@ -984,7 +988,7 @@ def test_blockwise_serves_consecutive_prompts_in_one_call(registered):
     want = attention_reference.attention(q, cache, bt, sl, ql, chunk_invariant=True)
     impl = types.SimpleNamespace(_fa=_paged_varlen_reference, scale=d ** -0.5)
     got = torch.empty(2 * sq, hk * group, d, dtype=cache.dtype, device=cache.device)
-    KVarNAttentionImpl._blockwise(impl, q.flatten(0, 1), cache, run, got)
+    KVarNAttentionImpl._blockwise(impl, q.flatten(0, 1), None, None, cache, run, got)
     err = (got.view(2, sq, -1, d).float() - want).abs().max() / want.abs().max()
     assert err < TOL[cache.dtype], f"relative error {err:.2e}"
 
@@ -1049,13 +1053,13 @@ def _flash_reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, out, *, seqused_k
 
 
 def _replay(steps, features, hq: int = 4, *, prefix_caching: bool = True, spec: int = 0,
-            chunk_invariant: bool = True, direct: bool = False, stats: dict | None = None):
+            chunk_invariant: bool = True, direct: bool = True, stats: dict | None = None):
     """Scheduler steps ((a SchedulerOutput, the rows (request, first position, count) in
     batch order)) through the request follower, the metadata builder, the pool rules, the
     cache write and the forward of one layer (FlashAttention's contract in float64), as a
-    vLLM worker runs them with `spec` speculative tokens, with chunk-invariant reads or,
-    with default reads, the prompt blocks a step fills written straight to their records
-    (`direct`) or through the pool. `features(request, first, count)` gives the rows' K, V
+    vLLM worker runs them with `spec` speculative tokens, with chunk-invariant or default
+    reads, the prompt blocks a step opens and fills written straight to their records
+    (`direct`, as where vLLM's FlashAttention is there) or through the pool. `features(request, first, count)` gives the rows' K, V
     [count, HK, D] and queries [count, hq * D]. Returns {(request, position): row}, a row
     recomputed after a rejected draft by its last value; `stats` gets the slots held in
     each step ("held") and the blocks written straight to their records ("direct")."""
@@ -1118,7 +1122,8 @@ def test_chunk_invariant_prefix_hits_give_the_rows_of_the_request_alone(register
     last row: b reads block 3 from its record, which that step must write ahead. "partial
     block": a's block 1 was half written the step before; b's hit must not commit it (it
     would be quantized half written and lose its slot under a's writes). The schedules
-    are those vLLM 0.26's scheduler makes of such requests."""
+    are those vLLM 0.26's scheduler makes of such requests; the blocks a step opens and
+    fills go straight to their records, while b alone writes them through the pool."""
     gen = torch.Generator().manual_seed(7)
     kv_b = 2 * torch.randn(2, 401, HK, D, generator=gen).half()
     kv = {"b": kv_b,
@@ -1128,14 +1133,14 @@ def test_chunk_invariant_prefix_hits_give_the_rows_of_the_request_alone(register
     def features(r, s, n):
         return kv[r][0, s: s + n], kv[r][1, s: s + n], q[s: s + n]
 
-    def replay(steps):
-        return _replay([(_output(**out), rows) for out, rows in steps], features)
+    def replay(steps, **kwargs):
+        return _replay([(_output(**out), rows) for out, rows in steps], features, **kwargs)
 
     alone = replay([
         (dict(new=[("b", list(range(10, 17)), 0)], scheduled={"b": 100}), [("b", 0, 100)]),
         (dict(cached=[("b", None, 100, False)], scheduled={"b": 300}), [("b", 100, 300)]),
         (dict(cached=[("b", None, 400, False)], scheduled={"b": 1}), [("b", 400, 1)]),
-    ])
+    ], direct=False)  # through the pool: the blocks written straight give the same rows
     a, b = list(range(5)), list(range(4)) + [17, 18, 19]
     steps = [(dict(new=[("a", a, 0)], scheduled={"a": 128}), [("a", 0, 128)])]
     if when == "same step, partial block":
@@ -1339,7 +1344,9 @@ def _replay_prompts(tmp_path, prefix_caching: bool, spec: int, **kwargs) -> dict
 
 @pytest.fixture(scope="module")
 def rows_alone(registered, tmp_path_factory):
-    return _replay_prompts(tmp_path_factory.mktemp("alone"), False, 0)
+    """The rows with neither, the prompt blocks through the pool (the runs compared with
+    them write them straight to their records)."""
+    return _replay_prompts(tmp_path_factory.mktemp("alone"), False, 0, direct=False)
 
 
 @pytest.mark.xdist_group("scheduler_replay")  # one worker replays the baseline once
@@ -1353,8 +1360,12 @@ def test_prefix_caching_and_ngram_change_no_row_under_vllms_scheduler(
     the row with both off. (These schedules cut no prompt chunk as short as a verify
     window: such a chunk goes to the kernel instead of FlashAttention, and its rows agree
     with FlashAttention's to rounding only.) With drafts, prefix hits read finished
-    requests' sinks unquantized only because they retire (`backend.on_finish`)."""
-    alone, rows = rows_alone, _replay_prompts(tmp_path, prefix_caching, spec)
+    requests' sinks unquantized only because they retire (`backend.on_finish`). The
+    baseline writes every block through the pool, these runs the blocks a step opens and
+    fills straight to their records, in a pool without room for a step's prompt blocks."""
+    stats = {}
+    alone, rows = rows_alone, _replay_prompts(tmp_path, prefix_caching, spec, stats=stats)
+    assert stats["direct"] > 0
     both = rows.keys() & alone.keys()
     if prefix_caching:
         assert len(both) < len(alone)  # prefix hits skipped rows

@@ -18,11 +18,11 @@ Decoder self-attention over a paged KVarN cache (DESIGN §4-§5):
 With KVARN_CHUNK_INVARIANT=1 (`settings.chunk_invariant`; the default under vLLM's
 VLLM_BATCH_INVARIANT=1) every row reads the blocks before its own from their records and
 its own block raw, so results do not depend on how a sequence was cut into steps:
-`forward` first writes the records of the blocks this step filled (`cache.snapshot`,
-their slots kept until the commit), and prompt rows run
+`forward` first writes the records of the blocks this step filled (`cache.snapshot` for
+those an earlier step began, their slots kept until the commit), and prompt rows run
 FlashAttention block by block over the records of the earlier blocks (dequantized once,
-`triton_gather`) and their own block from the pool, a step's consecutive prompts in one
-call (`blockwise_run`).
+`triton_gather`) and their own block from the pool or, for a block they open and fill,
+from their K/V, a step's consecutive prompts in one call (`blockwise_run`).
 
 The KV-cache tensor of a layer is its pages, uint8 [num_blocks, num_kv_heads,
 record_bytes]; the tail pool lives beside it, allocated with the weights so vLLM counts
@@ -193,6 +193,10 @@ class Run:
     page_blocks: torch.Tensor | None = None
     page_records: int = 0
     max_keys: int = 0
+    # blocks the rows open and fill (records only): their own pages, and the rows of their
+    # first tokens (from the run's first row)
+    raw_pages: torch.Tensor | None = None
+    raw_rows: torch.Tensor | None = None
 
 
 # From this many query tokens on, a prefill continuation runs FlashAttention over its
@@ -210,11 +214,13 @@ def direct_prompts_only(flash_attention: bool, tile: int, max_model_len: int,
                         speculative_tokens: int) -> bool:
     """Whether every block a step opens and fills goes straight to its record (so the pool
     needs no room for a step's prompt blocks): FlashAttention serves every row run that
-    fills a block over its raw K/V (`KVarNMetadataBuilder.raw_prompt`), as with default
-    reads, whole-tile chunks of at least DENSE_MIN_QUERY rows, contexts of at most
-    DENSE_MAX_TOKENS and verify windows shorter than a tile."""
-    return (flash_attention and not settings.chunk_invariant() and tile >= DENSE_MIN_QUERY
-            and max_model_len <= DENSE_MAX_TOKENS and 1 + speculative_tokens < tile)
+    fills a block over its raw K/V (`KVarNMetadataBuilder.raw_prompt`), with contexts of
+    at most DENSE_MAX_TOKENS and verify windows shorter than a tile, and, with default
+    reads (the kernel serves continuations shorter than DENSE_MIN_QUERY), tiles of at
+    least DENSE_MIN_QUERY tokens."""
+    return (flash_attention and max_model_len <= DENSE_MAX_TOKENS
+            and 1 + speculative_tokens < tile
+            and (settings.chunk_invariant() or tile >= DENSE_MIN_QUERY))
 
 
 def on_finish(vllm_config) -> lifecycle.OnFinish:
@@ -252,17 +258,20 @@ def blockwise_tables(start: int, rows: int,
 
 
 def blockwise_run(group: list[tuple[Run, int]], block_table: torch.Tensor, tile: int,
-                  sink_blocks: int) -> Run:
+                  sink_blocks: int, direct: bool = False) -> Run:
     """One launch for the chunk-invariant prompt rows of consecutive requests (`group`:
     each request's run and sequence length): each request's `blockwise_tables`, its
     pages laid out as [the records of every request's earlier blocks past the sinks,
     then every request's sinks and own blocks as stored], so one gather window reads
-    the records."""
+    the records. `direct`: the blocks the rows open and fill hold only their records
+    (`KVarNMetadataBuilder._direct_blocks`); their own pages come from the rows' K/V
+    (`raw_pages`, `raw_rows`)."""
     g = tile
     spans = [(run, seq, (seq - run.max_len) // g, (seq - 1) // g) for run, seq in group]
     rec_at = 0  # where the next request's records go
     pool_at = sum(max(0, last - sink_blocks) for *_, last in spans)
     records, stored, cus, seen, tables = [], [], [], [], []
+    raw_pages, raw_rows = [], []
     for run, seq, first, last in spans:
         cu, ends, table = blockwise_tables(seq - run.max_len, run.max_len, g)
         sinks = min(sink_blocks, last)  # earlier blocks read as stored
@@ -273,6 +282,11 @@ def blockwise_run(group: list[tuple[Run, int]], block_table: torch.Tensor, tile:
         stored += [row[:sinks], row[first: last + 1]]
         cus.append(cu[1:] + (run.start - spans[0][0].start))
         seen.append(ends)
+        computed = seq - run.max_len
+        if direct:
+            for j in lifecycle.filled_in_step(computed, run.max_len, g, sink_blocks):
+                raw_pages.append(pool_at + sinks + j - first)
+                raw_rows.append(run.start - spans[0][0].start + j * g - computed)
         rec_at += last - sinks
         pool_at += sinks + last + 1 - first
     width = max(t.shape[1] for t in tables)
@@ -280,12 +294,14 @@ def blockwise_run(group: list[tuple[Run, int]], block_table: torch.Tensor, tile:
     cu = torch.cat([torch.zeros(1, dtype=torch.int32), *cus])
     dev = block_table.device
     head, tail = spans[0][0], spans[-1][0]
+    raw = [lifecycle.to_device(torch.tensor(x), dev) for x in (raw_pages, raw_rows)]
     return Run(False, head.r0, tail.r1, head.start, tail.end,
                int((cu[1:] - cu[:-1]).max()), cu=lifecycle.to_device(cu, dev),
                blockwise=True, seqused_k=lifecycle.to_device(torch.cat(seen), dev),
                page_table=lifecycle.to_device(table, dev),
                page_blocks=torch.cat(records + stored), page_records=rec_at,
-               max_keys=max(last + 1 for *_, last in spans) * g)
+               max_keys=max(last + 1 for *_, last in spans) * g,
+               raw_pages=raw[0] if raw_pages else None, raw_rows=raw[1] if raw_pages else None)
 
 
 def mixed_runs(starts: list[int], fresh: list[bool], first: int) -> list[Run]:
@@ -324,14 +340,16 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
         self.verify_len = 1 + (spec.num_speculative_tokens if spec else 0)
         # the blocks a step opens and fills go straight to their records where
         # FlashAttention serves their rows over raw K/V (`raw_prompt`)
-        self.direct = self.flash_attention and not self.chunk_invariant
+        self.direct = self.flash_attention
 
     def raw_prompt(self, computed: int, new: int) -> bool:
         """Whether a request's rows of a step are prompt rows that FlashAttention serves
-        over their own K/V unquantized (`_metadata`): a fresh prompt, or a continuation
-        that runs dense. Nothing reads the blocks they open and fill from the pool then."""
-        return self.direct and new > self.verify_len and (
-            computed == 0 or DENSE_MIN_QUERY <= new <= DENSE_MAX_TOKENS - computed)
+        over their own K/V unquantized (`_metadata`): a fresh prompt or a continuation
+        that runs dense, or, chunk-invariant, any that runs blockwise. Nothing reads the
+        blocks they open and fill from the pool then."""
+        if not self.direct or new <= self.verify_len or computed + new > DENSE_MAX_TOKENS:
+            return False
+        return self.chunk_invariant or computed == 0 or new >= DENSE_MIN_QUERY
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
@@ -452,7 +470,7 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
         def close() -> None:
             if group:
                 out.append(blockwise_run(group, cam.block_table_tensor, self.tile,
-                                         self.sink_blocks))
+                                         self.sink_blocks, self.direct))
                 group.clear()
 
         for run in runs:
@@ -640,7 +658,8 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
                          run.cu, run.max_len, run.max_len, self.scale, out[s:e])
                 continue
             if run.blockwise:
-                self._blockwise(q[s:e], cache, run, out[s:e])
+                self._blockwise(q[s:e], k[s:e].view(-1, hk, d), v[s:e].view(-1, hk, d), cache,
+                                run, out[s:e])
                 continue
             if run.dense_blocks:
                 self._dense(q[s:e], k[s:e].view(-1, hk, d), v[s:e].view(-1, hk, d), cache,
@@ -678,16 +697,22 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
                  self.scale, o)
         out.copy_(codec.unrotate(o))
 
-    def _blockwise(self, q, cache, run: Run, out) -> None:
+    def _blockwise(self, q, k_new, v_new, cache, run: Run, out) -> None:
         """Consecutive requests' prompt rows, chunk-invariant (`blockwise_run`): the
         records of each one's blocks before its last row's, dequantized once, and the
         blocks the rows lie in as stored, gathered in one launch as the pages of one paged
-        FlashAttention call (rotated frame)."""
+        FlashAttention call (rotated frame); those of them that hold only records
+        (`raw_pages`) from the rows' K/V (k_new, v_new), as the pool would hold them."""
         k, v = triton_gather.gather(cache, run.page_blocks, run.page_blocks.shape[0],
                                     records_from=0, records_to=run.page_records)
         shape = (-1, cache.tile, cache.num_kv_heads, cache.head_dim)
+        k, v = k.view(shape), v.view(shape)
+        if run.raw_pages is not None:
+            rows = run.raw_rows[:, None] + torch.arange(cache.tile, device=q.device)
+            k[run.raw_pages] = codec.rotate(k_new[rows])
+            v[run.raw_pages] = codec.rotate(v_new[rows])
         o = torch.empty_like(q)
-        self._fa(codec.rotate(q), k.view(shape), v.view(shape), run.cu, None, run.max_len,
+        self._fa(codec.rotate(q), k, v, run.cu, None, run.max_len,
                  run.max_keys, self.scale, o, seqused_k=run.seqused_k,
                  block_table=run.page_table)
         out.copy_(codec.unrotate(o))
