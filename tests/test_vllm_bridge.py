@@ -867,12 +867,23 @@ def test_chunk_invariant_steps_snapshot_the_blocks_their_rows_fill(registered):
     assert window.snapshot_blocks.tolist() == [11]  # rows 254 .. 257 pass block 1's end
     # a chunk whose last row fills a block: written ahead too, for a prefix hit on it in
     # this step (test_chunk_invariant_prefix_hits_give_the_rows_of_the_request_alone)
+    # (or straight to its record where FlashAttention serves the chunk)
     for verify_len in (1, 4):
         exact = _step_metadata([1, 128], [9, 256], tile=128, block_table=bt[:2],
-                               chunk_invariant=True, verify_len=verify_len)
+                               chunk_invariant=True, verify_len=verify_len, direct=False)
         assert exact.snapshot_blocks.tolist() == [11]
+        exact = _step_metadata([1, 128], [9, 256], tile=128, block_table=bt[:2],
+                               chunk_invariant=True, verify_len=verify_len)
+        assert exact.snapshot_blocks.tolist() == [] and exact.direct_blocks.tolist() == [11]
     # one request per launch, none through FlashAttention on raw K/V
     assert [(r.fresh, r.blockwise) for r in md.runs] == [(False, False)] * 3
+    # where FlashAttention serves the prompt rows, the blocks they open and fill (11 and
+    # 22) go straight to their records: the snapshot keeps block 1 of the continuation
+    for verify_len in (1, 4):
+        direct = _step_metadata([1, 300, 140, 4], [9, 300, 390, 130], tile=128,
+                                block_table=bt, chunk_invariant=True, verify_len=verify_len)
+        assert direct.direct_blocks.tolist() == [11, 22]
+        assert direct.snapshot_blocks.tolist() == [21]
     decode = _step_metadata([1, 1], [9, 300], block_table=bt[:2], chunk_invariant=True)
     assert decode.snapshot_blocks is None
     off = _step_metadata([1, 300], [9, 300], block_table=bt[:2])

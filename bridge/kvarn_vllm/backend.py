@@ -438,7 +438,9 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
         from their records. Their number sizes the snapshot's quantize launch, which would
         otherwise quantize every padding entry: from the host's exact lengths, or, with
         speculative decoding (the host's lengths are upper bounds), counted on the device,
-        one sync in steps that sync for the commit already (`settings.sync_commit`)."""
+        one sync in steps that sync for the commit already (`settings.sync_commit`). Blocks
+        that `raw_prompt` rows open and fill are not among them: they hold only records,
+        written straight (`_direct_blocks`)."""
         b, g = cam.num_reqs, self.tile
         bt = cam.block_table_tensor[:b]
         seq = cam.seq_lens[:b].long()[:, None]
@@ -447,11 +449,18 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
         last = (j + 1) * g - 1  # each block's last position
         fills = (j >= self.sink_blocks) & (last >= seq - q_lens) & (last < seq)
         seq_cpu = cam.seq_lens_cpu_upper_bound
+        lens = list(zip((seq_cpu if seq_cpu is not None else cam.seq_lens.cpu())[:b].tolist(),
+                        q_lens_cpu.tolist()))
+        raw = [self.raw_prompt(s - n, n) for s, n in lens]
+        if any(raw):
+            opened = j * g >= seq - q_lens
+            fills &= ~(opened & lifecycle.to_device(torch.tensor(raw), bt.device)[:, None])
         if self.verify_len > 1 or seq_cpu is None:
             count = int(fills.sum())
         else:  # blocks j >= sink whose last position lies in rows [seq - n, seq - 1]
             count = sum(max(0, s // g - max(-(-(s - n + 1) // g), self.sink_blocks + 1) + 1)
-                        for s, n in zip(seq_cpu[:b].tolist(), q_lens_cpu.tolist()))
+                        - (len(lifecycle.filled_in_step(s - n, n, g, self.sink_blocks)) if r
+                           else 0) for (s, n), r in zip(lens, raw))
         ids = torch.cat([torch.where(fills, bt, -1).flatten(),
                          torch.full((1,), -1, dtype=bt.dtype, device=bt.device)])
         return ids[kvcache.nth_true(fills.flatten(), count)]
