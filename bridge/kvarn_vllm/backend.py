@@ -294,14 +294,15 @@ def blockwise_run(group: list[tuple[Run, int]], block_table: torch.Tensor, tile:
     cu = torch.cat([torch.zeros(1, dtype=torch.int32), *cus])
     dev = block_table.device
     head, tail = spans[0][0], spans[-1][0]
-    raw = [lifecycle.to_device(torch.tensor(x), dev) for x in (raw_pages, raw_rows)]
+    raw = ([lifecycle.to_device(torch.tensor(x), dev) for x in (raw_pages, raw_rows)]
+           if raw_pages else (None, None))
     return Run(False, head.r0, tail.r1, head.start, tail.end,
                int((cu[1:] - cu[:-1]).max()), cu=lifecycle.to_device(cu, dev),
                blockwise=True, seqused_k=lifecycle.to_device(torch.cat(seen), dev),
                page_table=lifecycle.to_device(table, dev),
                page_blocks=torch.cat(records + stored), page_records=rec_at,
                max_keys=max(last + 1 for *_, last in spans) * g,
-               raw_pages=raw[0] if raw_pages else None, raw_rows=raw[1] if raw_pages else None)
+               raw_pages=raw[0], raw_rows=raw[1])
 
 
 def mixed_runs(starts: list[int], fresh: list[bool], first: int) -> list[Run]:
