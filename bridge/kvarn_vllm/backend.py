@@ -393,11 +393,15 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
             runs = mixed_runs(qsl_cpu.tolist(), fresh, num_decodes)
             runs = (self._blockwise_runs(runs, cam, seq_cpu) if invariant
                     else [self._launch(run, cam, seq_cpu) for run in runs])
-        snapshot = None
-        if invariant and b and cam.max_query_len > 1:
-            snapshot = self._snapshot_blocks(cam, q_lens_cpu)
-        direct = (self._direct_blocks(cam, qsl_cpu.tolist(), num_decodes)
-                  if self.direct and not uniform else None) or (None, None)
+        snapshot, direct = None, (None, None)
+        wants_snapshot = invariant and b and cam.max_query_len > 1
+        if wants_snapshot or (self.direct and not uniform):
+            lens = self._host_lens(cam, q_lens_cpu)
+            raw = [self.raw_prompt(s - n, n) for s, n in lens]
+            if wants_snapshot:
+                snapshot = self._snapshot_blocks(cam, lens, raw)
+            if self.direct and not uniform:
+                direct = self._direct_blocks(cam, qsl_cpu.tolist(), lens, raw) or direct
         return KVarNMetadata(
             seq_lens=cam.seq_lens[:b], query_start_loc=qsl,
             block_table=cam.block_table_tensor[:b], num_actual_tokens=cam.num_actual_tokens,
@@ -405,21 +409,27 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
             num_decodes=num_decodes, runs=runs, chunk_invariant=invariant,
             snapshot_blocks=snapshot, direct_starts=direct[0], direct_blocks=direct[1])
 
+    @staticmethod
+    def _host_lens(cam: CommonAttentionMetadata, q_lens_cpu) -> list[tuple[int, int]]:
+        """(sequence length, rows this step) per request on the host: exact for prompt
+        rows, upper bounds for verify rows (speculative tokens may be rejected)."""
+        seq = cam.seq_lens_cpu_upper_bound
+        seq = (seq if seq is not None else cam.seq_lens.cpu())[: cam.num_reqs]
+        return list(zip(seq.tolist(), q_lens_cpu.tolist()))
+
     def _direct_blocks(self, cam: CommonAttentionMetadata, starts: list[int],
-                       first: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+                       lens: list[tuple[int, int]], raw: list[bool]
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The blocks past the sinks that this step's `raw_prompt` rows open and fill, as
         (their first tokens in the batch, their physical ids) on the device, or None. The
         layers write them straight into their records (`cache.write_blocks`), so they take
         no pool slot (`lifecycle.PoolMirror` applies the same rule to the scheduler's
         numbers) and `build` keeps their tokens out of the pool writes."""
         g = self.tile
-        seq = cam.seq_lens_cpu_upper_bound  # exact for prompt rows
-        seq = (seq if seq is not None else cam.seq_lens.cpu())[: cam.num_reqs].tolist()
         at, rows, cols = [], [], []
-        for r in range(first, cam.num_reqs):
-            n = starts[r + 1] - starts[r]
-            c = seq[r] - n
-            if self.raw_prompt(c, n):
+        for r, ((s, n), is_raw) in enumerate(zip(lens, raw)):
+            if is_raw:
+                c = s - n
                 js = lifecycle.filled_in_step(c, n, g, self.sink_blocks)
                 at += [starts[r] + j * g - c for j in js]
                 rows += [r] * len(js)
@@ -431,7 +441,8 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
         return (lifecycle.to_device(torch.tensor(at), dev),
                 cam.block_table_tensor[rows_t, cols_t])
 
-    def _snapshot_blocks(self, cam: CommonAttentionMetadata, q_lens_cpu) -> torch.Tensor:
+    def _snapshot_blocks(self, cam: CommonAttentionMetadata, lens: list[tuple[int, int]],
+                         raw: list[bool]) -> torch.Tensor:
         """The blocks, past the sinks, that the rows of this step fill. Their records are
         written before attention reads: by the same request's rows past them, and by a
         request that hits them in vLLM's prefix cache in this very step (vLLM caches a
@@ -449,14 +460,10 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
         j = torch.arange(bt.shape[1], device=bt.device)[None, :]
         last = (j + 1) * g - 1  # each block's last position
         fills = (j >= self.sink_blocks) & (last >= seq - q_lens) & (last < seq)
-        seq_cpu = cam.seq_lens_cpu_upper_bound
-        lens = list(zip((seq_cpu if seq_cpu is not None else cam.seq_lens.cpu())[:b].tolist(),
-                        q_lens_cpu.tolist()))
-        raw = [self.raw_prompt(s - n, n) for s, n in lens]
         if any(raw):
             opened = j * g >= seq - q_lens
             fills &= ~(opened & lifecycle.to_device(torch.tensor(raw), bt.device)[:, None])
-        if self.verify_len > 1 or seq_cpu is None:
+        if self.verify_len > 1 or cam.seq_lens_cpu_upper_bound is None:
             count = int(fills.sum())
         else:  # blocks j >= sink whose last position lies in rows [seq - n, seq - 1]
             count = sum(max(0, s // g - max(-(-(s - n + 1) // g), self.sink_blocks + 1) + 1)
