@@ -395,12 +395,13 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
                     else [self._launch(run, cam, seq_cpu) for run in runs])
         snapshot, direct = None, (None, None)
         wants_snapshot = invariant and b and cam.max_query_len > 1
-        if wants_snapshot or (self.direct and not uniform):
+        wants_direct = self.direct and not uniform
+        if wants_snapshot or wants_direct:
             lens = self._host_lens(cam, q_lens_cpu)
             raw = [self.raw_prompt(s - n, n) for s, n in lens]
             if wants_snapshot:
                 snapshot = self._snapshot_blocks(cam, lens, raw)
-            if self.direct and not uniform:
+            if wants_direct:
                 direct = self._direct_blocks(cam, qsl_cpu.tolist(), lens, raw) or direct
         return KVarNMetadata(
             seq_lens=cam.seq_lens[:b], query_start_loc=qsl,
