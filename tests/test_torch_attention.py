@@ -752,7 +752,7 @@ def test_write_blocks_gives_the_records_of_append_and_commit(preset, d, dtype, i
     assert torch.equal(direct.pages, pooled.pages)
     assert int(direct.slot_to_block.max()) == -1 and int(direct.dropped_tokens) == 0
 
-    # JAX on its default device: on a GPU host, the compiled Pallas kernels
+    # JAX on its default device, so that a GPU host checks the compiled Pallas kernels
     jc = jcache.init(n + 3, hk, d, pool_slots=1, dtype=jnp.dtype(str(dtype)[6:]),
                      preset=preset)
     jc = jcache.write_blocks(jc, _to_jax(k), _to_jax(v), _to_jax(starts), _to_jax(blocks))
