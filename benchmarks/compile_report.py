@@ -170,12 +170,15 @@ def gluon_attention_report(arch: int) -> dict:
     """The Gluon decode kernel of the quantized records (k4v2_g128, D=128) as
     `gluon_attention.attention` launches it: one warp a program."""
     kernel = gluon_attention._record_kernel
-    consts = {k: v for k, v in _record_offsets("kvarn_k4v2_g128", 128).items()
-              if k in kernel.arg_names} | dict(GROUP=4)
-    pointers = dict(q_ptr="*fp16", part_o_ptr="*fp32", part_ml_ptr="*fp32", words_ptr="*i32",
-                    halves_ptr="*fp16", block_tables_ptr="*i32",
-                    seq_lens_ptr="*i32", block_to_slot_ptr="*i32")
-    sig = {n: "constexpr" if n in consts else pointers.get(n, "fp32" if n == "qk_scale" else "i32")
+    consts = dict(GROUP=4)
+    boxes = [(gluon_attention.D.value, 8, gluon_attention.PLAIN), (32, 64, gluon_attention.SWIZZLED),
+             (4, 64, gluon_attention.PLAIN), (2, 64, gluon_attention.PLAIN)]
+    descs = {name: f"tensordesc<i16[{rows}, {cols}],{lay.value!r}>" for name, (rows, cols, lay)
+             in zip(("k_desc", "v_desc", "coef_desc", "line_desc"), boxes)}
+    pointers = dict(q_ptr="*fp16", part_o_ptr="*fp32", part_ml_ptr="*fp32",
+                    block_tables_ptr="*i32", seq_lens_ptr="*i32", block_to_slot_ptr="*i32")
+    sig = {n: "constexpr" if n in consts else
+           descs.get(n) or pointers.get(n, "fp32" if n == "qk_scale" else "i32")
            for n in kernel.arg_names}
     aligned = [["tt.divisibility", 16]]
     attrs = {(i,): aligned for i, n in enumerate(kernel.arg_names)

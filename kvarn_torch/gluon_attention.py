@@ -1,8 +1,9 @@
 """Gluon kernel: decode attention over the quantized records of a paged KVarN cache, with
-the codes loaded straight into the tensor-core operand registers (sm_80+ `mma.sync`).
+the codes loaded straight into the tensor-core operand registers (`mma.sync`) and the
+records brought into shared memory by TMA.
 
 Scope: k4v2 presets with 128-token tiles, head_dim 128, decode (one query token), GQA
-groups of up to 8 query heads, CUDA only (Gluon has no interpreter). The pool blocks
+groups of up to 8 query heads, sm_90+ GPUs (Hopper's TMA; Gluon has no interpreter). The pool blocks
 (sink, tail) go through `triton_attention`'s kernel in its POOL_ONLY mode, into the same
 partials; `applies` says when `attention` here is the faster choice.
 
@@ -16,8 +17,11 @@ never leaves it.
 
 Pipeline. One warp has few instructions in flight, so a record's global loads would stall
 it (in Nsight Compute, a third of the previous, load-as-you-go kernel's stalls were on
-them). Instead the warp copies record i + 1 into shared memory (cp.async) while it
-computes record i, two stages of 13 KB, 8 programs per SM.
+them). Instead the Tensor Memory Accelerator copies record i + 1 into shared memory while
+the warp computes record i: two stages of 13.5 KB, 8 programs per SM. TMA rather than
+cp.async because the copies bound the kernel: on an H100, streaming the records of 16 x
+32K alone took 209 us with the per-lane 16-byte cp.async pieces (2.2 TB/s) and 149 us with
+TMA boxes (3.0 TB/s, FlashAttention-3's rate; results/tma_copies_h100.txt).
 
 The dots, per 128-token record and 8 query rows (a GQA group, zero-padded to the N of
 m16n8k16), both transposed so that the codes are the A operand (M = 16 tokens or channels)
@@ -55,17 +59,18 @@ CUDA graph capture the fork and join become parallel branches of the graph.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 from torch import Tensor
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
-from triton.experimental.gluon.language.nvidia.ampere.async_copy import (
-    async_copy_global_to_shared as copy_async)
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from kvarn.format import layout
+from kvarn.format import Layout, layout
 from kvarn_torch import triton_attention
 from kvarn_torch.cache import KVarNCache
 
@@ -104,33 +109,91 @@ MMA = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shap
 A_OP = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
 B_OP = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
 
-# A record is copied into shared memory (cp.async, 16-byte pieces) while the previous one is
-# computed, in orders chosen so that every read below is free of bank conflicts:
-#   K codes [chunk, channel, quad]: the halfwords of a 32-token chunk as 16-byte channel
-#     rows, read by ldmatrix (8 consecutive rows per matrix);
-#   V codes [chunk, 4 m + 2 a + H, 8 t + g]: word g of token 32 chunk + 2 a + H + 8 t + 4 m,
-#     so that the 32 lanes of a read hit 32 banks;
-#   coefficients [32 rows, 4] each (4 channels or tokens a row): a_K and z_K, tau_K, a_V
-#     and z_V in three buffers (sigma_V, needed once at the end, is read from global
-#     memory).
+# A record arrives in shared memory as 9 TMA boxes (one thread issues them; an mbarrier
+# counts their bytes). Every field of the record starts on a 128-byte line (RECORD_LINES),
+# so the boxes take the fields whole:
+#   K codes: 4 boxes [D channels, 8 halfwords], a 32-token chunk each, unswizzled: the
+#     16-byte channel rows ldmatrix reads (8 consecutive rows per matrix, no conflicts);
+#   V codes: one box [32 lines, 64 halfwords] under the 128-byte swizzle, which spreads
+#     each read of V_READ over the 32 banks (V_VIEW);
+#   a_K with z_K, a_V with z_V, tau_K, sigma_V: 4 small boxes of whole lines.
 STAGES = gl.constexpr(2)
+LINE = gl.constexpr(128)  # bytes
 
 
-# Row-major, unswizzled: the orders above already spread each read over the banks. (A
-# buffer [stages x chunks, ...] has the layout of one chunk: Gluon indexes the first
-# dimension away.)
+def _record_lines(lay: Layout) -> tuple[int, ...]:
+    """Where the boxes start in a record (in lines): K codes, a_K (z_K follows), tau_K, V
+    codes, sigma_V, a_V (z_V follows), and the record's length; ValueError for a layout
+    whose fields the boxes would not take whole."""
+    fields = (lay.k_codes, lay.a_k, lay.tau_k, lay.v_codes, lay.sigma_v, lay.a_v)
+    sizes = (D.value * G.value // 2, 4 * D.value, 2 * G.value, D.value * G.value // 4,
+             2 * D.value, 4 * G.value)
+    whole = (lay.z_k.offset == lay.a_k.offset + lay.a_k.nbytes
+             and lay.z_v.offset == lay.a_v.offset + lay.a_v.nbytes
+             and lay.a_k.nbytes + lay.z_k.nbytes == sizes[1]
+             and lay.a_v.nbytes + lay.z_v.nbytes == sizes[5]
+             and all(f.nbytes == n for f, n in zip(fields[::2] + fields[3:5],
+                                                   sizes[::2] + sizes[3:5]))
+             and all(f.offset % LINE.value == 0 for f in fields)
+             and lay.record_bytes % LINE.value == 0)
+    if not whole:
+        raise ValueError(f"the Gluon kernel's TMA boxes take the k4v2_g128 record layout of "
+                         f"D = {D.value}; got {lay}")
+    return tuple(f.offset // LINE.value for f in fields) + (lay.record_bytes // LINE.value,)
+
+
+RECORD_BOXES = _record_lines(layout("kvarn_k4v2_g128", 128))
+(K_LINE, AK_LINE, TAU_LINE, V_LINE, SIGMA_LINE, AV_LINE, RECORD_LINES) = map(
+    gl.constexpr, RECORD_BOXES)
+# TMA destinations: unswizzled, or swizzled over 128-byte lines.
+PLAIN = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
+SWIZZLED = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+
+
+def _shared_view(shape: tuple[int, ...], address) -> gl.SharedLinearLayout:
+    """The shared layout that puts element `index` of a view of `shape` at offset
+    address(index) (in elements): a bijection, linear over XOR, as swizzles are."""
+    where = {address(i): i for i in itertools.product(*map(range, shape))}
+    bits = math.prod(shape).bit_length() - 1
+    if sorted(where) != list(range(1 << bits)):
+        raise ValueError(f"not a bijection onto the {math.prod(shape)} offsets")
+    bases = [where[1 << k] for k in range(bits)]
+    for offset, index in where.items():
+        got = [0] * len(shape)
+        for k in range(bits):
+            if offset >> k & 1:
+                got = [a ^ c for a, c in zip(got, bases[k])]
+        if tuple(got) != index:
+            raise ValueError("not linear over XOR")
+    return gl.SharedLinearLayout(offset_bases=[list(b) for b in bases])
+
+
+def _swizzle128(word: int) -> int:
+    """A 32-bit word's place in a buffer under the 128-byte swizzle: its 16-byte piece
+    within the line XOR the line's index mod 8."""
+    return word ^ (((word >> 5) & 7) << 2)
+
+
+def _v_address(index: tuple[int, int]) -> int:
+    r, col = index  # word col % 8 of token r + 8 (col // 8) of a chunk, as V_READ reads it
+    return _swizzle128((r + 8 * (col // 8)) * (D.value // 16) + col % 8)
+
+
+def _sigma_address(index: tuple[int]) -> int:
+    n, = index  # output row n of the PV accumulator: channel `chan` of _record_kernel
+    return 16 * (n % 8) + 8 * (n // 8 % 2) + n // 16
+
+
+# The V codes of a 32-token chunk as words [4 m + 2 a + H, 8 t + g] (see V_READ). The
+# chunks follow each other 1 KB apart: a stage is [4 chunks, 8, 32] (the swizzle stays
+# within a chunk).
+V_VIEW = _shared_view((8, 32), _v_address)
+# sigma_V as fp16 [D] in the order of the PV accumulator's rows; tau_K and sigma_V are
+# [2, D] (tau_K first).
+SIGMA_VIEW = _shared_view((128,), _sigma_address)
+# Row-major, unswizzled: the K chunks as [D, 8], the coefficient boxes as [2 fields, rows,
+# 4] (4 channels or tokens a row; Gluon indexes the first dimension away).
 SMEM = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
-# The K codes of a record [4 chunks x D channels, 8] as copied: lane bits 0 and 1 pick the
-# chunk, so that 4 neighbouring lanes fetch a channel's whole 64-byte row of codes (copied
-# a chunk at a time, each request fetched half sectors, every sector twice).
-K_COPY = gl.DistributedLinearLayout(
-    reg_bases=[[0, 1], [0, 2], [0, 4], [8, 0], [16, 0], [32, 0], [64, 0]],
-    lane_bases=[[128, 0], [256, 0], [1, 0], [2, 0], [4, 0]],
-    warp_bases=[], block_bases=[], shape=[4 * 128, 8])
-V_COPY = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[4, 8],
-                          warps_per_cta=[1, 1], order=[1, 0])
-C_COPY = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[32, 1],
-                          warps_per_cta=[1, 1], order=[1, 0])
 # A chunk's V words as read [4 m + 2 a + H, 8 t + g]: thread (g, t) holds its 8 words.
 V_READ = gl.DistributedLinearLayout(
     reg_bases=[[1, 0], [2, 0], [4, 0]], lane_bases=[[0, 8], [0, 16], [0, 1], [0, 2], [0, 4]],
@@ -166,10 +229,10 @@ Q_ROWS = gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 8], [0, 16], [0, 32],
 ROW = gl.SliceLayout(1, MMA)
 COL = gl.SliceLayout(0, MMA)
 # Triton reads module globals only as constexprs.
-(MMA, A_OP, B_OP, V_WORDS, Q_ROWS, Q_LOAD, ROW, COL, SMEM, K_COPY, V_COPY, C_COPY, V_READ,
- C_READ, D_READ) = map(
-    gl.constexpr, (MMA, A_OP, B_OP, V_WORDS, Q_ROWS, Q_LOAD, ROW, COL, SMEM, K_COPY, V_COPY,
-                   C_COPY, V_READ, C_READ, D_READ))
+(MMA, A_OP, B_OP, V_WORDS, Q_ROWS, Q_LOAD, ROW, COL, SMEM, PLAIN, SWIZZLED, V_VIEW,
+ SIGMA_VIEW, V_READ, C_READ, D_READ) = map(
+    gl.constexpr, (MMA, A_OP, B_OP, V_WORDS, Q_ROWS, Q_LOAD, ROW, COL, SMEM, PLAIN,
+                   SWIZZLED, V_VIEW, SIGMA_VIEW, V_READ, C_READ, D_READ))
 HALF = gl.constexpr(8)  # real query rows per program
 
 
@@ -213,37 +276,27 @@ def v_channel(n: int) -> int:
 
 
 @gluon.jit
-def _copy_record(ks, vs, kz, tau, vz, stage, words_ptr, halves_ptr, rec, k_off, v_off, c1, c2,
-                 K_CODES: gl.constexpr, V_CODES: gl.constexpr, A_K: gl.constexpr,
-                 TAU_K: gl.constexpr, A_V: gl.constexpr):
-    """Start copying the record at byte `rec` into stage `stage` of the shared buffers
-    (z_K follows a_K and z_V follows a_V in the record: one copy each pair)."""
-    half = halves_ptr + rec // 2
-    v_words = words_ptr + rec // 4 + V_CODES // 4
-    copy_async(ks.index(stage), half + K_CODES // 2 + k_off)
-    for c in gl.static_range(4):  # tokens 32 c ..
-        copy_async(vs.index(4 * stage + c), v_words + 32 * c * (D // 16) + v_off)
-    copy_async(kz.index(stage), half + A_K // 2 + c2)
-    copy_async(tau.index(stage), half + TAU_K // 2 + c1)
-    copy_async(vz.index(stage), half + A_V // 2 + c2)
+def _copy_record(k_desc, v_desc, coef_desc, line_desc, ks, vs, cs, ds, bar, stage, rec):
+    """Start the TMA copy of record `rec` (block * heads + head) into stage `stage`; `bar`
+    completes when its bytes have landed."""
+    line = rec * RECORD_LINES
+    mbarrier.expect(bar, RECORD_LINES * LINE)
+    for c in gl.static_range(4):  # the K codes of tokens 32 c ..: halfwords 8 c .. of each row
+        tma.async_copy_global_to_shared(k_desc, [2 * (line + K_LINE), 8 * c], bar,
+                                        ks.index(4 * stage + c))
+    tma.async_copy_global_to_shared(v_desc, [line + V_LINE, 0], bar, vs.index(stage))
+    c_s = cs.index(stage)
+    tma.async_copy_global_to_shared(coef_desc, [line + AK_LINE, 0], bar, c_s.slice(0, 4))
+    tma.async_copy_global_to_shared(coef_desc, [line + AV_LINE, 0], bar, c_s.slice(4, 4))
+    d_s = ds.index(stage)
+    tma.async_copy_global_to_shared(line_desc, [line + TAU_LINE, 0], bar, d_s.slice(0, 2))
+    tma.async_copy_global_to_shared(line_desc, [line + SIGMA_LINE, 0], bar, d_s.slice(2, 2))
 
 
 @gluon.jit
-def _copy_offsets():
-    """Element offsets in the record in the shared-memory orders above: the K codes of all
-    4 chunks, the V words of chunk 0, the coefficient rows."""
-    # K: chunk c takes halfwords 8 c .. 8 c + 7 of each channel's row of G / 4 halfwords
-    row = gl.arange(0, 4 * D, layout=gl.SliceLayout(1, K_COPY))  # chunk row // D, channel
-    quad = gl.arange(0, 8, layout=gl.SliceLayout(0, K_COPY))
-    k_off = (8 * (row // D) + (G // 4) * (row % D))[:, None] + quad[None, :]
-    row = gl.arange(0, 8, layout=gl.SliceLayout(1, V_COPY))
-    col = gl.arange(0, 32, layout=gl.SliceLayout(0, V_COPY))
-    tok = (row % 4 + 4 * (row // 4))[:, None] + 8 * (col // 8)[None, :]
-    v_off = tok * (D // 16) + (col % 8)[None, :]  # a token's row: D / 16 words
-    ci = gl.arange(0, 4, layout=gl.SliceLayout(0, C_COPY))
-    c1 = 4 * gl.arange(0, 32, layout=gl.SliceLayout(1, C_COPY))[:, None] + ci[None, :]
-    c2 = 4 * gl.arange(0, 64, layout=gl.SliceLayout(1, C_COPY))[:, None] + ci[None, :]
-    return k_off, v_off, c1, c2
+def _k_chunk(ks, stage, c: gl.constexpr):
+    """The K codes of chunk c (tokens 32 c ..) of a stage as [D, 8] halfwords."""
+    return ks.index(4 * stage + c)._reinterpret(gl.float16, [D, 8], SMEM)
 
 
 @gluon.jit
@@ -404,17 +457,14 @@ def _chunk_pv(o_rec, l_acc, pz_sum, s01, s23, m_new, v_chunk, av_chunk, zv_chunk
 @gluon.jit(do_not_specialize=["splits", "part_splits", "bt_stride_b"],
            do_not_specialize_on_alignment=["block_tables_ptr", "seq_lens_ptr"])
 def _record_kernel(
-    q_ptr, part_o_ptr, part_ml_ptr, words_ptr, halves_ptr, block_tables_ptr,
+    q_ptr, part_o_ptr, part_ml_ptr, k_desc, v_desc, coef_desc, line_desc, block_tables_ptr,
     seq_lens_ptr, block_to_slot_ptr, qk_scale, splits, part_splits, q_stride_b, q_stride_h,
-    page_stride_block, page_stride_head, bt_stride_b, GROUP: gl.constexpr,
-    K_CODES: gl.constexpr, A_K: gl.constexpr, TAU_K: gl.constexpr, V_CODES: gl.constexpr,
-    SIGMA_V: gl.constexpr, A_V: gl.constexpr,
+    bt_stride_b, GROUP: gl.constexpr,
 ):
     """One warp: the records of split program_id(2) of sequence program_id(0), KV head
     program_id(1), for its GROUP query heads of q [B, 1, Hq, D] (rotated here and scaled
-    by qk_scale = softmax scale * log2 e / sqrt(D): base-2 scores). z_K and z_V are read
-    as the second halves of the a_K and a_V copies (the record layout puts each right
-    after its a; `test_record_layout_fits_the_shared_copies`)."""
+    by qk_scale = softmax scale * log2 e / sqrt(D): base-2 scores). The descriptors view
+    the pages as 64-byte rows (k_desc: a K chunk) and 128-byte lines (the others)."""
     b = gl.program_id(0)
     h = gl.program_id(1)
     split = gl.program_id(2)
@@ -436,27 +486,30 @@ def _record_kernel(
     l_acc = gl.zeros([ROWS, HALF], gl.float32, MMA)
     o = gl.zeros([D, HALF], gl.float32, MMA)
     bt_row = block_tables_ptr + b.to(gl.int64) * bt_stride_b
-    ks = gl.allocate_shared_memory(gl.float16, [STAGES, 4 * D, 8], SMEM)
-    vs = gl.allocate_shared_memory(gl.int32, [STAGES * 4, 8, 32], SMEM)
-    kzs = gl.allocate_shared_memory(gl.float16, [STAGES, 64, 4], SMEM)  # a_K, z_K
-    taus = gl.allocate_shared_memory(gl.float16, [STAGES, 32, 4], SMEM)
-    vzs = gl.allocate_shared_memory(gl.float16, [STAGES, 64, 4], SMEM)  # a_V, z_V
-    k_off, v_off, c1, c2 = _copy_offsets()
-    head_rec = h * page_stride_head
+    ks = gl.allocate_shared_memory(gl.int16, [STAGES * 4, D, 8], PLAIN)
+    vs = gl.allocate_shared_memory(gl.int16, [STAGES, 32, 64], SWIZZLED)
+    cs = gl.allocate_shared_memory(gl.int16, [STAGES, 8, 64], PLAIN)  # a_K z_K, a_V z_V
+    ds = gl.allocate_shared_memory(gl.int16, [STAGES, 4, 64], PLAIN)  # tau_K, sigma_V
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for st in gl.static_range(STAGES):
+        mbarrier.init(bars.index(st), count=1)
+    fence_async_shared()
     # Software pipeline: record i + 1 is copied while record i is computed, unless its
     # block is in the pool; pool slots are read one record ahead of the copies, block ids
-    # two (clamped to the split's last).
+    # two (clamped to the split's last). The records copied are taken in order: the n-th
+    # lands in stage n % STAGES, at its barrier's phase n // STAGES.
     has = lo < hi
-    blk = gl.load(bt_row + lo, mask=has, other=0).to(gl.int64)
-    blk_next = gl.load(bt_row + gl.minimum(lo + 1, hi - 1), mask=has, other=0).to(gl.int64)
-    blk_after = gl.load(bt_row + gl.minimum(lo + 2, hi - 1), mask=has, other=0).to(gl.int64)
+    blk = gl.load(bt_row + lo, mask=has, other=0)
+    blk_next = gl.load(bt_row + gl.minimum(lo + 1, hi - 1), mask=has, other=0)
+    blk_after = gl.load(bt_row + gl.minimum(lo + 2, hi - 1), mask=has, other=0)
     slot = gl.load(block_to_slot_ptr + blk, mask=has, other=0)
     slot_next = gl.load(block_to_slot_ptr + blk_next, mask=has, other=0)
-    if has:
-        _copy_record(ks, vs, kzs, taus, vzs, 0, words_ptr, halves_ptr,
-                     blk * page_stride_block + head_rec, k_off, v_off, c1, c2, K_CODES,
-                     V_CODES, A_K, TAU_K, A_V)
-    async_copy.commit_group()
+    copied = 0
+    used = 0
+    if has & (slot < 0):
+        _copy_record(k_desc, v_desc, coef_desc, line_desc, ks, vs, cs, ds, bars.index(0), 0,
+                     blk * hk + h)
+        copied = 1
 
     # The query, rotated while the first record is on its way.
     r = gl.arange(0, HALF, layout=gl.SliceLayout(1, Q_LOAD))
@@ -471,29 +524,28 @@ def _record_kernel(
     unit_f = gl.where(gl.arange(0, ROWS, layout=ROW) < HALF, UNIT, UNIT / 16)
     coef_a = unit_f[:, None] * qn[None, :]
     for blk_i in range(lo, hi):
-        stage = (blk_i - lo) % STAGES
-        blk_later = gl.load(bt_row + gl.minimum(blk_i + 3, hi - 1)).to(gl.int64)
+        blk_later = gl.load(bt_row + gl.minimum(blk_i + 3, hi - 1))
         slot_after = gl.load(block_to_slot_ptr + blk_after)
         if (blk_i + 1 < hi) & (slot_next < 0):
-            _copy_record(ks, vs, kzs, taus, vzs, 1 - stage, words_ptr, halves_ptr,
-                         blk_next * page_stride_block + head_rec, k_off, v_off, c1, c2,
-                         K_CODES, V_CODES, A_K, TAU_K, A_V)
-        async_copy.commit_group()  # (empty after the last record: the wait below holds)
-        async_copy.wait_group(1)  # this record's copy (the warp's lanes wrote it together)
-        gl.thread_barrier()
+            nxt = copied % STAGES
+            _copy_record(k_desc, v_desc, coef_desc, line_desc, ks, vs, cs, ds, bars.index(nxt),
+                         nxt, blk_next * hk + h)
+            copied += 1
         if slot < 0:  # (pool blocks: the POOL_ONLY launch)
-            kz_s = kzs.index(stage)
-            tau_s = taus.index(stage)
-            vz_s = vzs.index(stage)
+            stage = used % STAGES
+            mbarrier.wait(bars.index(stage), (used // STAGES) & 1)
+            coefs = cs.index(stage)._reinterpret(gl.float16, [2, 64, 4], SMEM)
+            kz_s = coefs.index(0)  # a_K, z_K
+            vz_s = coefs.index(1)  # a_V, z_V
+            tau_s = ds.index(stage)._reinterpret(gl.float16, [2, 32, 4], SMEM).index(0)
             q_t = _q_operand(q_unit, _channel_coefs(kz_s.slice(0, 32)))
             z_k = _channel_coefs(kz_s.slice(32, 32))
             coef_b = qn * gl.convert_layout(gl.sum(q_unit * z_k[None, :], 1), COL)
 
-            k_s = ks.index(stage)
-            s0a, s0b = _scores(q_t, coef_a, coef_b, k_s.slice(0, D), tau_s.slice(0, 8))
-            s1a, s1b = _scores(q_t, coef_a, coef_b, k_s.slice(D, D), tau_s.slice(8, 8))
-            s2a, s2b = _scores(q_t, coef_a, coef_b, k_s.slice(2 * D, D), tau_s.slice(16, 8))
-            s3a, s3b = _scores(q_t, coef_a, coef_b, k_s.slice(3 * D, D), tau_s.slice(24, 8))
+            s0a, s0b = _scores(q_t, coef_a, coef_b, _k_chunk(ks, stage, 0), tau_s.slice(0, 8))
+            s1a, s1b = _scores(q_t, coef_a, coef_b, _k_chunk(ks, stage, 1), tau_s.slice(8, 8))
+            s2a, s2b = _scores(q_t, coef_a, coef_b, _k_chunk(ks, stage, 2), tau_s.slice(16, 8))
+            s3a, s3b = _scores(q_t, coef_a, coef_b, _k_chunk(ks, stage, 3), tau_s.slice(24, 8))
             mx = gl.maximum(_max4(s0a, s0b, s1a, s1b), _max4(s2a, s2b, s3a, s3b))
             m_new = gl.maximum(m_i, gl.max(mx, 0))
             alpha = gl.exp2(m_i - m_new)
@@ -502,28 +554,40 @@ def _record_kernel(
 
             o_rec = gl.zeros([D, HALF], gl.float32, MMA)
             pz_sum = gl.zeros([ROWS, HALF], gl.float32, MMA)
+            v_s = vs.index(stage)._reinterpret(gl.int32, [4, 8, 32], V_VIEW)
             tiles = ((s0a, s0b), (s1a, s1b), (s2a, s2b), (s3a, s3b))
             for c in gl.static_range(4):  # a_V of chunk c, then its z_V 32 rows on
                 o_rec, l_acc, pz_sum = _chunk_pv(o_rec, l_acc, pz_sum, tiles[c][0], tiles[c][1],
-                                                 m_new, vs.index(4 * stage + c),
-                                                 vz_s.slice(8 * c, 8), vz_s.slice(32 + 8 * c, 8))
-            rec_half = (blk * page_stride_block + head_rec) // 2
-            sigma = gl.load(halves_ptr + rec_half + SIGMA_V // 2 + chan).to(gl.float32)
+                                                 m_new, v_s.index(c), vz_s.slice(8 * c, 8),
+                                                 vz_s.slice(32 + 8 * c, 8))
+            sigma_s = ds.index(stage)._reinterpret(gl.float16, [2, D], SIGMA_VIEW).index(1)
+            sigma = sigma_s.load(ROW).to(gl.float32)
             pz = gl.sum(pz_sum, 0)
             o = o * alpha[None, :] + sigma[:, None] * (o_rec * inv_f[:, None] + pz[None, :])
-        gl.thread_barrier()  # every lane done with this stage before its next copy
+            used += 1
+            gl.thread_barrier()  # every lane done with this stage before its next copy
         blk = blk_next
         blk_next = blk_after
         blk_after = blk_later
         slot = slot_next
         slot_next = slot_after
-    async_copy.wait_group(0)
 
     rq = gl.arange(0, HALF, layout=COL)
     part = (b * hk + h) * part_splits + split
     gl.store(part_o_ptr + (part * ROWS + rq[None, :]) * D + chan[:, None], o)
     gl.store(part_ml_ptr + part * 2 * ROWS + rq, m_i)
     gl.store(part_ml_ptr + part * 2 * ROWS + ROWS + rq, gl.sum(l_acc, 0))
+
+
+def descriptors(pages: Tensor) -> tuple[TensorDescriptor, ...]:
+    """The TMA descriptors of _record_kernel over the pages [blocks, heads, record bytes]
+    (contiguous): one K chunk of 64-byte rows, the V codes, 4 and 2 lines of 128 bytes."""
+    halves = pages.view(torch.int16)
+    rows, lines = halves.view(-1, 32), halves.view(-1, 64)
+    return (TensorDescriptor.from_tensor(rows, [D.value, 8], PLAIN.value),
+            TensorDescriptor.from_tensor(lines, [32, 64], SWIZZLED.value),
+            TensorDescriptor.from_tensor(lines, [4, 64], PLAIN.value),
+            TensorDescriptor.from_tensor(lines, [2, 64], PLAIN.value))
 
 
 def num_splits(pairs: int, pool_splits: int, max_blocks: int, num_sms: int) -> int:
@@ -547,7 +611,8 @@ def unsupported(q: Tensor, cache: KVarNCache) -> str | None:
     """What `attention` would need changed to take this call, or None if it takes it."""
     b, sq, hq, d = q.shape
     hk = cache.num_kv_heads
-    preset = layout(cache.preset, d).preset
+    lay = layout(cache.preset, d)
+    preset = lay.preset
     if sq != 1:
         return f"decode queries (one token per sequence), got q {list(q.shape)}"
     if d != D.value:
@@ -556,10 +621,17 @@ def unsupported(q: Tensor, cache: KVarNCache) -> str | None:
         return f"{G.value}-token tiles, got {cache.preset}"
     if preset.k_bits != 4 or preset.v_bits != 2:
         return f"k4v2 presets, got {cache.preset}"
+    if _record_lines(lay) != RECORD_BOXES:
+        return f"the record layout of kvarn_k4v2_g128, got {cache.preset}'s {lay}"
     if hq % hk or hq // hk > HALF.value:
         return f"GQA groups <= {HALF.value} query heads per KV head, got {hq} / {hk}"
-    if not q.is_cuda or torch.cuda.get_device_capability(q.device) < (8, 0):
-        return f"CUDA tensors on an sm_80+ GPU (Gluon has no interpreter), got {q.device}"
+    if not cache.pages.is_contiguous():
+        return f"contiguous pages, got strides {cache.pages.stride()}"
+    if cache.pages.numel() // 64 >= 2**31:
+        return f"pages of < 2**31 64-byte rows (TMA coordinates), got {cache.num_blocks} blocks"
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device) < (9, 0):
+        return (f"CUDA tensors on an sm_90+ GPU (TMA copies; Gluon has no interpreter), got "
+                f"{q.device}")
     return None
 
 
@@ -586,7 +658,6 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     if why:
         raise ValueError(f"the Gluon kernel takes {why}; triton_attention.attention takes "
                          "every cache")
-    lay = layout(cache.preset, d)
     group = hq // hk
     scale = softmax_scale if softmax_scale is not None else d ** -0.5
     if q.stride(3) != 1:
@@ -604,14 +675,10 @@ def attention(q: Tensor, cache: KVarNCache, block_tables: Tensor, seq_lens: Tens
     try:  # joined even if the pool launch rejects its inputs: the side stream writes part_o
         with torch.cuda.stream(side):
             _record_kernel[(b, hk, splits)](
-                q, part_o, part_ml, cache.pages.view(torch.int32),
-                cache.pages.view(torch.float16), block_tables, seq_lens, cache.block_to_slot,
-                float(scale * LOG2E / math.sqrt(d)), splits, splits + pool_splits, q.stride(0),
-                q.stride(2),
-                cache.pages.stride(0), cache.pages.stride(1), block_tables.stride(0),
-                GROUP=group, K_CODES=lay.k_codes.offset, A_K=lay.a_k.offset,
-                TAU_K=lay.tau_k.offset, V_CODES=lay.v_codes.offset, SIGMA_V=lay.sigma_v.offset,
-                A_V=lay.a_v.offset, num_warps=NUM_WARPS,
+                q, part_o, part_ml, *descriptors(cache.pages), block_tables, seq_lens,
+                cache.block_to_slot, float(scale * LOG2E / math.sqrt(d)), splits,
+                splits + pool_splits, q.stride(0), q.stride(2), block_tables.stride(0),
+                GROUP=group, num_warps=NUM_WARPS,
                 **({} if max_registers is None else {"maxnreg": max_registers}))
         triton_attention.attention(
             q, cache, block_tables, seq_lens, softmax_scale=softmax_scale, splits=pool_splits,

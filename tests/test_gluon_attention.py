@@ -1,12 +1,14 @@
 """kvarn_torch.gluon_attention: the Gluon decode kernel of the quantized records (with the
 Triton kernel for the pool blocks and the merge) against the exact float32 attention.
 
-Gluon kernels have no interpreter: the numerical tests need a CUDA GPU (sm_80+); on the
+Gluon kernels have no interpreter: the numerical tests need a CUDA GPU (sm_90+); on the
 CPU the wrapper's input checks run, and tests/test_triton_cross_compile.py compiles the
 kernel for sm_90."""
 
+import itertools
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,7 +23,8 @@ from kvarn_torch.cache import KVarNCache  # noqa: E402
 PRESET = "kvarn_k4v2_g128"
 G, D = 128, 128
 TOL = {torch.float16: 4e-3, torch.bfloat16: 2e-2}  # as tests/test_torch_attention.py
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                         reason="needs an sm_90+ GPU")
 
 
 def serving_cache(lens: list[int], hk: int, dtype: torch.dtype, seed: int = 0):
@@ -167,41 +170,72 @@ def test_rejects_what_it_does_not_handle(shape, preset, why):
                                   torch.zeros(2, dtype=torch.int32))
 
 
-def test_record_layout_fits_the_shared_copies():
-    """The kernel copies a_K with z_K and a_V with z_V as one 512-byte run each, and reads
-    K codes as 16-byte channel rows: the record layout it takes must keep them so."""
+def test_record_boxes_take_whole_fields():
+    """The kernel's TMA boxes start on 128-byte lines of the record and take a_K with z_K
+    and a_V with z_V as 4 lines each: the record layout it takes must keep them so, and a
+    layout that would not is refused by name."""
+    assert gluon_attention.RECORD_BOXES == (0, 64, 68, 70, 102, 104, 108)
     lay = layout(PRESET, D)
-    assert lay.z_k.offset == lay.a_k.offset + lay.a_k.nbytes == lay.a_k.offset + 2 * D
-    assert lay.z_v.offset == lay.a_v.offset + lay.a_v.nbytes == lay.a_v.offset + 2 * D
-    assert lay.tau_k.nbytes == 2 * G and lay.k_codes.nbytes == D * G // 2
-    assert all(f.offset % 16 == 0 for f in (lay.k_codes, lay.a_k, lay.tau_k, lay.v_codes,
-                                            lay.a_v))
+    assert lay.z_k.offset == lay.a_k.offset + 2 * D and lay.z_v.offset == lay.a_v.offset + 2 * G
+    with pytest.raises(ValueError, match="TMA boxes take the k4v2_g128 record layout"):
+        gluon_attention._record_lines(layout("kvarn_k4v4_g128", D))
 
 
-def test_k_copy_fetches_whole_channel_rows():
-    """The copy of a record's K codes (K_COPY; smem row = chunk * D + channel, column = the
-    chunk's halfword of that channel's row of G / 4): one copy instruction (a register
-    index above the 8 halfwords of a 16-byte piece) fetches whole 64-byte channel rows,
-    4 neighbouring lanes each, and all of them cover the K codes once."""
-    lay = gluon_attention.K_COPY.value
+def _view_offsets(view, shape: tuple[int, ...]) -> dict[tuple[int, ...], int]:
+    """Element index -> offset under a SharedLinearLayout (its bases map offset bits to
+    indices)."""
+    bases = view.offset_bases
+    out = {}
+    for offset in range(1 << len(bases)):
+        index = [0] * len(shape)
+        for k, basis in enumerate(bases):
+            if offset >> k & 1:
+                index = [a ^ b for a, b in zip(index, basis)]
+        out[tuple(index)] = offset
+    assert sorted(out) == sorted(itertools.product(*map(range, shape)))
+    return out
 
-    def element(reg: int, lane: int) -> int:
-        row = col = 0
-        for bases, index in ((lay.reg_bases, reg), (lay.lane_bases, lane)):
-            for bit, (dr, dc) in enumerate(bases):
-                if index >> bit & 1:
-                    row, col = row ^ dr, col ^ dc
-        chunk, channel = divmod(row, D)
-        return channel * (G // 4) + 8 * chunk + col  # halfword offset in the K codes
 
-    regs = 1 << len(lay.reg_bases)
-    assert sorted(element(r, l) for r in range(regs) for l in range(32)) == list(range(D * G // 4))
-    for piece in range(0, regs, 8):
-        starts = []
+def test_v_view_reads_the_swizzled_box_without_bank_conflicts():
+    """The V codes land as TMA writes a box under the 128-byte swizzle (16-byte piece j of
+    line L at piece j ^ (L % 8)); V_VIEW, chunk c at 256 c words, gives each index of
+    V_READ the word it names (word col % 8 of token 32 c + r + 8 (col // 8)), and each
+    register of V_READ spreads the 32 lanes over the 32 banks."""
+    rng = np.random.default_rng(0)
+    words = rng.integers(0, 2**31, size=(G, D // 16))  # [token, word] in the record
+    box = np.zeros(G * D // 16, np.int64)
+    for line in range(G * D // 16 // 32):  # 32 words a line
+        for piece in range(8):
+            src = words.reshape(-1)[32 * line + 4 * piece: 32 * line + 4 * piece + 4]
+            dst = 32 * line + 4 * (piece ^ line % 8)
+            box[dst:dst + 4] = src
+    offsets = _view_offsets(gluon_attention.V_VIEW.value, (8, 32))
+    for c in range(4):
+        for (r, col), off in offsets.items():
+            assert box[256 * c + off] == words[32 * c + r + 8 * (col // 8), col % 8]
+    read = gluon_attention.V_READ.value
+    for reg in range(1 << len(read.reg_bases)):
+        banks = set()
         for lane in range(32):
-            halves = [element(piece + i, lane) for i in range(8)]
-            assert halves == list(range(halves[0], halves[0] + 8))  # one 16-byte piece
-            starts.append(halves[0])
-        for j in range(0, 32, 4):  # lanes 4 j .. 4 j + 3: one channel's whole row
-            assert starts[j:j + 4] == [starts[j] + 8 * i for i in range(4)]
-            assert starts[j] % (G // 4) == 0
+            index = [0, 0]
+            for bases, bits in ((read.reg_bases, reg), (read.lane_bases, lane)):
+                for k, basis in enumerate(bases):
+                    if bits >> k & 1:
+                        index = [a ^ b for a, b in zip(index, basis)]
+            banks.add(offsets[tuple(index)] % 32)
+        assert len(banks) == 32
+
+
+def test_sigma_view_follows_the_output_rows():
+    """sigma_V is read in the order of the PV accumulator's rows: row n holds channel
+    16 (n % 8) + 8 (n // 8 % 2) + n // 16, the channel the kernel stores it to."""
+    offsets = _view_offsets(gluon_attention.SIGMA_VIEW.value, (D,))
+    assert [offsets[(n,)] for n in range(D)] == [16 * (n % 8) + 8 * (n // 8 % 2) + n // 16
+                                                  for n in range(D)]
+
+
+def test_shared_view_refuses_what_no_linear_layout_can_hold():
+    with pytest.raises(ValueError, match="bijection"):
+        gluon_attention._shared_view((4, 4), lambda i: i[0])
+    with pytest.raises(ValueError, match="linear"):
+        gluon_attention._shared_view((8,), lambda i: {4: 5, 5: 4}.get(i[0], i[0]))
