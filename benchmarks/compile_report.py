@@ -171,7 +171,7 @@ def gluon_attention_report(arch: int) -> dict:
     `gluon_attention.attention` launches it: one warp a program."""
     kernel = gluon_attention._record_kernel
     consts = dict(GROUP=4)
-    boxes = [(gluon_attention.D.value, 8, gluon_attention.PLAIN), (32, 64, gluon_attention.SWIZZLED),
+    boxes = [(64, 64, gluon_attention.SWIZZLED), (32, 64, gluon_attention.SWIZZLED),
              (4, 64, gluon_attention.PLAIN), (2, 64, gluon_attention.PLAIN)]
     descs = {name: f"tensordesc<i16[{rows}, {cols}],{lay.value!r}>" for name, (rows, cols, lay)
              in zip(("k_desc", "v_desc", "coef_desc", "line_desc"), boxes)}

@@ -90,7 +90,7 @@ def _tma_kernel(out_ptr, k_desc, v_desc, coef_desc, line_desc, bt_ptr, lens_ptr,
     lo, hi = _split_range(lens_ptr, splits)
     h = gl.program_id(1)
     hk = gl.num_programs(1)
-    ks = gl.allocate_shared_memory(gl.int16, [ga.STAGES * 4, ga.D, 8], ga.PLAIN)
+    ks = gl.allocate_shared_memory(gl.int16, [ga.STAGES, 64, 64], ga.SWIZZLED)
     vs = gl.allocate_shared_memory(gl.int16, [ga.STAGES, 32, 64], ga.SWIZZLED)
     cs = gl.allocate_shared_memory(gl.int16, [ga.STAGES, 8, 64], ga.PLAIN)
     ds = gl.allocate_shared_memory(gl.int16, [ga.STAGES, 4, 64], ga.PLAIN)
@@ -144,9 +144,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shapes", nargs="+", default=["16x32768", "64x4096", "8x32768", "64x32768"])
     ap.add_argument("--out", help="also write the table here")
+    ap.add_argument("--commit", help="commit measured (default: git's HEAD)")
     args = ap.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                           capture_output=True, text=True,
+                                           cwd=Path(__file__).parent).stdout.strip()
     lines = [f"{torch.cuda.get_device_name()}, {datetime.date.today()}, commit {commit}",
              "command: python benchmarks/record_copies.py " + " ".join(sys.argv[1:])]
     print("\n".join(lines), flush=True)

@@ -109,14 +109,16 @@ MMA = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shap
 A_OP = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
 B_OP = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
 
-# A record arrives in shared memory as 9 TMA boxes (one thread issues them; an mbarrier
+# A record arrives in shared memory as 6 TMA boxes (one thread issues them; an mbarrier
 # counts their bytes). Every field of the record starts on a 128-byte line (RECORD_LINES),
 # so the boxes take the fields whole:
-#   K codes: 4 boxes [D channels, 8 halfwords], a 32-token chunk each, unswizzled: the
-#     16-byte channel rows ldmatrix reads (8 consecutive rows per matrix, no conflicts);
-#   V codes: one box [32 lines, 64 halfwords] under the 128-byte swizzle, which spreads
-#     each read of V_READ over the 32 banks (V_VIEW);
-#   a_K with z_K, a_V with z_V, tau_K, sigma_V: 4 small boxes of whole lines.
+#   K codes: one box [64 lines, 64 halfwords] and V codes one box [32 lines, 64] under the
+#     128-byte swizzle, which spreads ldmatrix's 16-byte channel rows of a K chunk and each
+#     read of V_READ over the 32 banks (K_VIEW, V_VIEW);
+#   a_K with z_K, a_V with z_V, tau_K, sigma_V: 4 small boxes of whole lines, unswizzled.
+# (K as 4 boxes of a chunk each, [D, 8] halfwords with 16-byte rows, needs no swizzle, but
+# on an H100 records stream 14% slower so: 173 us for 16 x 32K instead of 149;
+# results/record_copies_h100.txt.)
 STAGES = gl.constexpr(2)
 LINE = gl.constexpr(128)  # bytes
 
@@ -174,6 +176,11 @@ def _swizzle128(word: int) -> int:
     return word ^ (((word >> 5) & 7) << 2)
 
 
+def _k_address(index: tuple[int, int]) -> int:
+    ch, hw = index  # halfword hw of channel ch's row (two rows a line)
+    return 2 * _swizzle128((ch * 32 + hw) // 2) + hw % 2
+
+
 def _v_address(index: tuple[int, int]) -> int:
     r, col = index  # word col % 8 of token r + 8 (col // 8) of a chunk, as V_READ reads it
     return _swizzle128((r + 8 * (col // 8)) * (D.value // 16) + col % 8)
@@ -184,6 +191,8 @@ def _sigma_address(index: tuple[int]) -> int:
     return 16 * (n % 8) + 8 * (n // 8 % 2) + n // 16
 
 
+# The K codes of a stage as halfwords [D, 32] (channel rows, chunk c in columns 8 c ..).
+K_VIEW = _shared_view((128, 32), _k_address)
 # The V codes of a 32-token chunk as words [4 m + 2 a + H, 8 t + g] (see V_READ). The
 # chunks follow each other 1 KB apart: a stage is [4 chunks, 8, 32] (the swizzle stays
 # within a chunk).
@@ -229,10 +238,10 @@ Q_ROWS = gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 8], [0, 16], [0, 32],
 ROW = gl.SliceLayout(1, MMA)
 COL = gl.SliceLayout(0, MMA)
 # Triton reads module globals only as constexprs.
-(MMA, A_OP, B_OP, V_WORDS, Q_ROWS, Q_LOAD, ROW, COL, SMEM, PLAIN, SWIZZLED, V_VIEW,
+(MMA, A_OP, B_OP, V_WORDS, Q_ROWS, Q_LOAD, ROW, COL, SMEM, PLAIN, SWIZZLED, K_VIEW, V_VIEW,
  SIGMA_VIEW, V_READ, C_READ, D_READ) = map(
     gl.constexpr, (MMA, A_OP, B_OP, V_WORDS, Q_ROWS, Q_LOAD, ROW, COL, SMEM, PLAIN,
-                   SWIZZLED, V_VIEW, SIGMA_VIEW, V_READ, C_READ, D_READ))
+                   SWIZZLED, K_VIEW, V_VIEW, SIGMA_VIEW, V_READ, C_READ, D_READ))
 HALF = gl.constexpr(8)  # real query rows per program
 
 
@@ -281,9 +290,7 @@ def _copy_record(k_desc, v_desc, coef_desc, line_desc, ks, vs, cs, ds, bar, stag
     completes when its bytes have landed."""
     line = rec * RECORD_LINES
     mbarrier.expect(bar, RECORD_LINES * LINE)
-    for c in gl.static_range(4):  # the K codes of tokens 32 c ..: halfwords 8 c .. of each row
-        tma.async_copy_global_to_shared(k_desc, [2 * (line + K_LINE), 8 * c], bar,
-                                        ks.index(4 * stage + c))
+    tma.async_copy_global_to_shared(k_desc, [line + K_LINE, 0], bar, ks.index(stage))
     tma.async_copy_global_to_shared(v_desc, [line + V_LINE, 0], bar, vs.index(stage))
     c_s = cs.index(stage)
     tma.async_copy_global_to_shared(coef_desc, [line + AK_LINE, 0], bar, c_s.slice(0, 4))
@@ -294,17 +301,26 @@ def _copy_record(k_desc, v_desc, coef_desc, line_desc, ks, vs, cs, ds, bar, stag
 
 
 @gluon.jit
-def _k_chunk(ks, stage, c: gl.constexpr):
-    """The K codes of chunk c (tokens 32 c ..) of a stage as [D, 8] halfwords."""
-    return ks.index(4 * stage + c)._reinterpret(gl.float16, [D, 8], SMEM)
+def _k_chunks(k_lines):
+    """The K codes of a stage as the B operands [D, 8] (halfwords) of its 4 chunks (tokens
+    32 c ..: halfwords 8 c .. of each channel's row), read by ldmatrix all at once: the
+    swizzle moves a chunk's pieces between lines, so no view of one chunk is a slice."""
+    words = k_lines._reinterpret(gl.float16, [D, 32], K_VIEW).load(B_OP)
+    x = gl.permute(gl.reshape(words, [D, 2, 2, 8]), [0, 3, 1, 2])  # [channel, g, c // 2, c % 2]
+    even, odd = gl.split(x)
+    c0, c2 = gl.split(even)
+    c1, c3 = gl.split(odd)
+    return (gl.convert_layout(c0, B_OP, assert_trivial=True),
+            gl.convert_layout(c1, B_OP, assert_trivial=True),
+            gl.convert_layout(c2, B_OP, assert_trivial=True),
+            gl.convert_layout(c3, B_OP, assert_trivial=True))
 
 
 @gluon.jit
-def _k_operands(k_chunk):
+def _k_operands(words):
     """B operands [D, 8] of the K codes of a 32-token chunk (shared [D, 8] halfwords): column
     block i holds token c0 + 4 g + i in column g, value f_i * code * 2**-24 with
     f_i = 1, 16, 1, 16."""
-    words = k_chunk.load(B_OP)
     return gl.inline_asm_elementwise(NIBBLES_ASM, "=r,=r,=r,=r,r", [words],
                                      dtype=(gl.float16,) * 4, is_pure=True, pack=2)
 
@@ -414,11 +430,11 @@ def _pv_b(pp):
 
 
 @gluon.jit
-def _scores(q_t, ca, cb, k_chunk, tau_chunk):
+def _scores(q_t, ca, cb, k_words, tau_chunk):
     """Scores (base 2, scaled) of a 32-token chunk as two tiles [16 tokens, 8 query rows]:
     tile j row m is token c0 + 4 (m % 8) + 2 j + m // 8. ca [16, 8] carries the 1 / f of
     the codes' bit positions (rows m >= 8: odd tokens, 16 x), cb [8] the z_K term."""
-    u0, u1, u2, u3 = _k_operands(k_chunk)
+    u0, u1, u2, u3 = _k_operands(k_words)
     t01, t23 = _token_coefs(tau_chunk)
     zero = gl.zeros([ROWS, HALF], gl.float32, MMA)
     s01 = (mma_v2(_k_rows(u0, u1), q_t, zero) * ca + cb[None, :]) * t01[:, None]
@@ -486,7 +502,7 @@ def _record_kernel(
     l_acc = gl.zeros([ROWS, HALF], gl.float32, MMA)
     o = gl.zeros([D, HALF], gl.float32, MMA)
     bt_row = block_tables_ptr + b.to(gl.int64) * bt_stride_b
-    ks = gl.allocate_shared_memory(gl.int16, [STAGES * 4, D, 8], PLAIN)
+    ks = gl.allocate_shared_memory(gl.int16, [STAGES, 64, 64], SWIZZLED)
     vs = gl.allocate_shared_memory(gl.int16, [STAGES, 32, 64], SWIZZLED)
     cs = gl.allocate_shared_memory(gl.int16, [STAGES, 8, 64], PLAIN)  # a_K z_K, a_V z_V
     ds = gl.allocate_shared_memory(gl.int16, [STAGES, 4, 64], PLAIN)  # tau_K, sigma_V
@@ -542,10 +558,11 @@ def _record_kernel(
             z_k = _channel_coefs(kz_s.slice(32, 32))
             coef_b = qn * gl.convert_layout(gl.sum(q_unit * z_k[None, :], 1), COL)
 
-            s0a, s0b = _scores(q_t, coef_a, coef_b, _k_chunk(ks, stage, 0), tau_s.slice(0, 8))
-            s1a, s1b = _scores(q_t, coef_a, coef_b, _k_chunk(ks, stage, 1), tau_s.slice(8, 8))
-            s2a, s2b = _scores(q_t, coef_a, coef_b, _k_chunk(ks, stage, 2), tau_s.slice(16, 8))
-            s3a, s3b = _scores(q_t, coef_a, coef_b, _k_chunk(ks, stage, 3), tau_s.slice(24, 8))
+            k0, k1, k2, k3 = _k_chunks(ks.index(stage))
+            s0a, s0b = _scores(q_t, coef_a, coef_b, k0, tau_s.slice(0, 8))
+            s1a, s1b = _scores(q_t, coef_a, coef_b, k1, tau_s.slice(8, 8))
+            s2a, s2b = _scores(q_t, coef_a, coef_b, k2, tau_s.slice(16, 8))
+            s3a, s3b = _scores(q_t, coef_a, coef_b, k3, tau_s.slice(24, 8))
             mx = gl.maximum(_max4(s0a, s0b, s1a, s1b), _max4(s2a, s2b, s3a, s3b))
             m_new = gl.maximum(m_i, gl.max(mx, 0))
             alpha = gl.exp2(m_i - m_new)
@@ -582,9 +599,8 @@ def _record_kernel(
 def descriptors(pages: Tensor) -> tuple[TensorDescriptor, ...]:
     """The TMA descriptors of _record_kernel over the pages [blocks, heads, record bytes]
     (contiguous): one K chunk of 64-byte rows, the V codes, 4 and 2 lines of 128 bytes."""
-    halves = pages.view(torch.int16)
-    rows, lines = halves.view(-1, 32), halves.view(-1, 64)
-    return (TensorDescriptor.from_tensor(rows, [D.value, 8], PLAIN.value),
+    lines = pages.view(torch.int16).view(-1, 64)
+    return (TensorDescriptor.from_tensor(lines, [64, 64], SWIZZLED.value),
             TensorDescriptor.from_tensor(lines, [32, 64], SWIZZLED.value),
             TensorDescriptor.from_tensor(lines, [4, 64], PLAIN.value),
             TensorDescriptor.from_tensor(lines, [2, 64], PLAIN.value))

@@ -196,19 +196,42 @@ def _view_offsets(view, shape: tuple[int, ...]) -> dict[tuple[int, ...], int]:
     return out
 
 
+def _tma_box(record_part: np.ndarray) -> np.ndarray:
+    """Words of a record field as a TMA box under the 128-byte swizzle leaves them in
+    shared memory: 16-byte piece j of 128-byte line L lands at piece j ^ (L % 8)."""
+    flat = record_part.reshape(-1, 8, 4)  # [line, piece, word]
+    box = np.empty_like(flat)
+    for line in range(flat.shape[0]):
+        for piece in range(8):
+            box[line, piece ^ line % 8] = flat[line, piece]
+    return box.reshape(-1)
+
+
+def test_k_view_reads_the_swizzled_box_without_bank_conflicts():
+    """K_VIEW gives element (channel, halfword) of the K codes' box the halfword it names,
+    and the 16-byte rows ldmatrix takes for a chunk (8 consecutive channels, halfwords
+    8 c .. 8 c + 7) fall in 8 different 16-byte bank groups."""
+    rng = np.random.default_rng(0)
+    halves = rng.integers(0, 2**16, size=(D, G // 4)).astype(np.uint16)  # [channel, halfword]
+    box = _tma_box(halves.view(np.uint32)).view(np.uint16)
+    offsets = _view_offsets(gluon_attention.K_VIEW.value, (D, G // 4))
+    for (ch, hw), off in offsets.items():
+        assert box[off] == halves[ch, hw]
+    for c in range(4):
+        for ch0 in range(0, D, 8):
+            groups = {offsets[(ch, 8 * c)] // 8 % 8 for ch in range(ch0, ch0 + 8)}
+            assert len(groups) == 8
+            assert all(offsets[(ch, 8 * c + i)] == offsets[(ch, 8 * c)] + i
+                       for ch in range(ch0, ch0 + 8) for i in range(8))
+
+
 def test_v_view_reads_the_swizzled_box_without_bank_conflicts():
-    """The V codes land as TMA writes a box under the 128-byte swizzle (16-byte piece j of
-    line L at piece j ^ (L % 8)); V_VIEW, chunk c at 256 c words, gives each index of
-    V_READ the word it names (word col % 8 of token 32 c + r + 8 (col // 8)), and each
-    register of V_READ spreads the 32 lanes over the 32 banks."""
+    """V_VIEW, chunk c at 256 c words, gives each index of V_READ the word it names (word
+    col % 8 of token 32 c + r + 8 (col // 8)), and each register of V_READ spreads the 32
+    lanes over the 32 banks."""
     rng = np.random.default_rng(0)
     words = rng.integers(0, 2**31, size=(G, D // 16))  # [token, word] in the record
-    box = np.zeros(G * D // 16, np.int64)
-    for line in range(G * D // 16 // 32):  # 32 words a line
-        for piece in range(8):
-            src = words.reshape(-1)[32 * line + 4 * piece: 32 * line + 4 * piece + 4]
-            dst = 32 * line + 4 * (piece ^ line % 8)
-            box[dst:dst + 4] = src
+    box = _tma_box(words)
     offsets = _view_offsets(gluon_attention.V_VIEW.value, (8, 32))
     for c in range(4):
         for (r, col), off in offsets.items():
