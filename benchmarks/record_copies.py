@@ -1,8 +1,8 @@
 """How fast the quantized records of a decode batch stream into shared memory on this GPU,
-with no computation: the Gluon decode kernel's own TMA copies (`gluon_attention._copy_record`,
-two stages, an mbarrier each) against per-lane 16-byte `cp.async` pieces (two stages, the
-copy path of the kernel before TMA), on the same grid and block tables as the kernel
-(32/8 heads, D=128, k4v2_g128, sink and last blocks in the pool).
+with no computation: the Gluon decode kernel's own TMA copies
+(`gluon_attention._copy_record`, two stages, an mbarrier each) against per-lane 16-byte
+`cp.async` pieces in global order (two stages), on the kernel's grid and block tables
+(32/8 heads, D=128, k4v2_g128).
 
     PYTHONPATH=$PWD python benchmarks/record_copies.py --out $OUT/record_copies.txt
 
@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 
 import kvarn_torch  # noqa: F401  (before triton)
+import decode_attention as da  # benchmarks/ (imports kvarn_jax before jax)
+import jax.numpy as jnp
 import numpy as np
 import torch
 from triton.experimental import gluon
@@ -25,7 +27,6 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
 
-import decode_attention as da  # noqa: E402  (benchmarks/)
 from kvarn_torch import gluon_attention as ga
 
 HALVES = gl.constexpr(6912)  # a record: 13,824 bytes
@@ -117,14 +118,13 @@ def _tma_kernel(out_ptr, k_desc, v_desc, coef_desc, line_desc, bt_ptr, lens_ptr,
 
 
 def measure(b: int, ctx: int, rng) -> str:
-    import jax
-
-    cache, table, lens, _ = da.build_jax_cache(b, ctx, 8, 128, jax.numpy.float16, rng)
+    cache, table, lens, _ = da.build_jax_cache(b, ctx, 8, 128, jnp.float16, rng)
     tc = da.torch_view(cache)
     tt, tl = torch.from_dlpack(table), torch.from_dlpack(lens)
     hk, nb = tc.num_kv_heads, tt.shape[1]
     gbytes = b * hk * nb * tc.pages.shape[2]
-    splits = ga.num_splits(b * hk, 0, nb, torch.cuda.get_device_properties(0).multi_processor_count)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    splits = ga.num_splits(b * hk, 0, nb, sms)  # no pool launch beside: all 8 programs per SM
     out = torch.zeros(b * hk * splits, dtype=torch.int32, device="cuda")
     grid = (b, hk, splits)
     runs = {
@@ -142,7 +142,8 @@ def measure(b: int, ctx: int, rng) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--shapes", nargs="+", default=["16x32768", "64x4096", "8x32768", "64x32768"])
+    ap.add_argument("--shapes", nargs="+",
+                    default=["16x32768", "64x4096", "8x32768", "64x32768"])
     ap.add_argument("--out", help="also write the table here")
     ap.add_argument("--commit", help="commit measured (default: git's HEAD)")
     args = ap.parse_args()

@@ -3,9 +3,9 @@ the codes loaded straight into the tensor-core operand registers (`mma.sync`) an
 records brought into shared memory by TMA.
 
 Scope: k4v2 presets with 128-token tiles, head_dim 128, decode (one query token), GQA
-groups of up to 8 query heads, sm_90+ GPUs (Hopper's TMA; Gluon has no interpreter). The pool blocks
-(sink, tail) go through `triton_attention`'s kernel in its POOL_ONLY mode, into the same
-partials; `applies` says when `attention` here is the faster choice.
+groups of up to 8 query heads, sm_90+ GPUs (Hopper's TMA; Gluon has no interpreter). The
+pool blocks (sink, tail) go through `triton_attention`'s kernel in its POOL_ONLY mode, into
+the same partials; `applies` says when `attention` here is the faster choice.
 
 Why Gluon. Triton's block language chooses the register layouts of a dot's operands, so
 the unpacked codes of the Triton kernel take a round trip through shared memory on their
@@ -18,10 +18,10 @@ never leaves it.
 Pipeline. One warp has few instructions in flight, so a record's global loads would stall
 it (in Nsight Compute, a third of the previous, load-as-you-go kernel's stalls were on
 them). Instead the Tensor Memory Accelerator copies record i + 1 into shared memory while
-the warp computes record i: two stages of 13.5 KB, 8 programs per SM. TMA rather than
-cp.async because the copies bound the kernel: on an H100, streaming the records of 16 x
-32K alone took 209 us with the per-lane 16-byte cp.async pieces (2.2 TB/s) and 149 us with
-TMA boxes (3.0 TB/s, FlashAttention-3's rate; results/tma_copies_h100.txt).
+the warp computes record i: two stages of 13.5 KB, 8 programs per SM. TMA rather than the
+warp's own cp.async pieces: on an H100 at 16 x 32K, 174.6 us instead of 237.6 (0.245x of
+FA3 fp16 instead of 0.335x), and per-lane pieces in the orders the reads want streamed at
+2.2 TB/s alone, TMA boxes at 3.0 (results/gluon_tma_h100.txt, record_copies_h100.txt).
 
 The dots, per 128-token record and 8 query rows (a GQA group, zero-padded to the N of
 m16n8k16), both transposed so that the codes are the A operand (M = 16 tokens or channels)
@@ -79,7 +79,8 @@ D = gl.constexpr(128)
 G = gl.constexpr(128)
 NUM_WARPS = 1  # a program is one warp: its softmax state never leaves it
 # Record and pool programs together, per SM: the record kernel's are resident 8 at once
-# (8 x 27 KB of shared memory; 218 registers would allow 9).
+# (8 x 27 KB of shared memory; 192 registers would allow 10). At 16 x 32K on an H100, 7
+# and 8 record splits took 174.1 us, 6 175.9, 10-16 183-212 (results/gluon_tma_h100.txt).
 PROGRAMS_PER_SM = 8
 # From this many (sequence, KV head) pairs on, decode takes this kernel. On an H200 (32/8
 # heads, fp16; results/gluon_threshold_h200.txt): at 40-64 pairs 0.76-0.87x of the
@@ -200,8 +201,8 @@ V_VIEW = _shared_view((8, 32), _v_address)
 # sigma_V as fp16 [D] in the order of the PV accumulator's rows; tau_K and sigma_V are
 # [2, D] (tau_K first).
 SIGMA_VIEW = _shared_view((128,), _sigma_address)
-# Row-major, unswizzled: the K chunks as [D, 8], the coefficient boxes as [2 fields, rows,
-# 4] (4 channels or tokens a row; Gluon indexes the first dimension away).
+# Row-major, unswizzled: the coefficient boxes as [2 fields, rows, 4] (4 channels or tokens
+# a row; Gluon indexes the first dimension away).
 SMEM = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
 # A chunk's V words as read [4 m + 2 a + H, 8 t + g]: thread (g, t) holds its 8 words.
 V_READ = gl.DistributedLinearLayout(
@@ -318,9 +319,9 @@ def _k_chunks(k_lines):
 
 @gluon.jit
 def _k_operands(words):
-    """B operands [D, 8] of the K codes of a 32-token chunk (shared [D, 8] halfwords): column
-    block i holds token c0 + 4 g + i in column g, value f_i * code * 2**-24 with
-    f_i = 1, 16, 1, 16."""
+    """B operands [D, 8] of the K codes of a 32-token chunk from its halfwords [D, 8] (as
+    _k_chunks leaves them): column block i holds token c0 + 4 g + i in column g, value
+    f_i * code * 2**-24 with f_i = 1, 16, 1, 16."""
     return gl.inline_asm_elementwise(NIBBLES_ASM, "=r,=r,=r,=r,r", [words],
                                      dtype=(gl.float16,) * 4, is_pure=True, pack=2)
 
@@ -479,8 +480,8 @@ def _record_kernel(
 ):
     """One warp: the records of split program_id(2) of sequence program_id(0), KV head
     program_id(1), for its GROUP query heads of q [B, 1, Hq, D] (rotated here and scaled
-    by qk_scale = softmax scale * log2 e / sqrt(D): base-2 scores). The descriptors view
-    the pages as 64-byte rows (k_desc: a K chunk) and 128-byte lines (the others)."""
+    by qk_scale = softmax scale * log2 e / sqrt(D): base-2 scores). The descriptors
+    (`descriptors`) view the pages as 128-byte lines."""
     b = gl.program_id(0)
     h = gl.program_id(1)
     split = gl.program_id(2)
@@ -598,7 +599,7 @@ def _record_kernel(
 
 def descriptors(pages: Tensor) -> tuple[TensorDescriptor, ...]:
     """The TMA descriptors of _record_kernel over the pages [blocks, heads, record bytes]
-    (contiguous): one K chunk of 64-byte rows, the V codes, 4 and 2 lines of 128 bytes."""
+    (contiguous) as 128-byte lines: boxes of the K codes, the V codes, 4 and 2 lines."""
     lines = pages.view(torch.int16).view(-1, 64)
     return (TensorDescriptor.from_tensor(lines, [64, 64], SWIZZLED.value),
             TensorDescriptor.from_tensor(lines, [32, 64], SWIZZLED.value),

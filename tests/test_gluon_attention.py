@@ -23,8 +23,9 @@ from kvarn_torch.cache import KVarNCache  # noqa: E402
 PRESET = "kvarn_k4v2_g128"
 G, D = 128, 128
 TOL = {torch.float16: 4e-3, torch.bfloat16: 2e-2}  # as tests/test_torch_attention.py
-gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
-                         reason="needs an sm_90+ GPU")
+gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+    reason="needs an sm_90+ GPU")
 
 
 def serving_cache(lens: list[int], hk: int, dtype: torch.dtype, seed: int = 0):
