@@ -638,14 +638,18 @@ def unsupported(q: Tensor, cache: KVarNCache) -> str | None:
         return f"{G.value}-token tiles, got {cache.preset}"
     if preset.k_bits != 4 or preset.v_bits != 2:
         return f"k4v2 presets, got {cache.preset}"
-    if _record_lines(lay) != RECORD_BOXES:
-        return f"the record layout of kvarn_k4v2_g128, got {cache.preset}'s {lay}"
+    try:
+        if _record_lines(lay) != RECORD_BOXES:
+            raise ValueError(f"got {cache.preset}'s {lay}")
+    except ValueError as e:
+        return f"the record layout of kvarn_k4v2_g128 ({e})"
     if hq % hk or hq // hk > HALF.value:
         return f"GQA groups <= {HALF.value} query heads per KV head, got {hq} / {hk}"
     if not cache.pages.is_contiguous():
         return f"contiguous pages, got strides {cache.pages.stride()}"
-    if cache.pages.numel() // 64 >= 2**31:
-        return f"pages of < 2**31 64-byte rows (TMA coordinates), got {cache.num_blocks} blocks"
+    if cache.pages.numel() // LINE.value >= 2**31:
+        return (f"pages of < 2**31 lines of {LINE.value} bytes (TMA coordinates), got "
+                f"{cache.num_blocks} blocks")
     if not q.is_cuda or torch.cuda.get_device_capability(q.device) < (9, 0):
         return (f"CUDA tensors on an sm_90+ GPU (TMA copies; Gluon has no interpreter), got "
                 f"{q.device}")

@@ -154,6 +154,7 @@ def test_applies_from_min_kv_sequences():
     ((2, 1, 32, 128), "kvarn_k4v2_g64", "128-token"),
     ((2, 1, 32, 64), PRESET, "head_dim 128"),
     ((2, 1, 32, 128), PRESET, "GQA groups <= 8"),
+    ((2, 1, 32, 128), PRESET, "contiguous pages"),
     ((2, 1, 32, 128), PRESET, "CUDA tensors"),
 ])
 def test_rejects_what_it_does_not_handle(shape, preset, why):
@@ -161,7 +162,9 @@ def test_rejects_what_it_does_not_handle(shape, preset, why):
     d = shape[3]
     g = 64 if "g64" in preset else G
     pool = torch.zeros(1, g, hk, d)
-    cache = KVarNCache(pages=torch.zeros(4, hk, 16, dtype=torch.uint8), pool_k=pool,
+    pages = torch.zeros(4, hk, 32, dtype=torch.uint8)
+    pages = pages[:, :, :16] if "contiguous" in why else pages  # (a TMA box needs them whole)
+    cache = KVarNCache(pages=pages, pool_k=pool,
                        pool_v=pool, block_to_slot=torch.full((4,), -1, dtype=torch.int32),
                        slot_to_block=torch.zeros(1, dtype=torch.int32),
                        dropped_tokens=torch.zeros((), dtype=torch.int32), preset=preset)
