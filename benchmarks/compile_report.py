@@ -171,10 +171,8 @@ def gluon_attention_report(arch: int) -> dict:
     `gluon_attention.attention` launches it: one warp a program."""
     kernel = gluon_attention._record_kernel
     consts = dict(GROUP=4)
-    boxes = [(64, 64, gluon_attention.SWIZZLED), (32, 64, gluon_attention.SWIZZLED),
-             (4, 64, gluon_attention.PLAIN), (2, 64, gluon_attention.PLAIN)]
-    descs = {name: f"tensordesc<i16[{rows}, {cols}],{lay.value!r}>" for name, (rows, cols, lay)
-             in zip(("k_desc", "v_desc", "coef_desc", "line_desc"), boxes)}
+    descs = {name: f"tensordesc<i16[{rows}, 64],{lay!r}>" for name, (rows, lay)
+             in zip(("k_desc", "v_desc", "coef_desc", "line_desc"), gluon_attention.BOXES)}
     pointers = dict(q_ptr="*fp16", part_o_ptr="*fp32", part_ml_ptr="*fp32",
                     block_tables_ptr="*i32", seq_lens_ptr="*i32", block_to_slot_ptr="*i32")
     sig = {n: "constexpr" if n in consts else

@@ -25,7 +25,7 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from kvarn_torch import gluon_attention as ga
 
@@ -91,14 +91,7 @@ def _tma_kernel(out_ptr, k_desc, v_desc, coef_desc, line_desc, bt_ptr, lens_ptr,
     lo, hi = _split_range(lens_ptr, splits)
     h = gl.program_id(1)
     hk = gl.num_programs(1)
-    ks = gl.allocate_shared_memory(gl.int16, [ga.STAGES, 64, 64], ga.SWIZZLED)
-    vs = gl.allocate_shared_memory(gl.int16, [ga.STAGES, 32, 64], ga.SWIZZLED)
-    cs = gl.allocate_shared_memory(gl.int16, [ga.STAGES, 8, 64], ga.PLAIN)
-    ds = gl.allocate_shared_memory(gl.int16, [ga.STAGES, 4, 64], ga.PLAIN)
-    bars = gl.allocate_shared_memory(gl.int64, [ga.STAGES, 1], mbarrier.MBarrierLayout())
-    for st in gl.static_range(ga.STAGES):
-        mbarrier.init(bars.index(st), count=1)
-    fence_async_shared()
+    ks, vs, cs, ds, bars = ga._stage_buffers()
     bt_row = bt_ptr + gl.program_id(0).to(gl.int64) * bt_stride_b
     seen = gl.zeros([32], gl.int32, SEEN)
     if lo < hi:

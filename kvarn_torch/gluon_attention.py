@@ -128,15 +128,13 @@ def _record_lines(lay: Layout) -> tuple[int, ...]:
     """Where the boxes start in a record (in lines): K codes, a_K (z_K follows), tau_K, V
     codes, sigma_V, a_V (z_V follows), and the record's length; ValueError for a layout
     whose fields the boxes would not take whole."""
+    d, g = D.value, G.value
+    sizes = ((lay.k_codes, d * g // 2), (lay.a_k, 2 * d), (lay.z_k, 2 * d), (lay.tau_k, 2 * g),
+             (lay.v_codes, d * g // 4), (lay.sigma_v, 2 * d), (lay.a_v, 2 * g), (lay.z_v, 2 * g))
     fields = (lay.k_codes, lay.a_k, lay.tau_k, lay.v_codes, lay.sigma_v, lay.a_v)
-    sizes = (D.value * G.value // 2, 4 * D.value, 2 * G.value, D.value * G.value // 4,
-             2 * D.value, 4 * G.value)
-    whole = (lay.z_k.offset == lay.a_k.offset + lay.a_k.nbytes
+    whole = (all(f.nbytes == n for f, n in sizes)
+             and lay.z_k.offset == lay.a_k.offset + lay.a_k.nbytes
              and lay.z_v.offset == lay.a_v.offset + lay.a_v.nbytes
-             and lay.a_k.nbytes + lay.z_k.nbytes == sizes[1]
-             and lay.a_v.nbytes + lay.z_v.nbytes == sizes[5]
-             and all(f.nbytes == n for f, n in zip(fields[::2] + fields[3:5],
-                                                   sizes[::2] + sizes[3:5]))
              and all(f.offset % LINE.value == 0 for f in fields)
              and lay.record_bytes % LINE.value == 0)
     if not whole:
@@ -151,6 +149,9 @@ RECORD_BOXES = _record_lines(layout("kvarn_k4v2_g128", 128))
 # TMA destinations: unswizzled, or swizzled over 128-byte lines.
 PLAIN = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
 SWIZZLED = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+# The boxes of _record_kernel's descriptors, in its argument order (k_desc, v_desc,
+# coef_desc, line_desc): [lines, 64 halfwords] and their shared layouts.
+BOXES = ((64, SWIZZLED), (32, SWIZZLED), (4, PLAIN), (2, PLAIN))
 
 
 def _shared_view(shape: tuple[int, ...], address) -> gl.SharedLinearLayout:
@@ -283,6 +284,20 @@ def v_channel(n: int) -> int:
     """The channel of output column n = 8 j + g (block j, from thread group g)."""
     j, g = divmod(n, 8)
     return 16 * g + 8 * (j // 8) + j % 8
+
+
+@gluon.jit
+def _stage_buffers():
+    """The shared buffers of the STAGES stages _copy_record fills, and their barriers."""
+    ks = gl.allocate_shared_memory(gl.int16, [STAGES, 64, 64], SWIZZLED)
+    vs = gl.allocate_shared_memory(gl.int16, [STAGES, 32, 64], SWIZZLED)
+    cs = gl.allocate_shared_memory(gl.int16, [STAGES, 8, 64], PLAIN)  # a_K z_K, a_V z_V
+    ds = gl.allocate_shared_memory(gl.int16, [STAGES, 4, 64], PLAIN)  # tau_K, sigma_V
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for st in gl.static_range(STAGES):
+        mbarrier.init(bars.index(st), count=1)
+    fence_async_shared()
+    return ks, vs, cs, ds, bars
 
 
 @gluon.jit
@@ -503,14 +518,7 @@ def _record_kernel(
     l_acc = gl.zeros([ROWS, HALF], gl.float32, MMA)
     o = gl.zeros([D, HALF], gl.float32, MMA)
     bt_row = block_tables_ptr + b.to(gl.int64) * bt_stride_b
-    ks = gl.allocate_shared_memory(gl.int16, [STAGES, 64, 64], SWIZZLED)
-    vs = gl.allocate_shared_memory(gl.int16, [STAGES, 32, 64], SWIZZLED)
-    cs = gl.allocate_shared_memory(gl.int16, [STAGES, 8, 64], PLAIN)  # a_K z_K, a_V z_V
-    ds = gl.allocate_shared_memory(gl.int16, [STAGES, 4, 64], PLAIN)  # tau_K, sigma_V
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for st in gl.static_range(STAGES):
-        mbarrier.init(bars.index(st), count=1)
-    fence_async_shared()
+    ks, vs, cs, ds, bars = _stage_buffers()
     # Software pipeline: record i + 1 is copied while record i is computed, unless its
     # block is in the pool; pool slots are read one record ahead of the copies, block ids
     # two (clamped to the split's last). The records copied are taken in order: the n-th
@@ -601,10 +609,7 @@ def descriptors(pages: Tensor) -> tuple[TensorDescriptor, ...]:
     """The TMA descriptors of _record_kernel over the pages [blocks, heads, record bytes]
     (contiguous) as 128-byte lines: boxes of the K codes, the V codes, 4 and 2 lines."""
     lines = pages.view(torch.int16).view(-1, 64)
-    return (TensorDescriptor.from_tensor(lines, [64, 64], SWIZZLED.value),
-            TensorDescriptor.from_tensor(lines, [32, 64], SWIZZLED.value),
-            TensorDescriptor.from_tensor(lines, [4, 64], PLAIN.value),
-            TensorDescriptor.from_tensor(lines, [2, 64], PLAIN.value))
+    return tuple(TensorDescriptor.from_tensor(lines, [rows, 64], lay) for rows, lay in BOXES)
 
 
 def num_splits(pairs: int, pool_splits: int, max_blocks: int, num_sms: int) -> int:
@@ -639,10 +644,11 @@ def unsupported(q: Tensor, cache: KVarNCache) -> str | None:
     if preset.k_bits != 4 or preset.v_bits != 2:
         return f"k4v2 presets, got {cache.preset}"
     try:
-        if _record_lines(lay) != RECORD_BOXES:
-            raise ValueError(f"got {cache.preset}'s {lay}")
+        lines = _record_lines(lay)
     except ValueError as e:
         return f"the record layout of kvarn_k4v2_g128 ({e})"
+    if lines != RECORD_BOXES:
+        return f"the record layout of kvarn_k4v2_g128, got {cache.preset}'s {lay}"
     if hq % hk or hq // hk > HALF.value:
         return f"GQA groups <= {HALF.value} query heads per KV head, got {hq} / {hk}"
     if not cache.pages.is_contiguous():
