@@ -1,5 +1,6 @@
 """Paged decode attention on one GPU, all implementations in one process on the same shapes:
-KVarN Triton and Gluon (torch; Gluon at D=128 only), KVarN Pallas (JAX), FlashAttention-3
+KVarN Triton and Gluon (torch; Gluon at D=128 only), KVarN Pallas and Mosaic GPU (JAX;
+Mosaic at D=128 only), FlashAttention-3
 fp16 and fp8 from vLLM 0.26, and the time to commit the tiles one decode step completes
 (B blocks x Hk heads; once per batch, heads and D: it does not depend on the context).
 
@@ -309,8 +310,8 @@ def main() -> None:
     ap.add_argument("--heads", nargs="+", help="only these of 32/8 and 9/3 (query/KV heads)")
     ap.add_argument("--head-dims", type=int, nargs="+", help="only these of 128 and 64")
     ap.add_argument("--impls", nargs="+",
-                    default=["kvarn-triton", "kvarn-gluon", "kvarn-pallas", "fa3-fp16", "fa3-fp8",
-                             "commit", "commit-triton"])
+                    default=["kvarn-triton", "kvarn-gluon", "kvarn-pallas", "kvarn-mosaic",
+                             "fa3-fp16", "fa3-fp8", "commit", "commit-triton"])
     ap.add_argument("--plot-only", metavar="JSON", help="redraw the plot of a results file")
     ap.add_argument("--sweep", action="store_true",
                     help="time the Triton kernel's launch knobs instead (see the module doc)")
@@ -353,6 +354,19 @@ def main() -> None:
 
         record("kvarn-pallas", lambda: (time_jax(
             lambda qq: pallas_attention.attention(qq, cache, table, lens), q), kb))
+
+        def mosaic():
+            from kvarn_jax import mosaic_attention
+
+            got = mosaic_attention.attention(q, cache, table, lens).astype(jnp.float32)
+            want = pallas_attention.attention(q, cache, table, lens).astype(jnp.float32)
+            err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+            if err > 2e-2:  # both kernels err ~3e-3 from exact attention
+                raise AssertionError(f"Mosaic vs Pallas outputs differ by {err:.1e}")
+            return time_jax(lambda qq: mosaic_attention.attention(qq, cache, table, lens), q), kb
+
+        if d == 128:  # its scope (the module doc)
+            record("kvarn-mosaic", mosaic)
 
         def triton():
             from kvarn_torch import triton_attention

@@ -178,10 +178,11 @@ def _softmax_step(s, pos, limit, m, l):
 def _attention_kernel(bt_ref, lens_ref, qlens_ref, b2s_ref, q_ref, pages_ref, pk_ref, pv_ref,
                       o_ref, l_ref, m_ref, *, lay: Layout, group: int, blocks_per_split: int,
                       causal: bool, q_scale: float, gpu: bool, query_len: int | None,
-                      rows: int, sinks: int | None):
+                      rows: int, sinks: int | None, pool_only: bool):
     """sinks None: a block is read from its record where it has no pool slot. An int
     (chunk-invariant reads): each row reads the blocks before its own from their records,
-    the first `sinks` excepted, even those still in the pool (records written ahead)."""
+    the first `sinks` excepted, even those still in the pool (records written ahead).
+    pool_only: the pool blocks alone (another kernel reads the records)."""
     b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     g, d, p = lay.preset.tile, lay.head_dim, lay.preset
     max_blocks = bt_ref.shape[1]
@@ -266,7 +267,9 @@ def _attention_kernel(bt_ref, lens_ref, qlens_ref, b2s_ref, q_ref, pages_ref, pk
     blk1, slot1 = locate(start + 1)
     init = (jnp.zeros((d, rows), F32), jnp.full((1, rows), MASK, F32), jnp.zeros((1, rows), F32),
             blk1, slot0, slot1, _load_record(pages_ref, blk0, h, lay))
-    acc, m, l, *_ = lax.fori_loop(start, stop, record_block, init)
+    acc, m, l = init[:3]
+    if not pool_only:
+        acc, m, l, *_ = lax.fori_loop(start, stop, record_block, init)
     acc, m, l = lax.fori_loop(0, (stop - start + POOL_SCAN - 1) // POOL_SCAN, pool_scan,
                               (acc, m, l))
     o_ref[...] = acc.T
@@ -360,6 +363,37 @@ def attention(q: jax.Array, cache: KVarNCache, block_tables: jax.Array, seq_lens
 @functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9, 10))
 def _attention(q, cache, block_tables, seq_lens, query_lens, causal, scale, splits, bps,
                chunk_invariant, interpret):
+    o, l, m = _partials(q, cache, block_tables, seq_lens, query_lens, causal, scale, splits,
+                        bps, chunk_invariant, interpret, pool_only=False)
+    return _merge(o, l, m, q, splits, interpret)
+
+
+def pool_partials(q: jax.Array, cache: KVarNCache, block_tables: jax.Array,
+                  seq_lens: jax.Array, softmax_scale: float | None = None,
+                  interpret: bool | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Decode partials of the pool blocks alone (sink, tail), for a kernel that reads the
+    records itself: (o [B, Hk, 1, rows, D], l, m [B, Hk, 1, rows, 1]) float32, `merge`'s
+    format (o unnormalized in the rotated frame, m base 2)."""
+    b, _, _, d = q.shape
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    scale = softmax_scale if softmax_scale is not None else d ** -0.5
+    return _partials(q, cache, block_tables.astype(jnp.int32), seq_lens.astype(jnp.int32),
+                     None, True, float(scale), 1, block_tables.shape[1], False, interpret,
+                     pool_only=True)
+
+
+def merge(o: jax.Array, l: jax.Array, m: jax.Array, q: jax.Array, splits: int,
+          interpret: bool | None = None) -> jax.Array:
+    """Partials ([B, Hk, S, rows, D] and [B, Hk, S, rows, 1], S a power of two >= splits,
+    the splits past `splits` ignored) -> out in q's shape and dtype, rotated back."""
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    return _merge(o, l, m, q, splits, interpret)
+
+
+def _partials(q, cache, block_tables, seq_lens, query_lens, causal, scale, splits, bps,
+              chunk_invariant, interpret, *, pool_only):
     b, sq, hq, d = q.shape
     hk, group = cache.num_kv_heads, hq // cache.num_kv_heads
     rows = max(MIN_ROWS, 1 << math.ceil(math.log2(sq * group)))
@@ -377,7 +411,8 @@ def _attention(q, cache, block_tables, seq_lens, query_lens, causal, scale, spli
     kernel = functools.partial(_attention_kernel, lay=lay, group=group, blocks_per_split=bps,
                                causal=causal, q_scale=scale * LOG2E / math.sqrt(d),
                                gpu=not interpret, query_len=None if query_lens is not None else sq,
-                               rows=rows, sinks=cache.sink_blocks if chunk_invariant else None)
+                               rows=rows, sinks=cache.sink_blocks if chunk_invariant else None,
+                               pool_only=pool_only)
     whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)  # noqa: E731
     part = lambda *shape: pl.BlockSpec((None, None, None, *shape),  # noqa: E731
                                        lambda i, j, s: (i, j, s) + (0,) * len(shape))
@@ -385,7 +420,7 @@ def _attention(q, cache, block_tables, seq_lens, query_lens, causal, scale, spli
     inputs = (block_tables, seq_lens,
               seq_lens if query_lens is None else query_lens,  # (not read without them)
               cache.block_to_slot)
-    o, l, m = pl.pallas_call(
+    return pl.pallas_call(
         kernel,
         grid=(b, hk, splits),
         in_specs=[whole(x) for x in (*inputs, qr, cache.pages, cache.pool_k, cache.pool_v)],
@@ -396,8 +431,13 @@ def _attention(q, cache, block_tables, seq_lens, query_lens, causal, scale, spli
         interpret=interpret,
     )(*inputs, qr, cache.pages, cache.pool_k, cache.pool_v)
 
-    # One program per real query row merges its splits and stores it rotated back.
-    row = lambda n: pl.BlockSpec((None, None, splits_p2, None, n),  # noqa: E731
+
+def _merge(o, l, m, q, splits, interpret):
+    """One program per real query row merges its splits and stores it rotated back."""
+    b, sq, hq, d = q.shape
+    hk = o.shape[1]
+    group = hq // hk
+    row = lambda n: pl.BlockSpec((None, None, o.shape[2], None, n),  # noqa: E731
                                  lambda i, j, r: (i, j, 0, r, 0))
     return pl.pallas_call(
         functools.partial(_merge_kernel, splits=splits),

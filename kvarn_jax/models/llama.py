@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kvarn_jax import attention_reference, pallas_attention
+from kvarn_jax import attention_reference, mosaic_attention, pallas_attention
 from kvarn_jax import cache as kvarn_cache
 from kvarn_jax.cache import KVarNCache
 from kvarn_jax.models import paged_cache
@@ -99,7 +99,8 @@ class AttentionOptions:
     """Static choices of a step (hashable: a jit static argument).
 
     kvarn_attention: "reference" (exact fp32 jnp over the dequantized view; fast on CPU)
-      or "pallas" (the fused kernel; interpreted on CPU, so slow there).
+      or "pallas" (the fused kernels; interpreted on CPU, so slow there; decode steps
+      that `mosaic_attention.applies` to read the records with the Mosaic GPU kernel).
     codec_impl: the rotate/quantize implementation for cache writes ("auto": Pallas on
       GPU, jnp reference elsewhere; both give the same bytes).
     pallas_splits: split-KV count of the Pallas kernel (None: its automatic choice).
@@ -276,6 +277,9 @@ def cached_attention(q: jax.Array, cache: LayerCache, batch: Batch, *, scale: fl
         k, v = paged_cache.gather_kv(cache, bt)
         return dense_attention(q, k, v, lens, qlens, scale=scale)
     if opts.kvarn_attention == "pallas":
+        if (q.shape[1] == 1 and not opts.chunk_invariant and opts.pallas_splits is None
+                and mosaic_attention.applies(q, cache)):  # decode on an sm_90+ GPU
+            return mosaic_attention.attention(q, cache, bt, lens, softmax_scale=scale)
         return pallas_attention.attention(q, cache, bt, lens, qlens, softmax_scale=scale,
                                           splits=opts.pallas_splits,
                                           chunk_invariant=opts.chunk_invariant)

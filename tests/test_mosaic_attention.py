@@ -1,0 +1,140 @@
+"""kvarn_jax.mosaic_attention: the Mosaic GPU decode kernel of the quantized records (with
+the Pallas kernel for the pool blocks and its merge) against the exact float32 attention.
+
+The kernel's register code has no interpreter: the numerical tests need an sm_90+ GPU
+under JAX. On the CPU: the input checks, the record table, the row permutation the
+register layouts rest on, and the conversion of its partials into the merge's format."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvarn_jax  # noqa: F401
+from kvarn_jax import attention_reference, cache, mosaic_attention, pallas_attention, reference
+from test_jax_attention import Sequences
+
+PRESET = "kvarn_k4v2_g128"
+G = D = 128
+
+
+def _sm90() -> bool:
+    device = jax.devices()[0]
+    return device.platform == "gpu" and float(getattr(device, "compute_capability", 0)) >= 9.0
+
+
+gpu = pytest.mark.skipif(not _sm90(), reason="needs an sm_90+ GPU under JAX")
+
+
+def _sequences(tables, lens, dtype, hk=2, seed=0, **kw):
+    """Sequences of `lens` tokens, accepted: the sink and partial last blocks in the pool,
+    the blocks between them quantized records."""
+    n = int(np.max(tables)) + 1
+    s = Sequences(tables, hk=hk, dtype=dtype, d=D, preset=PRESET, seed=seed, num_blocks=n,
+                  pool_slots=n, **kw)
+    s.step(list(lens))
+    s.step([1] * len(lens))
+    return s
+
+
+def _vs_reference(s, group, dtype, splits=None, seed=1):
+    b = len(s.lens)
+    q = np.random.default_rng(seed).standard_normal((b, 1, s.hk * group, D)).astype(dtype)
+    args = (s.cache, jnp.asarray(s.tables), jnp.asarray(s.lens))
+    got = mosaic_attention.attention(jnp.asarray(q), *args, splits=splits)
+    want = attention_reference.attention(jnp.asarray(q, jnp.float32), *args,
+                                         jnp.ones((b,), jnp.int32), max_blocks=s.tables.shape[1])
+    assert got.shape == q.shape and got.dtype == q.dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=0.03, rtol=0)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [np.float16, jnp.bfloat16])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("splits", [None, 1, 3])
+def test_decode_mixed_blocks_ragged_lengths(dtype, group, splits):
+    tables = np.arange(3 * 9, dtype=np.int32).reshape(3, 9)[:, ::-1].copy()
+    s = _sequences(tables, [1000, 620, 130], dtype)
+    assert min(s.slot(0, j) for j in range(7)) == -1 and s.slot(0, 0) >= 0
+    _vs_reference(s, group, dtype, splits)
+
+
+@gpu
+def test_decode_pool_only_and_records_only():
+    tables = np.arange(2 * 4, dtype=np.int32).reshape(2, 4)
+    pool = Sequences(tables, dtype=np.float16, d=D, preset=PRESET, num_blocks=8, pool_slots=8)
+    pool.step([300, 200], commit=False)  # nothing accepted: every block in the pool
+    _vs_reference(pool, 4, np.float16, splits=2)
+    records = _sequences(tables, [512, 256], np.float16, sink_blocks=0)
+    records.step([0, 0])
+    assert all(records.slot(b, j) == -1 for b, j in ((0, 0), (0, 3), (1, 1)))
+    _vs_reference(records, 4, np.float16, splits=3)  # a split of sequence 1 is empty
+
+
+def test_unsupported_names_what_to_change():
+    kv = cache.init(8, 2, D, pool_slots=4, preset=PRESET, dtype=jnp.float16)
+    why = mosaic_attention.unsupported
+    assert "decode queries" in why(jnp.zeros((1, 2, 8, D), jnp.float16), kv)
+    assert "GQA groups <= 8" in why(jnp.zeros((1, 1, 32, D), jnp.float16), kv)
+    small = cache.init(8, 2, 64, pool_slots=4, preset="kvarn_k2v2_g64", dtype=jnp.float16)
+    assert "kvarn_k4v2_g128 at head_dim 128" in why(jnp.zeros((1, 1, 8, 64), jnp.float16), small)
+    if not _sm90():
+        assert "sm_90+ GPU" in why(jnp.zeros((1, 1, 8, D), jnp.float16), kv)
+        with pytest.raises(ValueError, match="pallas_attention.attention takes every cache"):
+            mosaic_attention.attention(jnp.zeros((1, 1, 8, D), jnp.float16), kv,
+                                       jnp.zeros((1, 2), jnp.int32), jnp.ones((1,), jnp.int32))
+        assert not mosaic_attention.applies(jnp.zeros((64, 1, 8, D), jnp.float16), kv)
+
+
+def test_record_table_lists_the_quantized_blocks_in_order():
+    rng = np.random.default_rng(0)
+    b2s = np.where(rng.random(40) < 0.3, rng.integers(0, 9, 40), -1).astype(np.int32)
+    tables = rng.permutation(40)[:36].reshape(4, 9).astype(np.int32)
+    lens = np.array([1000, 129, 0, 1152], np.int32)
+    table, counts = mosaic_attention.record_table(jnp.asarray(b2s), jnp.asarray(tables),
+                                                  jnp.asarray(lens))
+    for b in range(4):
+        want = [blk for blk in tables[b, :-(-lens[b] // G)] if b2s[blk] < 0]
+        assert int(counts[b]) == len(want)
+        assert list(np.asarray(table[b, :len(want)])) == want
+
+
+def test_a_threads_rows_are_one_token_quad_and_one_v_code_byte():
+    """Thread (w, g) holds rows 64 m + 16 w + 8 h + g: as K tokens one halfword of a channel
+    row (4 tokens from 4 (8 w + g)), as V channels the 4 of code byte 8 w + g."""
+    perm = mosaic_attention.PERM
+    assert sorted(perm) == list(range(128))
+    for w in range(4):
+        for g in range(8):
+            rows = [64 * m + 16 * w + 8 * h + g for m in range(2) for h in range(2)]
+            assert [perm[r] for r in rows] == [4 * (8 * w + g) + e for e in range(4)]
+    assert all(perm[mosaic_attention.INV_PERM[c]] == c for c in range(128))
+
+
+def test_record_partials_merge_as_log_sum_exp():
+    """The record kernel's partials (rows in PERM order, natural-log max, an empty split)
+    and a pool partial, merged by pallas_attention.merge, against a direct merge."""
+    rng = np.random.default_rng(1)
+    b, hk, splits, group = 2, 2, 3, 4
+    o_ch = rng.standard_normal((b, hk, splits, 8, D)).astype(np.float32)  # [.., row, channel]
+    m = rng.standard_normal((b, hk, splits, 8)).astype(np.float32)
+    l = rng.random((b, hk, splits, 8)).astype(np.float32) + 0.5
+    m[0, 0, 1], l[0, 0, 1], o_ch[0, 0, 1] = -np.inf, 0.0, 0.0  # a split without records
+    o_rows = np.swapaxes(o_ch, -1, -2)[:, :, :, mosaic_attention.PERM, :]  # row R: PERM[R]
+    rows = 16
+    o2, l2, m2 = mosaic_attention._as_merge_partials(jnp.asarray(o_rows), jnp.asarray(m),
+                                                     jnp.asarray(l), rows)
+    pool_o = rng.standard_normal((b, hk, 1, rows, D)).astype(np.float32)
+    pool_m = rng.standard_normal((b, hk, 1, rows, 1)).astype(np.float32) * 1.4
+    pool_l = rng.random((b, hk, 1, rows, 1)).astype(np.float32) + 0.5
+    parts = [jnp.concatenate(x, axis=2) for x in zip((o2, l2, m2), (pool_o, pool_l, pool_m))]
+    q = jnp.zeros((b, 1, hk * group, D), jnp.float32)
+    got = pallas_attention.merge(*parts, q, splits + 1)
+    # Direct: natural-log weights, the pool's base-2 max converted.
+    mm = np.concatenate([m, pool_m[..., :8, 0] / mosaic_attention.LOG2E], axis=2)
+    ll = np.concatenate([l, pool_l[..., :8, 0]], axis=2)
+    oo = np.concatenate([o_ch, pool_o[:, :, :, :8]], axis=2)
+    w = np.exp(mm - mm.max(axis=2, keepdims=True))
+    out = (oo * w[..., None]).sum(2) / (ll * w).sum(2)[..., None]  # [b, hk, 8, D]
+    want = np.asarray(reference.rotate(jnp.asarray(out[:, :, :group].reshape(b, hk * group, D))))
+    np.testing.assert_allclose(np.asarray(got)[:, 0], want, rtol=1e-5, atol=1e-5)
