@@ -116,115 +116,118 @@ def _f16x2(x):
 
 # ---------------------------------------------------------------- register-level pieces
 
-@plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
-                   return_type=plgpu.ShapeDtypeStruct((128, 128), jnp.float16, layout=plgpu.Layout.WGMMA))
+_OPERAND = plgpu.ShapeDtypeStruct((128, 128), jnp.float16, layout=plgpu.Layout.WGMMA)
+_ROWV = plgpu.ShapeDtypeStruct((128,), jnp.float32, layout=plgpu.Layout.WGMMA.reduce(1))
+_COLV = plgpu.ShapeDtypeStruct((8,), jnp.float32, layout=plgpu.Layout.WGMMA.reduce(0))
+
+
+@plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=_OPERAND)
 def build_k(ctx, codes):
-    """codes: memref<128x32xi16> [channel d, token quad j]. Row R = token PERM[R], column = channel."""
+    """The QK dot's A operand from a stage's K codes (int16 [channel, token quad]): row R
+    is token PERM[R], column d channel d, value code * 2**-24 (even tokens) or 2**-20."""
     i32 = ir.IntegerType.get_signless(32)
     _, warp, _, g, k = _thread()
-    j_ix = _ix(arith.addi(arith.muli(warp, c32(8)), g))   # quad j = 8w + g: tokens 4j + i = PERM rows
+    quad = _ix(arith.addi(arith.muli(warp, c32(8)), g))  # tokens 4 (8 w + g) + i: the rows
     regs = np.empty(fa.WGMMA_LAYOUT.registers_shape((128, 128)), dtype=object)
     for c8 in range(16):
-        dA = arith.addi(arith.muli(k, c32(2)), c32(8 * c8))       # channels 8c8 + 2k, +1
-        hA = arith.extui(i32, memref.load(codes, [_ix(dA), j_ix]))
-        hB = arith.extui(i32, memref.load(codes, [_ix(arith.addi(dA, c32(1))), j_ix]))
-        x = arith.ori(hA, arith.shli(hB, c32(16)))
+        ch = arith.addi(arith.muli(k, c32(2)), c32(8 * c8))  # channels 8 c8 + 2 k, +1
+        lo = arith.extui(i32, memref.load(codes, [_ix(ch), quad]))
+        hi = arith.extui(i32, memref.load(codes, [_ix(arith.addi(ch, c32(1))), quad]))
+        x = arith.ori(lo, arith.shli(hi, c32(16)))
         y = arith.shrui(x, c32(8))
-        r = [arith.andi(x, c32(0x000F000F)),   # token 4j+0: c * 2^-24
-             arith.andi(x, c32(0x00F000F0)),   # token 4j+1: c * 2^-20
-             arith.andi(y, c32(0x000F000F)),   # token 4j+2: c * 2^-24
-             arith.andi(y, c32(0x00F000F0))]   # token 4j+3: c * 2^-20
+        pairs = [arith.andi(x, c32(0x000F000F)),  # token i = 0: c * 2**-24
+                 arith.andi(x, c32(0x00F000F0)),  # i = 1: c * 2**-20
+                 arith.andi(y, c32(0x000F000F)),  # i = 2
+                 arith.andi(y, c32(0x00F000F0))]  # i = 3
         for i in range(4):
-            m, h = divmod(i, 2)                # token 4j + i = 32w + 4g + 2m + h = PERM[64m+16w+8h+g]
-            regs[m, c8, 0, 0, h, 0, 0, 0, 0] = _f16x2(r[i])
+            m, h = divmod(i, 2)  # token 4 (8 w + g) + i = PERM[64 m + 16 w + 8 h + g]
+            regs[m, c8, 0, 0, h, 0, 0, 0, 0] = _f16x2(pairs[i])
     return mgpu.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
 
 
-@plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
-                   return_type=plgpu.ShapeDtypeStruct((128, 128), jnp.float16, layout=plgpu.Layout.WGMMA))
+@plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=_OPERAND)
 def build_v(ctx, sc):
-    """sc: memref<22x128xf16> (record f16 rows 32..53). V codes = sc rows 3..18: token t's byte b is
-    halfword 16t + b//2 of the V region = sc[3 + t//8, 16(t%8) + b//2], byte b%2 of it (little endian).
-    Row R = channel 4b + e (b = 8w + g, e = 2m + h) = PERM[R]; column = token (natural)."""
-    i32 = ir.IntegerType.get_signless(32); i16 = ir.IntegerType.get_signless(16)
+    """The PV dot's A operand from a stage's f16 rows: row R is channel PERM[R] = 4 b + e
+    (code byte b = 8 w + g, e = 2 m + h), column t token t, value code * 4**e * 2**-24.
+    Token t's byte b is byte b % 2 of f16 sc[S_V + t // 8, 16 (t % 8) + b // 2]."""
+    i32 = ir.IntegerType.get_signless(32)
+    i16 = ir.IntegerType.get_signless(16)
     _, warp, _, g, k = _thread()
-    bh = arith.divui(arith.addi(arith.muli(warp, c32(8)), g), c32(2))   # b // 2 = 4w + g//2
-    sh = arith.muli(arith.remui(g, c32(2)), c32(8))                     # 8 * (b % 2) = 8 * (g % 2)
-    col0 = arith.addi(arith.muli(k, c32(32)), bh)                       # t0 % 8 = 2k  -> 16 * 2k + b//2
-    col1 = arith.addi(col0, c32(16))                                    # t1 % 8 = 2k+1
-    c0_ix, c1_ix = _ix(col0), _ix(col1)
+    half = arith.divui(arith.addi(arith.muli(warp, c32(8)), g), c32(2))  # b // 2
+    shift = arith.muli(arith.remui(g, c32(2)), c32(8))  # 8 (b % 2)
+    col0 = _ix(arith.addi(arith.muli(k, c32(32)), half))  # token t0 = 8 c8 + 2 k
+    col1 = _ix(arith.addi(arith.muli(k, c32(32)), arith.addi(half, c32(16))))  # t0 + 1
     regs = np.empty(fa.WGMMA_LAYOUT.registers_shape((128, 128)), dtype=object)
 
-    def ld(row, cix):
-        v = memref.load(sc, [_ix(c32(row)), cix])                      # f16 scalar
-        return arith.extui(i32, arith.bitcast(i16, v))
+    def load(row, col):
+        return arith.extui(i32, arith.bitcast(i16, memref.load(sc, [_ix(c32(row)), col])))
 
-    for c8 in range(16):                        # tokens t0 = 8c8 + 2k, t1 = t0 + 1; t//8 = c8
-        h0 = ld(S_V + c8, c0_ix)
-        h1 = ld(S_V + c8, c1_ix)
-        hw = arith.ori(h0, arith.shli(h1, c32(16)))
-        x = arith.andi(arith.shrui(hw, sh), c32(0x00FF00FF))   # byte b of t0 in bits 0..7, of t1 in 16..23
+    for c8 in range(16):  # columns 8 c8 + 2 k, +1: tokens t0, t0 + 1 (t // 8 = c8)
+        words = arith.ori(load(S_V + c8, col0), arith.shli(load(S_V + c8, col1), c32(16)))
+        x = arith.andi(arith.shrui(words, shift), c32(0x00FF00FF))  # byte b of t0 | t0 + 1
         for e in range(4):
-            m, h = divmod(e, 2)                 # e = 2m + h
+            m, h = divmod(e, 2)
             regs[m, c8, 0, 0, h, 0, 0, 0, 0] = _f16x2(arith.andi(x, c32(0x00030003 << (2 * e))))
     return mgpu.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
 
 
 @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType(B_OPERAND)))
 def make_qb(ctx, q, sc, qb):
-    """qb[r, d] = q[r, d] * a_K[d] (fp16), K-major B [8, 128] tiled (8, 64) + 128B swizzle.
-    Thread tid: row r = tid // 16, channels 8 (tid % 16) .. +7."""
+    """The QK dot's B operand qb[r, d] = q[r, d] * a_K[d] (fp16), stored under B_OPERAND:
+    element [r, d] at [r // 8, d // 64, r % 8, 8 ((d % 64) // 8 ^ r % 8) + d % 8]. Thread
+    tid stores row tid // 16, channels 8 (tid % 16) .. +7 (16 bytes)."""
     v8 = ir.VectorType.get((8,), ir.F16Type.get())
     tid, _, _, _, _ = _thread()
-    r = arith.divui(tid, c32(16)); ch = arith.remui(tid, c32(16))
-    d0 = arith.muli(ch, c32(8))
-    qv = vector.load(v8, q, [_ix(r), _ix(d0)])
-    av = vector.load(v8, sc, [_ix(c32(S_AK)), _ix(d0)])
-    prod = arith.mulf(qv, av)
-    # physical (1, 2, 8, 64): [r // 8, d // 64, r % 8, 8 * ((d % 64) // 8 ^ r % 8) + d % 8]
-    tile = arith.divui(ch, c32(8)); chunk = arith.remui(ch, c32(8))
-    col = arith.muli(arith.xori(chunk, arith.remui(r, c32(8))), c32(8))
+    r = arith.divui(tid, c32(16))
+    chunk16 = arith.remui(tid, c32(16))
+    d0 = arith.muli(chunk16, c32(8))
+    prod = arith.mulf(vector.load(v8, q, [_ix(r), _ix(d0)]),
+                      vector.load(v8, sc, [_ix(c32(S_AK)), _ix(d0)]))
+    tile = arith.divui(chunk16, c32(8))
+    col = arith.muli(arith.xori(arith.remui(chunk16, c32(8)), arith.remui(r, c32(8))), c32(8))
     vector.store(prod, qb, [_ix(c32(0)), _ix(tile), _ix(r), _ix(col)])
     return None
 
 
-_ROWV = plgpu.ShapeDtypeStruct((128,), jnp.float32, layout=plgpu.Layout.WGMMA.reduce(1))
-
-
 @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=(_ROWV,) * 6)
 def row_vecs(ctx, sc):
-    """Per-row f32 vectors in WGMMA_ROW_LAYOUT (regs[m, 0, h, 0, 0] = row 64m + 16w + 8h + g),
-    all indexed by i = PERM[row] = 32w + 4g + 2m + h:
-      taurs = tau_K[i] * (2^24 if h == 0 else 2^20), tau = tau_K[i], av = a_V[i], zv = z_V[i]  (token i)
-      chs = sigma_V[i] * 2^(24 - 2e) with e = 2m + h, sig = sigma_V[i]                       (channel i)"""
-    f32 = ir.F32Type.get(); v1 = ir.VectorType.get((1,), f32)
+    """Per-row factors (a thread's rows 64 m + 16 w + 8 h + g, i = PERM[row]): of token i
+    tau_K with the 2**24 or 2**20 of build_k, tau_K, a_V, z_V; of channel i sigma_V with
+    the 2**(24 - 2 e) of build_v (e = 2 m + h), sigma_V."""
+    f32 = ir.F32Type.get()
+    v1 = ir.VectorType.get((1,), f32)
     _, warp, _, g, _ = _thread()
     base = arith.addi(arith.muli(warp, c32(32)), arith.muli(g, c32(4)))
-    L = fa.WGMMA_ROW_LAYOUT
-    outs = [np.empty(L.registers_shape((128,)), dtype=object) for _ in range(6)]
-    fc = lambda x: arith.constant(f32, ir.FloatAttr.get(f32, float(x)))
+    layout_ = fa.WGMMA_ROW_LAYOUT
+    outs = [np.empty(layout_.registers_shape((128,)), dtype=object) for _ in range(6)]
+
+    def const(x):
+        return arith.constant(f32, ir.FloatAttr.get(f32, float(x)))
+
     for m in range(2):
         for h in range(2):
-            i_ix = _ix(arith.addi(base, c32(2 * m + h)))
-            ld = lambda row: arith.extf(f32, memref.load(sc, [_ix(c32(row)), i_ix]))
-            tau, av, zv, sig = ld(S_TAU), ld(S_AV), ld(S_ZV), ld(S_SIG)
-            vals = [arith.mulf(tau, fc(2.0**24 if h == 0 else 2.0**20)), tau, av, zv,
-                    arith.mulf(sig, fc(2.0**(24 - 2 * (2 * m + h)))), sig]
+            i = _ix(arith.addi(base, c32(2 * m + h)))
+
+            def load(row):
+                return arith.extf(f32, memref.load(sc, [_ix(c32(row)), i]))
+
+            tau, av, zv, sig = load(S_TAU), load(S_AV), load(S_ZV), load(S_SIG)
+            vals = [arith.mulf(tau, const(2.0**24 if h == 0 else 2.0**20)), tau, av, zv,
+                    arith.mulf(sig, const(2.0**(24 - 2 * (2 * m + h)))), sig]
             for o, v in zip(outs, vals):
                 o[m, 0, h, 0, 0] = vector.broadcast(v1, v)
-    return tuple(mgpu.FragmentedArray(_registers=o, _layout=L, _is_signed=None) for o in outs)
-
-
-_COLV = plgpu.ShapeDtypeStruct((8,), jnp.float32, layout=plgpu.Layout.WGMMA.reduce(0))
+    return tuple(mgpu.FragmentedArray(_registers=o, _layout=layout_, _is_signed=None)
+                 for o in outs)
 
 
 @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType()),
                    return_type=(_COLV, _COLV))
 def zq_col(ctx, q, sc, qn):
-    """(q_norm[r] * sum_d z_K[d] q[r, d], q_norm[r]) in WGMMA_COL_LAYOUT (lane k holds r = 2k, 2k+1).
-    Lane g sums channels 16g .. 16g+15, then butterfly over lane bits 2..4 (all 32 lanes end equal per k)."""
-    f32 = ir.F32Type.get(); f16 = ir.F16Type.get()
-    v8h = ir.VectorType.get((8,), f16); v8f = ir.VectorType.get((8,), f32)
+    """Per query row r (a thread holds r = 2 k, 2 k + 1): q_norm[r] * sum_d z_K[d] q[r, d]
+    and q_norm[r]. Lane group g sums channels 16 g .. 16 g + 15, butterflies the rest."""
+    f32 = ir.F32Type.get()
+    v8h = ir.VectorType.get((8,), ir.F16Type.get())
+    v8f = ir.VectorType.get((8,), f32)
     _, _, _, g, k = _thread()
     zqs, qns = [], []
     for rr in range(2):
@@ -234,32 +237,35 @@ def zq_col(ctx, q, sc, qn):
             d0 = arith.addi(arith.muli(g, c32(16)), c32(8 * half))
             qv = arith.extf(v8f, vector.load(v8h, q, [_ix(r), _ix(d0)]))
             zv = arith.extf(v8f, vector.load(v8h, sc, [_ix(c32(S_ZK)), _ix(d0)]))
-            p = arith.mulf(qv, zv)
-            acc = p if acc is None else arith.addf(acc, p)
-        sdot = vector.reduction(f32, vector.CombiningKind.ADD, acc)
+            prod = arith.mulf(qv, zv)
+            acc = prod if acc is None else arith.addf(acc, prod)
+        dot = vector.reduction(f32, vector.CombiningKind.ADD, acc)
         for dist in (4, 8, 16):
-            sdot = arith.addf(sdot, mu.shfl_bfly(sdot, dist))
-        qnr = memref.load(qn, [_ix(r)])
-        zqs.append(arith.mulf(sdot, qnr)); qns.append(qnr)
-    L = fa.WGMMA_COL_LAYOUT
+            dot = arith.addf(dot, mu.shfl_bfly(dot, dist))
+        norm = memref.load(qn, [_ix(r)])
+        zqs.append(arith.mulf(dot, norm))
+        qns.append(norm)
     res = []
     for vals in (zqs, qns):
-        regs = np.empty(L.registers_shape((8,)), dtype=object)
+        regs = np.empty(fa.WGMMA_COL_LAYOUT.registers_shape((8,)), dtype=object)
         regs[0, 0, 0] = vector.from_elements(ir.VectorType.get((2,), f32), vals)
-        res.append(mgpu.FragmentedArray(_registers=regs, _layout=L, _is_signed=None))
+        res.append(mgpu.FragmentedArray(_registers=regs, _layout=fa.WGMMA_COL_LAYOUT,
+                                        _is_signed=None))
     return tuple(res)
 
 
 @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType(B_OPERAND)))
 def store_pt(ctx, p, pb):
-    """p: [128 rows (token PERM[row]), 8] f16 WGMMA fragment -> pb: K-major B [8, 128 tokens natural]
-    (tiled (8, 64), 128B swizzle): pb[r, t] at physical [0, t // 64, r, 8 * ((t % 64) // 8 ^ r) + t % 8]."""
+    """The PV dot's B operand from p' [128 rows (token PERM[row]), 8] (fp16, accumulator
+    layout): pb[r, t] = p'[INV_PERM[t], r], stored under B_OPERAND as in make_qb."""
     _, warp, _, g, k = _thread()
     for m in range(2):
         for h in range(2):
-            reg = p.registers[m, 0, 0, 0, h, 0, 0, 0, 0]       # vector<2xf16>: cols 2k, 2k+1 of row R
-            t = arith.addi(arith.addi(arith.muli(warp, c32(32)), arith.muli(g, c32(4))), c32(2 * m + h))
-            tile = arith.divui(t, c32(64)); tc = arith.remui(t, c32(64))
+            reg = p.registers[m, 0, 0, 0, h, 0, 0, 0, 0]  # query rows 2 k, 2 k + 1 of the row
+            t = arith.addi(arith.addi(arith.muli(warp, c32(32)), arith.muli(g, c32(4))),
+                           c32(2 * m + h))
+            tile = arith.divui(t, c32(64))
+            tc = arith.remui(t, c32(64))
             for v in range(2):
                 r = arith.addi(arith.muli(k, c32(2)), c32(v))
                 val = vector.extract(reg, dynamic_position=[], static_position=[v])
@@ -275,6 +281,9 @@ def store_pt(ctx, p, pb):
 def _record_kernel(codes_hbm, f16_hbm, q_hbm, qn_hbm, table_ref, count_ref, o_ref, m_ref, l_ref,
                    codes_smem, f16_smem, q_smem, qn_smem, qb_smem, pb_smem, bars, qbar, *,
                    splits: int):
+    """One warpgroup: the records of split program s of sequence b, KV head h (the first
+    count_ref[b] entries of its row of table_ref), q_unit [8, D] and q_norm [8] from
+    q_hbm / qn_hbm; out o [128 rows, 8], m, l [8] (see _record_partials)."""
     b = jax.lax.axis_index("b")
     h = jax.lax.axis_index("h")
     s = jax.lax.axis_index("s")
@@ -465,11 +474,12 @@ def attention(q: jax.Array, cache: KVarNCache, block_tables: jax.Array, seq_lens
     if why:
         raise ValueError(f"the Mosaic GPU kernel takes {why}; pallas_attention.attention "
                          "takes every cache")
-    if block_tables.ndim != 2 or block_tables.shape[0] != q.shape[0] or seq_lens.shape != (q.shape[0],):
-        raise ValueError(f"block_tables must be [B={q.shape[0]}, M] and seq_lens [B]; got "
+    b = q.shape[0]
+    if block_tables.ndim != 2 or block_tables.shape[0] != b or seq_lens.shape != (b,):
+        raise ValueError(f"block_tables must be [B={b}, M] and seq_lens [B]; got "
                          f"{block_tables.shape}, {seq_lens.shape}")
     if splits is None:
-        splits = num_splits(q.shape[0] * cache.num_kv_heads, block_tables.shape[1],
+        splits = num_splits(b * cache.num_kv_heads, block_tables.shape[1],
                             pallas_attention._num_sms())
     scale = softmax_scale if softmax_scale is not None else D ** -0.5
     return _attention(q, cache, block_tables.astype(jnp.int32), seq_lens.astype(jnp.int32),

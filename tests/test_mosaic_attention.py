@@ -65,7 +65,7 @@ def test_decode_pool_only_and_records_only():
     pool = Sequences(tables, dtype=np.float16, d=D, preset=PRESET, num_blocks=8, pool_slots=8)
     pool.step([300, 200], commit=False)  # nothing accepted: every block in the pool
     _vs_reference(pool, 4, np.float16, splits=2)
-    records = _sequences(tables, [512, 256], np.float16, sink_blocks=0)
+    records = _sequences(tables, [511, 255], np.float16, sink_blocks=0)
     records.step([0, 0])
     assert all(records.slot(b, j) == -1 for b, j in ((0, 0), (0, 3), (1, 1)))
     _vs_reference(records, 4, np.float16, splits=3)  # a split of sequence 1 is empty
