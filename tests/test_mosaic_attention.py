@@ -138,3 +138,19 @@ def test_record_partials_merge_as_log_sum_exp():
     out = (oo * w[..., None]).sum(2) / (ll * w).sum(2)[..., None]  # [b, hk, 8, D]
     want = np.asarray(reference.rotate(jnp.asarray(out[:, :, :group].reshape(b, hk * group, D))))
     np.testing.assert_allclose(np.asarray(got)[:, 0], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("group", [1, 8])
+def test_decode_lowers_for_cuda(dtype, group):
+    """The Mosaic GPU lowering (in the CUDA plugin: `make test` installs it without its
+    runtime) checks the kernel's layouts, shared-memory transforms and MMA shapes."""
+    pytest.importorskip("jax_cuda13_plugin", reason="the Mosaic GPU lowering is in the plugin")
+    from test_jax_codec import lower_for_cuda
+
+    kv = cache.init(16, 2, D, pool_slots=4, preset=PRESET, dtype=dtype)
+    hlo = lower_for_cuda(
+        lambda q, kv, bt, lens: mosaic_attention._attention(q, kv, bt, lens, D ** -0.5, 3, group),
+        jax.ShapeDtypeStruct((3, 1, 2 * group, D), dtype), kv,
+        jax.ShapeDtypeStruct((3, 5), jnp.int32), jax.ShapeDtypeStruct((3,), jnp.int32))
+    assert "mosaic_gpu" in hlo and "__gpu$xla.gpu.triton" in hlo  # records, and pool + merge
