@@ -478,6 +478,8 @@ def attention(q: jax.Array, cache: KVarNCache, block_tables: jax.Array, seq_lens
     if block_tables.ndim != 2 or block_tables.shape[0] != b or seq_lens.shape != (b,):
         raise ValueError(f"block_tables must be [B={b}, M] and seq_lens [B]; got "
                          f"{block_tables.shape}, {seq_lens.shape}")
+    if splits is not None and (not isinstance(splits, int) or splits < 1):
+        raise ValueError(f"splits must be a positive int or None (automatic); got {splits!r}")
     if splits is None:
         splits = num_splits(b * cache.num_kv_heads, block_tables.shape[1],
                             pallas_attention._num_sms())
