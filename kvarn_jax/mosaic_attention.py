@@ -75,7 +75,6 @@ PROGRAMS_PER_SM = 8
 MAX_SPLITS = 64
 # From this many (sequence, KV head) pairs on, decode takes this kernel (as the Gluon one).
 MIN_KV_SEQUENCES = 40
-LOG2E = 1.4426950408889634
 
 
 def _perm_row(row: int) -> int:
@@ -415,7 +414,7 @@ def _as_merge_partials(o, m, l, rows):
     D] in channel order, m in base 2 (MASK for none), l, both [B, Hk, S, rows, 1]."""
     pad = ((0, 0),) * 3 + ((0, rows - R),)
     o = jnp.pad(jnp.swapaxes(o[:, :, :, INV_PERM, :], -1, -2), pad + ((0, 0),))
-    m = jnp.maximum(m * LOG2E, pallas_attention.MASK)
+    m = jnp.maximum(m * pallas_attention.LOG2E, pallas_attention.MASK)
     return (o, jnp.pad(l, pad, constant_values=0.0)[..., None],
             jnp.pad(m, pad, constant_values=pallas_attention.MASK)[..., None])
 
@@ -428,8 +427,7 @@ def _attention(q, cache, block_tables, seq_lens, scale, splits, group):
     pool = pallas_attention.pool_partials(q, cache, block_tables, seq_lens, scale,
                                           interpret=False)
     rows = pool[0].shape[3]
-    parts = [jnp.concatenate(x, axis=2) for x in
-             zip(_as_merge_partials(*rec, rows), (pool[0], pool[1], pool[2]))]
+    parts = [jnp.concatenate(x, axis=2) for x in zip(_as_merge_partials(*rec, rows), pool)]
     total = splits + 1  # the pool's partial last
     width = 1 << math.ceil(math.log2(total))
     pad = ((0, 0), (0, 0), (0, width - total), (0, 0), (0, 0))

@@ -263,12 +263,11 @@ def _attention_kernel(bt_ref, lens_ref, qlens_ref, b2s_ref, q_ref, pages_ref, pk
                                (pending,) + carry)
         return state[1:]
 
-    blk0, slot0 = locate(start)
-    blk1, slot1 = locate(start + 1)
-    init = (jnp.zeros((d, rows), F32), jnp.full((1, rows), MASK, F32), jnp.zeros((1, rows), F32),
-            blk1, slot0, slot1, _load_record(pages_ref, blk0, h, lay))
-    acc, m, l = init[:3]
-    if not pool_only:
+    acc, m, l = jnp.zeros((d, rows), F32), jnp.full((1, rows), MASK, F32), jnp.zeros((1, rows), F32)
+    if not pool_only:  # (no record prefetch either)
+        blk0, slot0 = locate(start)
+        blk1, slot1 = locate(start + 1)
+        init = (acc, m, l, blk1, slot0, slot1, _load_record(pages_ref, blk0, h, lay))
         acc, m, l, *_ = lax.fori_loop(start, stop, record_block, init)
     acc, m, l = lax.fori_loop(0, (stop - start + POOL_SCAN - 1) // POOL_SCAN, pool_scan,
                               (acc, m, l))
@@ -374,7 +373,7 @@ def pool_partials(q: jax.Array, cache: KVarNCache, block_tables: jax.Array,
     """Decode partials of the pool blocks alone (sink, tail), for a kernel that reads the
     records itself: (o [B, Hk, 1, rows, D], l, m [B, Hk, 1, rows, 1]) float32, `merge`'s
     format (o unnormalized in the rotated frame, m base 2)."""
-    b, _, _, d = q.shape
+    d = q.shape[-1]
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     scale = softmax_scale if softmax_scale is not None else d ** -0.5

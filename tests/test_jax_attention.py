@@ -348,6 +348,29 @@ def test_decode_kernel_pool_only_and_more_splits_than_blocks():
         _kernel_vs_reference(s, q, [1, 1], True, splits, atol=0.03)
 
 
+def test_pool_partials_are_the_pool_blocks_alone():
+    """pool_partials (for a kernel that reads the records itself) merged alone: on a cache
+    of pool blocks only the whole attention; with records, attention over the pool blocks
+    alone, the records' blocks left out."""
+    s = Sequences([[3, 5, 7, -1], [1, 9, -1, -1]], seed=20)
+    s.step([170, 90])
+    args = (s.cache, jnp.asarray(s.tables), jnp.asarray(s.lens))
+    q = jnp.asarray(np.random.default_rng(21).standard_normal((2, 1, 4, D)).astype(np.float16))
+    pool_only = pallas_attention.merge(*pallas_attention.pool_partials(q, *args), q, 1)
+    np.testing.assert_array_equal(np.asarray(pool_only),
+                                  np.asarray(pallas_attention.attention(q, *args, splits=1)))
+    s.step([1, 1])  # the full blocks past the sink are records now
+    assert s.slot(0, 1) == -1 and s.slot(0, 0) >= 0
+    args = (s.cache, jnp.asarray(s.tables), jnp.asarray(s.lens))
+    got = pallas_attention.merge(*pallas_attention.pool_partials(q, *args), q, 1)
+    pool_mask = np.array([[s.slot(b, j) >= 0 for j in range(4)] for b in range(2)])
+    for b in range(2):
+        keep = np.repeat(pool_mask[b], G)[:s.lens[b]]
+        want = dense_attention(np.asarray(q[b, 0], np.float32), s.k[b][:s.lens[b]][keep],
+                               s.v[b][:s.lens[b]][keep], int(keep.sum()))
+        np.testing.assert_allclose(np.asarray(got[b, 0], np.float32), want, atol=0.03)
+
+
 def test_num_splits_fill_one_wave():
     assert pallas_attention.num_splits(64, 8, 256, 132) == 1  # programs enough
     assert pallas_attention.num_splits(3, 8, 256, 132) == 11  # 264 / 24

@@ -131,7 +131,7 @@ def test_record_partials_merge_as_log_sum_exp():
     q = jnp.zeros((b, 1, hk * group, D), jnp.float32)
     got = pallas_attention.merge(*parts, q, splits + 1)
     # Direct: natural-log weights, the pool's base-2 max converted.
-    mm = np.concatenate([m, pool_m[..., :8, 0] / mosaic_attention.LOG2E], axis=2)
+    mm = np.concatenate([m, pool_m[..., :8, 0] / pallas_attention.LOG2E], axis=2)
     ll = np.concatenate([l, pool_l[..., :8, 0]], axis=2)
     oo = np.concatenate([o_ch, pool_o[:, :, :, :8]], axis=2)
     w = np.exp(mm - mm.max(axis=2, keepdims=True))
