@@ -176,13 +176,14 @@ def _softmax_step(s, pos, limit, m, l):
 
 
 def _attention_kernel(bt_ref, lens_ref, qlens_ref, b2s_ref, q_ref, pages_ref, pk_ref, pv_ref,
-                      o_ref, l_ref, m_ref, *, lay: Layout, group: int, blocks_per_split: int,
+                      o_ref, l_ref, m_ref, *query_refs, lay: Layout, group: int, blocks_per_split: int,
                       causal: bool, q_scale: float, gpu: bool, query_len: int | None,
                       rows: int, sinks: int | None, pool_only: bool):
     """sinks None: a block is read from its record where it has no pool slot. An int
     (chunk-invariant reads): each row reads the blocks before its own from their records,
     the first `sinks` excepted, even those still in the pool (records written ahead).
-    pool_only: the pool blocks alone (another kernel reads the records)."""
+    pool_only: the pool blocks alone (another kernel reads the records), and query_refs
+    (q_unit [R, D] fp16, q_norm [1, R]) get the query rows that kernel reads."""
     b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     g, d, p = lay.preset.tile, lay.head_dim, lay.preset
     max_blocks = bt_ref.shape[1]
@@ -194,6 +195,9 @@ def _attention_kernel(bt_ref, lens_ref, qlens_ref, b2s_ref, q_ref, pages_ref, pk
     # q = q_norm * q_unit with |q_unit| <= 1 (see _code_dot), transposed for the dots.
     q_norm = jnp.maximum(jnp.max(jnp.abs(q), axis=1, keepdims=True), 1e-30).T  # [1, R]
     q_unit = q.T / q_norm  # [D, R]
+    if query_refs:
+        query_refs[0][...] = (q / q_norm.T).astype(query_refs[0].dtype)
+        query_refs[1][...] = q_norm
 
     seq_len = lens_ref[b]
     row = lax.broadcasted_iota(jnp.int32, (1, rows), 1)
@@ -276,16 +280,24 @@ def _attention_kernel(bt_ref, lens_ref, qlens_ref, b2s_ref, q_ref, pages_ref, pk
     m_ref[...] = m.T
 
 
-def _merge_kernel(o_ref, l_ref, m_ref, out_ref, *, splits: int):
-    """One query row: merge the partials of its splits by log-sum-exp (a split that saw
-    no token has sum 0 and max MASK; rows past `splits` are padding), normalize (0 where
-    no split saw a token), rotate back to the model's frame and store."""
-    valid = lax.broadcasted_iota(jnp.int32, l_ref.shape, 0) < splits  # [S, 1]
-    m = jnp.where(valid, m_ref[...], MASK)
-    l = jnp.where(valid, l_ref[...], 0.0)
-    w = jnp.exp2(m - jnp.max(m, axis=0, keepdims=True))
-    acc = jnp.sum(jnp.where(valid, o_ref[...], 0.0) * w, axis=0, keepdims=True)  # [1, D]
-    total = jnp.sum(l * w, axis=0, keepdims=True)
+def _merge_kernel(*refs, splits: tuple[int, ...]):
+    """One query row: merge the partials of its splits (refs: o, l, m of each set, then
+    out) by log-sum-exp (a split that saw no token has sum 0 and max MASK; rows past a
+    set's `splits` are padding), normalize (0 where no split saw a token), rotate back to
+    the model's frame and store."""
+    sets, out_ref = [refs[3 * i:3 * i + 3] for i in range(len(splits))], refs[-1]
+    ms, ls, os_ = [], [], []
+    for (o_ref, l_ref, m_ref), n in zip(sets, splits):
+        valid = lax.broadcasted_iota(jnp.int32, l_ref.shape, 0) < n  # [S, 1]
+        ms.append(jnp.where(valid, m_ref[...], MASK))
+        ls.append(jnp.where(valid, l_ref[...], 0.0))
+        os_.append(jnp.where(valid, o_ref[...], 0.0))
+    top = functools.reduce(jnp.maximum, [jnp.max(m, axis=0, keepdims=True) for m in ms])
+    acc = total = 0.0
+    for o, l, m in zip(os_, ls, ms):
+        w = jnp.exp2(m - top)
+        acc = acc + jnp.sum(o * w, axis=0, keepdims=True)  # [1, D]
+        total = total + jnp.sum(l * w, axis=0, keepdims=True)
     out = acc / jnp.where(total > 0, total, 1.0)
     d = out.shape[-1]
     out = tile_math.fwht_last(out) * np.float32(1 / math.sqrt(d))
@@ -364,15 +376,17 @@ def _attention(q, cache, block_tables, seq_lens, query_lens, causal, scale, spli
                chunk_invariant, interpret):
     o, l, m = _partials(q, cache, block_tables, seq_lens, query_lens, causal, scale, splits,
                         bps, chunk_invariant, interpret, pool_only=False)
-    return _merge(o, l, m, q, splits, interpret)
+    return _merge(((o, l, m, splits),), q, interpret)
 
 
 def pool_partials(q: jax.Array, cache: KVarNCache, block_tables: jax.Array,
                   seq_lens: jax.Array, softmax_scale: float | None = None,
-                  interpret: bool | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                  interpret: bool | None = None) -> tuple[jax.Array, ...]:
     """Decode partials of the pool blocks alone (sink, tail), for a kernel that reads the
     records itself: (o [B, Hk, 1, rows, D], l, m [B, Hk, 1, rows, 1]) float32, `merge`'s
-    format (o unnormalized in the rotated frame, m base 2)."""
+    format (o unnormalized in the rotated frame, m base 2), and that kernel's query rows:
+    q_unit [B, Hk, rows, D] fp16 and q_norm [B, Hk, 1, rows] float32, q_unit * q_norm the
+    rotated query times softmax scale * log2 e, |q_unit| <= 1 (rows past the group 0)."""
     d = q.shape[-1]
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
@@ -383,12 +397,15 @@ def pool_partials(q: jax.Array, cache: KVarNCache, block_tables: jax.Array,
 
 
 def merge(o: jax.Array, l: jax.Array, m: jax.Array, q: jax.Array, splits: int,
-          interpret: bool | None = None) -> jax.Array:
+          interpret: bool | None = None, more: tuple | None = None) -> jax.Array:
     """Partials ([B, Hk, S, rows, D] and [B, Hk, S, rows, 1], S a power of two >= splits,
-    the splits past `splits` ignored) -> out in q's shape and dtype, rotated back."""
+    the splits past `splits` ignored) -> out in q's shape and dtype, rotated back.
+    more: a second set (o, l, m, splits) of another kernel, merged with the first (its
+    own S and rows)."""
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    return _merge(o, l, m, q, splits, interpret)
+    sets = ((o, l, m, splits),) + ((tuple(more),) if more is not None else ())
+    return _merge(sets, q, interpret)
 
 
 def _partials(q, cache, block_tables, seq_lens, query_lens, causal, scale, splits, bps,
@@ -416,6 +433,12 @@ def _partials(q, cache, block_tables, seq_lens, query_lens, causal, scale, split
     part = lambda *shape: pl.BlockSpec((None, None, None, *shape),  # noqa: E731
                                        lambda i, j, s: (i, j, s) + (0,) * len(shape))
     partials = [jax.ShapeDtypeStruct((b, hk, splits_p2, rows, n), F32) for n in (d, 1, 1)]
+    out_specs = [part(rows, d), part(rows, 1), part(rows, 1)]
+    if pool_only:  # and the query rows of the record kernel
+        partials += [jax.ShapeDtypeStruct((b, hk, rows, d), jnp.float16),
+                     jax.ShapeDtypeStruct((b, hk, 1, rows), F32)]
+        out_specs += [pl.BlockSpec((None, None, rows, d), lambda i, j, s: (i, j, 0, 0)),
+                      pl.BlockSpec((None, None, 1, rows), lambda i, j, s: (i, j, 0, 0))]
     inputs = (block_tables, seq_lens,
               seq_lens if query_lens is None else query_lens,  # (not read without them)
               cache.block_to_slot)
@@ -423,7 +446,7 @@ def _partials(q, cache, block_tables, seq_lens, query_lens, causal, scale, split
         kernel,
         grid=(b, hk, splits),
         in_specs=[whole(x) for x in (*inputs, qr, cache.pages, cache.pool_k, cache.pool_v)],
-        out_specs=[part(rows, d), part(rows, 1), part(rows, 1)],
+        out_specs=out_specs,
         out_shape=partials,
         compiler_params=pltr.CompilerParams(num_warps=num_warps(d, lay.preset.tile),
                                             num_stages=NUM_STAGES),
@@ -431,20 +454,21 @@ def _partials(q, cache, block_tables, seq_lens, query_lens, causal, scale, split
     )(*inputs, qr, cache.pages, cache.pool_k, cache.pool_v)
 
 
-def _merge(o, l, m, q, splits, interpret):
-    """One program per real query row merges its splits and stores it rotated back."""
+def _merge(sets, q, interpret):
+    """One program per real query row merges its splits (of each set of partials) and
+    stores it rotated back."""
     b, sq, hq, d = q.shape
-    hk = o.shape[1]
+    hk = sets[0][0].shape[1]
     group = hq // hk
-    row = lambda n: pl.BlockSpec((None, None, o.shape[2], None, n),  # noqa: E731
-                                 lambda i, j, r: (i, j, 0, r, 0))
+    row = lambda s, n: pl.BlockSpec((None, None, s, None, n),  # noqa: E731
+                                    lambda i, j, r: (i, j, 0, r, 0))
     return pl.pallas_call(
-        functools.partial(_merge_kernel, splits=splits),
+        functools.partial(_merge_kernel, splits=tuple(int(x[3]) for x in sets)),
         grid=(b, hk, sq * group),
-        in_specs=[row(d), row(1), row(1)],
+        in_specs=[row(o.shape[2], n) for o, *_ in sets for n in (d, 1, 1)],
         out_specs=pl.BlockSpec((None, None, None, d),
                                lambda i, j, r: (i, r // group, j * group + r % group, 0)),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=pltr.CompilerParams(num_warps=MERGE_WARPS, num_stages=1),
         interpret=interpret,
-    )(o, l, m)
+    )(*(x for o, l, m, _ in sets for x in (o, l, m)))

@@ -10,7 +10,7 @@ import pytest
 import kvarn_jax  # noqa: F401
 from kvarn import oracle
 from kvarn.format import layout
-from kvarn_jax import attention_reference, cache, pallas_attention
+from kvarn_jax import attention_reference, cache, pallas_attention, reference
 
 G, D = 64, 64
 PRESET = "kvarn_k4v2_g64"
@@ -356,13 +356,22 @@ def test_pool_partials_are_the_pool_blocks_alone():
     s.step([170, 90])
     args = (s.cache, jnp.asarray(s.tables), jnp.asarray(s.lens))
     q = jnp.asarray(np.random.default_rng(21).standard_normal((2, 1, 4, D)).astype(np.float16))
-    pool_only = pallas_attention.merge(*pallas_attention.pool_partials(q, *args), q, 1)
+    o, l, m, q_unit, q_norm = pallas_attention.pool_partials(q, *args)
+    pool_only = pallas_attention.merge(o, l, m, q, 1)
     np.testing.assert_array_equal(np.asarray(pool_only),
                                   np.asarray(pallas_attention.attention(q, *args, splits=1)))
+    # The record kernel's query rows: q_unit * q_norm = rotated q * scale * log2 e.
+    assert q_unit.dtype == jnp.float16 and q_unit.shape == (2, 2, pallas_attention.MIN_ROWS, D)
+    assert float(jnp.max(jnp.abs(q_unit))) == 1.0
+    want = np.asarray(reference.rotate(q.astype(jnp.float32)))[:, 0].reshape(2, 2, 2, D)
+    want = want * (D ** -0.5 * pallas_attention.LOG2E)
+    got_q = np.asarray(q_unit, np.float32) * np.asarray(q_norm)[:, :, 0, :, None]
+    np.testing.assert_allclose(got_q[:, :, :2], want, rtol=2e-3, atol=1e-6)
+    assert not np.any(got_q[:, :, 2:])
     s.step([1, 1])  # the full blocks past the sink are records now
     assert s.slot(0, 1) == -1 and s.slot(0, 0) >= 0
     args = (s.cache, jnp.asarray(s.tables), jnp.asarray(s.lens))
-    got = pallas_attention.merge(*pallas_attention.pool_partials(q, *args), q, 1)
+    got = pallas_attention.merge(*pallas_attention.pool_partials(q, *args)[:3], q, 1)
     pool_mask = np.array([[s.slot(b, j) >= 0 for j in range(4)] for b in range(2)])
     for b in range(2):
         keep = np.repeat(pool_mask[b], G)[:s.lens[b]]

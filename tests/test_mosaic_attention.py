@@ -86,17 +86,15 @@ def test_unsupported_names_what_to_change():
         assert not mosaic_attention.applies(jnp.zeros((64, 1, 8, D), jnp.float16), kv)
 
 
-def test_record_table_lists_the_quantized_blocks_in_order():
+def test_record_blocks_drop_the_pool_blocks():
     rng = np.random.default_rng(0)
     b2s = np.where(rng.random(40) < 0.3, rng.integers(0, 9, 40), -1).astype(np.int32)
     tables = rng.permutation(40)[:36].reshape(4, 9).astype(np.int32)
-    lens = np.array([1000, 129, 0, 1152], np.int32)
-    table, counts = mosaic_attention.record_table(jnp.asarray(b2s), jnp.asarray(tables),
-                                                  jnp.asarray(lens))
-    for b in range(4):
-        want = [blk for blk in tables[b, :-(-lens[b] // G)] if b2s[blk] < 0]
-        assert int(counts[b]) == len(want)
-        assert list(np.asarray(table[b, :len(want)])) == want
+    tables[3, 7:] = -1  # padding past a sequence's blocks
+    got = np.asarray(mosaic_attention.record_blocks(jnp.asarray(b2s), jnp.asarray(tables)))
+    want = np.where(b2s[np.maximum(tables, 0)] < 0, tables, -1)
+    np.testing.assert_array_equal(got, want)
+    assert (got == -1).sum() > 3 and (got >= 0).sum() > 20
 
 
 def test_a_threads_rows_are_one_token_quad_and_one_v_code_byte():
@@ -108,33 +106,30 @@ def test_a_threads_rows_are_one_token_quad_and_one_v_code_byte():
         for g in range(8):
             rows = [64 * m + 16 * w + 8 * h + g for m in range(2) for h in range(2)]
             assert [perm[r] for r in rows] == [4 * (8 * w + g) + e for e in range(4)]
-    assert all(perm[mosaic_attention.INV_PERM[c]] == c for c in range(128))
 
 
-def test_record_partials_merge_as_log_sum_exp():
-    """The record kernel's partials (rows in PERM order, natural-log max, an empty split)
-    and a pool partial, merged by pallas_attention.merge, against a direct merge."""
+def test_merge_of_two_sets_of_partials_is_one_log_sum_exp():
+    """The record kernel's partials (8 rows, W = 4 slots of which 3 splits, one empty) and
+    the pool kernel's (16 rows, 1 split), merged by pallas_attention.merge, against a
+    direct base-2 log-sum-exp."""
     rng = np.random.default_rng(1)
     b, hk, splits, group = 2, 2, 3, 4
-    o_ch = rng.standard_normal((b, hk, splits, 8, D)).astype(np.float32)  # [.., row, channel]
-    m = rng.standard_normal((b, hk, splits, 8)).astype(np.float32)
-    l = rng.random((b, hk, splits, 8)).astype(np.float32) + 0.5
-    m[0, 0, 1], l[0, 0, 1], o_ch[0, 0, 1] = -np.inf, 0.0, 0.0  # a split without records
-    o_rows = np.swapaxes(o_ch, -1, -2)[:, :, :, mosaic_attention.PERM, :]  # row R: PERM[R]
+    o = rng.standard_normal((b, hk, 4, 8, D)).astype(np.float32)
+    m = rng.standard_normal((b, hk, 4, 8, 1)).astype(np.float32)
+    l = rng.random((b, hk, 4, 8, 1)).astype(np.float32) + 0.5
+    m[0, 0, 1], l[0, 0, 1], o[0, 0, 1] = pallas_attention.MASK, 0.0, 0.0  # no records
+    o[:, :, 3], m[:, :, 3], l[:, :, 3] = np.nan, 1e30, np.nan  # past `splits`: unwritten
     rows = 16
-    o2, l2, m2 = mosaic_attention._as_merge_partials(jnp.asarray(o_rows), jnp.asarray(m),
-                                                     jnp.asarray(l), rows)
     pool_o = rng.standard_normal((b, hk, 1, rows, D)).astype(np.float32)
     pool_m = rng.standard_normal((b, hk, 1, rows, 1)).astype(np.float32) * 1.4
     pool_l = rng.random((b, hk, 1, rows, 1)).astype(np.float32) + 0.5
-    parts = [jnp.concatenate(x, axis=2) for x in zip((o2, l2, m2), (pool_o, pool_l, pool_m))]
     q = jnp.zeros((b, 1, hk * group, D), jnp.float32)
-    got = pallas_attention.merge(*parts, q, splits + 1)
-    # Direct: natural-log weights, the pool's base-2 max converted.
-    mm = np.concatenate([m, pool_m[..., :8, 0] / pallas_attention.LOG2E], axis=2)
-    ll = np.concatenate([l, pool_l[..., :8, 0]], axis=2)
-    oo = np.concatenate([o_ch, pool_o[:, :, :, :8]], axis=2)
-    w = np.exp(mm - mm.max(axis=2, keepdims=True))
+    got = pallas_attention.merge(jnp.asarray(o), jnp.asarray(l), jnp.asarray(m), q, splits,
+                                 more=(pool_o, pool_l, pool_m, 1))
+    mm = np.concatenate([m[:, :, :splits, :, 0], pool_m[..., :8, 0]], axis=2)
+    ll = np.concatenate([l[:, :, :splits, :, 0], pool_l[..., :8, 0]], axis=2)
+    oo = np.concatenate([o[:, :, :splits], pool_o[:, :, :, :8]], axis=2)
+    w = np.exp2(mm - mm.max(axis=2, keepdims=True))
     out = (oo * w[..., None]).sum(2) / (ll * w).sum(2)[..., None]  # [b, hk, 8, D]
     want = np.asarray(reference.rotate(jnp.asarray(out[:, :, :group].reshape(b, hk * group, D))))
     np.testing.assert_allclose(np.asarray(got)[:, 0], want, rtol=1e-5, atol=1e-5)
@@ -150,7 +145,7 @@ def test_decode_lowers_for_cuda(dtype, group):
 
     kv = cache.init(16, 2, D, pool_slots=4, preset=PRESET, dtype=dtype)
     hlo = lower_for_cuda(
-        lambda q, kv, bt, lens: mosaic_attention._attention(q, kv, bt, lens, D ** -0.5, 3, group),
+        lambda q, kv, bt, lens: mosaic_attention._attention(q, kv, bt, lens, D ** -0.5, 3),
         jax.ShapeDtypeStruct((3, 1, 2 * group, D), dtype), kv,
         jax.ShapeDtypeStruct((3, 5), jnp.int32), jax.ShapeDtypeStruct((3,), jnp.int32))
     assert "mosaic_gpu" in hlo and "__gpu$xla.gpu.triton" in hlo  # records, and pool + merge
