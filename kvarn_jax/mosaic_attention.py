@@ -171,6 +171,18 @@ def build_k(ctx, codes):
     return mgpu.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
 
 
+def v_read(k: int, g: int) -> tuple[int, int, int]:
+    """build_v's reads for lane (g, k) (any warp), as plain integers: the column offsets
+    from 32 k + b // 2 of its two 16-bit loads of a V code row, and the `prmt` selector
+    that puts byte b % 2 of token t0's halfword in byte 0 and of t0 + 1's in byte 2 (one
+    nibble a result byte; source bytes 0-3 the first load, 4-7 the second; bytes 1 and 3
+    are masked off). Lanes k = 2, 3 load t0 + 1 first: columns 32 k + b // 2 of lanes k
+    and k + 2 share a bank, the swapped order puts the 4 lanes k on 4 banks."""
+    upper, j = k // 2, g % 2
+    first = 16 * upper
+    return first, 16 - first, (j + 4 * upper) | ((j + 4 * (1 - upper)) << 8)
+
+
 @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=_OPERAND)
 def build_v(ctx, sc):
     """The PV dot's A operand from a stage's f16 rows: row R is channel PERM[R] = 4 b + e
@@ -180,19 +192,15 @@ def build_v(ctx, sc):
     i16 = ir.IntegerType.get_signless(16)
     _, warp, _, g, k = _thread()
     half = arith.divui(arith.addi(arith.muli(warp, c32(8)), g), c32(2))  # b // 2
-    col0 = arith.addi(arith.muli(k, c32(32)), half)  # token t0 = 8 c8 + 2 k; t0 + 1 at +16
-    # Lanes k = 2, 3 read t0 + 1 first: columns 32 k + half of lanes k and k + 2 share a
-    # bank, the swapped order puts the 4 lanes k on 4 banks.
-    upper = arith.divui(k, c32(2))
+    col0 = arith.addi(arith.muli(k, c32(32)), half)  # token t0 = 8 c8 + 2 k
+    upper = arith.divui(k, c32(2))  # as in v_read
     first = arith.muli(upper, c32(16))
     col_a = _ix(arith.addi(col0, first))
     col_b = _ix(arith.addi(col0, arith.subi(c32(16), first)))
-    # prmt selector: byte 0 <- byte b % 2 of t0's halfword, byte 2 <- of t0 + 1's (bytes
-    # 1 and 3 are masked off below); the second operand's bytes are 4-7.
     j = arith.remui(g, c32(2))
-    s_t0 = arith.addi(j, arith.muli(upper, c32(4)))
-    s_t1 = arith.addi(j, arith.muli(arith.subi(c32(1), upper), c32(4)))
-    sel = arith.ori(arith.muli(s_t0, c32(0x0101)), arith.muli(s_t1, c32(0x01010000)))
+    sel = arith.ori(arith.addi(j, arith.muli(upper, c32(4))),
+                    arith.shli(arith.addi(j, arith.muli(arith.subi(c32(1), upper), c32(4))),
+                               c32(8)))
     regs = np.empty(fa.WGMMA_LAYOUT.registers_shape((128, 128)), dtype=object)
 
     def load(row, col):
@@ -349,19 +357,19 @@ def _record_kernel(codes_hbm, f16_hbm, q_hbm, qn_hbm, rec_ref, lens_ref, o_ref, 
     plgpu.copy_gmem_to_smem(q_hbm.at[b, h, pl.ds(0, R)], q_smem, qbar)
     plgpu.copy_gmem_to_smem(qn_hbm.at[b, h, 0, pl.ds(0, R)], qn_smem, qbar)
 
-    def copy_block(i, stage):
-        """Block i's record into `stage`; returns its id (-1: a pool block, page unread)."""
+    def copy_record(i, stage):
         blk = rec_ref[b, i]
-        src = jnp.maximum(blk, 0)
-        plgpu.copy_gmem_to_smem(codes_hbm.at[src, h, pl.ds(0, 128)], codes_smem.at[stage],
+        plgpu.copy_gmem_to_smem(codes_hbm.at[blk, h, pl.ds(0, 128)], codes_smem.at[stage],
                                 bars.at[stage])
-        plgpu.copy_gmem_to_smem(f16_hbm.at[src, h, pl.ds(F16_FIRST, F16_ROWS)],
+        plgpu.copy_gmem_to_smem(f16_hbm.at[blk, h, pl.ds(F16_FIRST, F16_ROWS)],
                                 f16_smem.at[stage], bars.at[stage])
-        return blk
 
-    first = jax.lax.cond(lo < hi, lambda: copy_block(lo, 0), lambda: jnp.int32(-1))
-    plgpu.barrier_wait(qbar)
-    qn = q_norms(qn_smem)
+    def find(i):
+        """The first record position from i on in the split (hi if none): pool blocks,
+        a few per sequence, are stepped over here."""
+        last = rec_ref.shape[1] - 1
+        return jax.lax.while_loop(lambda j: (j < hi) & (rec_ref[b, jnp.minimum(j, last)] < 0),
+                                  lambda j: j + 1, i)
 
     def attend(stage, carry):
         m_run, l_acc, o_acc = carry
@@ -393,22 +401,34 @@ def _record_kernel(codes_hbm, f16_hbm, q_hbm, qn_hbm, rec_ref, lens_ref, o_ref, 
         o_new = o_acc * alpha[None, :] + pv_acc * chs[:, None] + sig[:, None] * zt[None, :]
         return m_new, l_acc * alpha[None, :] + p, o_new
 
-    def block(i, carry):
-        blk, state = carry
-        stage = (i - lo) % STAGES
-        # Into the stage block i - 1 was read from: its last read (build_v) came before
-        # the warpgroup barrier of that iteration's second commit_smem.
-        nxt = jax.lax.cond(i + 1 < hi, lambda: copy_block(i + 1, 1 - stage),
-                           lambda: jnp.int32(-1))
+    pos0 = find(lo)
+
+    @pl.when(pos0 < hi)
+    def _():
+        copy_record(pos0, 0)
+
+    plgpu.barrier_wait(qbar)
+    qn = q_norms(qn_smem)
+
+    def step(carry):
+        pos, stage, state = carry
+        nxt = find(pos + 1)
+
+        # Into the stage the previous record was read from: its last read (build_v) came
+        # before the warpgroup barrier of that step's second commit_smem.
+        @pl.when(nxt < hi)
+        def _():
+            copy_record(nxt, 1 - stage)
+
         plgpu.barrier_wait(bars.at[stage])
-        state = jax.lax.cond(blk >= 0, functools.partial(attend, stage), lambda c: c, state)
-        return nxt, state
+        return nxt, 1 - stage, attend(stage, state)
 
     wg = plgpu.Layout.WGMMA
     init = (plgpu.layout_cast(jnp.full((R,), -jnp.inf, jnp.float32), wg.reduce(0)),
             plgpu.layout_cast(jnp.zeros((128, R), jnp.float32), wg),
             plgpu.layout_cast(jnp.zeros((128, R), jnp.float32), wg))
-    _, (m_run, l_acc, o_acc) = jax.lax.fori_loop(lo, hi, block, (first, init))
+    _, _, (m_run, l_acc, o_acc) = jax.lax.while_loop(lambda c: c[0] < hi, step,
+                                                     (pos0, jnp.int32(0), init))
     store_o(o_acc, o_ref.at[b, h, s])
     m_ref[b, h, s] = jnp.maximum(m_run, pallas_attention.MASK)  # MASK: no record seen
     l_ref[b, h, s] = jnp.sum(l_acc, axis=0)  # l is summed over tokens once, at the end

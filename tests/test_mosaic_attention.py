@@ -108,6 +108,68 @@ def test_a_threads_rows_are_one_token_quad_and_one_v_code_byte():
             assert [perm[r] for r in rows] == [4 * (8 * w + g) + e for e in range(4)]
 
 
+def _prmt(a: int, b: int, sel: int) -> int:
+    """PTX prmt.b32: result byte i is byte sel's nibble i of {b, a} (a bytes 0-3)."""
+    src = [(a >> 8 * i) & 0xFF for i in range(4)] + [(b >> 8 * i) & 0xFF for i in range(4)]
+    return sum(src[(sel >> 4 * i) & 7] << 8 * i for i in range(4))
+
+
+def test_v_operand_registers_hold_the_v_codes_of_their_rows_and_columns():
+    """build_v's loads and prmt (v_read), emulated lane by lane on a record: row R of the
+    operand is channel PERM[R] = 4 b + e, column t token t, value code * 4**e (in units
+    of 2**-24), and each 16-bit load of a warp lands on its own bank (or shares a word)."""
+    rng = np.random.default_rng(3)
+    codes = rng.integers(0, 4, (G, D))  # [token, channel]
+    # The V code rows of the record: token t's byte b at byte b % 2 of halfword
+    # [t // 8, 16 (t % 8) + b // 2]; byte b holds channels 4 b + e at bits 2 e.
+    byte = sum(codes[:, e::4] << 2 * e for e in range(4))  # [token, b]
+    rows = np.zeros((16, 128), np.int64)
+    for t in range(G):
+        for b in range(32):
+            rows[t // 8, 16 * (t % 8) + b // 2] |= int(byte[t, b]) << 8 * (b % 2)
+    got = np.full((128, 128), -1)
+    for w in range(4):
+        for c8 in range(16):
+            for lane in range(32):
+                g, k = divmod(lane, 4)
+                off_a, off_b, sel = mosaic_attention.v_read(k, g)
+                col0 = 32 * k + (8 * w + g) // 2
+                x = _prmt(int(rows[c8, col0 + off_a]), int(rows[c8, col0 + off_b]), sel)
+                for e in range(4):
+                    m, h = divmod(e, 2)
+                    v = x & (0x00030003 << 2 * e)
+                    got[64 * m + 16 * w + 8 * h + g, 8 * c8 + 2 * k] = (v & 0xFFFF) >> 2 * e
+                    got[64 * m + 16 * w + 8 * h + g, 8 * c8 + 2 * k + 1] = (v >> 16) >> 2 * e
+            for which in (0, 1):  # one load: banks of the 32 lanes' 4-byte words
+                words = {}
+                for lane in range(32):
+                    g, k = divmod(lane, 4)
+                    col = 32 * k + (8 * w + g) // 2 + mosaic_attention.v_read(k, g)[which]
+                    words.setdefault(col // 2 % 32, set()).add(col // 2)
+                assert all(len(x) == 1 for x in words.values())
+    np.testing.assert_array_equal(got, codes.T[mosaic_attention.PERM])
+
+
+def test_k_code_loads_follow_the_64_byte_swizzle_without_bank_conflicts():
+    """build_k reads channel row 2 k + j of column group c8 at column 8 (w ^ k) + g of the
+    K_CODES buffer: where the TMA's 64-byte swizzle put token quad 8 w + g of that row,
+    and the 32 lanes of a load on 16 distinct banks (lanes g, g + 1 share a word)."""
+    def swizzled(byte):  # Mosaic GPU / TMA: 16-byte chunk ^= (byte // 128) % 4
+        return byte ^ ((byte // 128) % 4) * 16
+
+    for w in range(4):
+        for c8 in range(16):
+            for j in range(2):
+                banks = {}
+                for lane in range(32):
+                    g, k = divmod(lane, 4)
+                    row = 8 * c8 + 2 * k + j
+                    read = row * 64 + (8 * (w ^ k) + g) * 2  # the kernel's load, in bytes
+                    assert read == swizzled(row * 64 + (8 * w + g) * 2)
+                    banks.setdefault(read // 4 % 32, set()).add(read // 4)
+                assert len(banks) == 16 and all(len(x) == 1 for x in banks.values())
+
+
 def test_merge_of_two_sets_of_partials_is_one_log_sum_exp():
     """The record kernel's partials (8 rows, W = 4 slots of which 3 splits, one empty) and
     the pool kernel's (16 rows, 1 split), merged by pallas_attention.merge, against a
