@@ -5,16 +5,17 @@ which Pallas's Triton backend (`pallas_attention`) cannot express.
 
 Scope: kvarn_k4v2_g128, head_dim 128, decode (one query token), GQA groups of up to 8
 query heads, sm_90 GPUs (wgmma and TMA; Mosaic GPU has no interpreter for the register
-code here). A call is three launches: `pallas_attention`'s kernel in its pool-only mode
-(the pool blocks, sink and tail, and the rotated query rows this kernel reads), this
-kernel over the records, and `pallas_attention`'s merge of both kernels' partials.
-`applies` says when `attention` here is the faster choice.
+code here). A call is three launches and one small XLA op: `pallas_attention`'s kernel in
+its pool-only mode (the pool blocks, sink and tail, and the rotated query rows this
+kernel reads), `record_blocks` (the block table with -1 for pool blocks), this kernel
+over the records, and `pallas_attention`'s merge of both kernels' partials. `applies`
+says when `attention` here is the faster choice.
 
 A program is one warpgroup (4 warps) over split program_id(2) of one sequence's block
-table for one KV head. It copies every block of its split and attends to those without a
-pool slot (their records): the pool blocks, a few per sequence, cost a wasted copy each
-and no table compaction before the launch. Each record arrives as two TMA copies into one
-of two stages while the previous one is computed: the K codes as int16 [128 channels, 32
+table positions for one KV head. It steps over the pool blocks (a few per sequence) in
+its loop while it looks for the next record to copy, so no table is compacted before the
+launch. Each record arrives as two TMA copies into one of two stages while the previous
+one is computed: the K codes as int16 [128 channels, 32
 token quads] (record rows 0-127 of 64 bytes, under a 64-byte swizzle) and f16 rows 32-53
 [22, 128] (a_K, z_K, tau_K, the V codes, sigma_V, a_V, z_V; `F16_ROWS`).
 
