@@ -176,9 +176,9 @@ def _softmax_step(s, pos, limit, m, l):
 
 
 def _attention_kernel(bt_ref, lens_ref, qlens_ref, b2s_ref, q_ref, pages_ref, pk_ref, pv_ref,
-                      o_ref, l_ref, m_ref, *query_refs, lay: Layout, group: int, blocks_per_split: int,
-                      causal: bool, q_scale: float, gpu: bool, query_len: int | None,
-                      rows: int, sinks: int | None, pool_only: bool):
+                      o_ref, l_ref, m_ref, *query_refs, lay: Layout, group: int,
+                      blocks_per_split: int, causal: bool, q_scale: float, gpu: bool,
+                      query_len: int | None, rows: int, sinks: int | None, pool_only: bool):
     """sinks None: a block is read from its record where it has no pool slot. An int
     (chunk-invariant reads): each row reads the blocks before its own from their records,
     the first `sinks` excepted, even those still in the pool (records written ahead).
@@ -386,7 +386,8 @@ def pool_partials(q: jax.Array, cache: KVarNCache, block_tables: jax.Array,
     records itself: (o [B, Hk, 1, rows, D], l, m [B, Hk, 1, rows, 1]) float32, `merge`'s
     format (o unnormalized in the rotated frame, m base 2), and that kernel's query rows:
     q_unit [B, Hk, rows, D] fp16 and q_norm [B, Hk, 1, rows] float32, q_unit * q_norm the
-    rotated query times softmax scale * log2 e, |q_unit| <= 1 (rows past the group 0)."""
+    rotated query times softmax scale * log2 e, |q_unit| <= 1 (its rows past the group
+    0)."""
     d = q.shape[-1]
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
