@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import kvarn_jax  # noqa: F401
+from kvarn import oracle
 from kvarn_jax import attention_reference, cache, mosaic_attention, pallas_attention, reference
 from test_jax_attention import Sequences
 
@@ -120,13 +121,9 @@ def test_v_operand_registers_hold_the_v_codes_of_their_rows_and_columns():
     of 2**-24), and each 16-bit load of a warp lands on its own bank (or shares a word)."""
     rng = np.random.default_rng(3)
     codes = rng.integers(0, 4, (G, D))  # [token, channel]
-    # The V code rows of the record: token t's byte b at byte b % 2 of halfword
-    # [t // 8, 16 (t % 8) + b // 2]; byte b holds channels 4 b + e at bits 2 e.
-    byte = sum(codes[:, e::4] << 2 * e for e in range(4))  # [token, b]
-    rows = np.zeros((16, 128), np.int64)
-    for t in range(G):
-        for b in range(32):
-            rows[t // 8, 16 * (t % 8) + b // 2] |= int(byte[t, b]) << 8 * (b % 2)
+    # The record's V code field (the oracle's packing, token-major) as its rows of 128
+    # halfwords, as the kernel's f16 box holds them.
+    rows = oracle.pack(codes, 2).reshape(-1).view("<u2").reshape(16, 128).astype(np.int64)
     got = np.full((128, 128), -1)
     for w in range(4):
         for c8 in range(16):
