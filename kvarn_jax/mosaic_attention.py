@@ -15,9 +15,9 @@ A program is one warpgroup (4 warps) over split program_id(2) of one sequence's 
 table positions for one KV head. It steps over the pool blocks (a few per sequence) in
 its loop while it looks for the next record to copy, so no table is compacted before the
 launch. Each record arrives as two TMA copies into one of two stages while the previous
-one is computed: the K codes as int16 [128 channels, 32
-token quads] (record rows 0-127 of 64 bytes, under a 64-byte swizzle) and f16 rows 32-53
-[22, 128] (a_K, z_K, tau_K, the V codes, sigma_V, a_V, z_V; `F16_ROWS`).
+one is computed: the K codes as int16 [128 channels, 32 token quads] (record rows 0-127
+of 64 bytes, under a 64-byte swizzle) and f16 rows 32-53 [22, 128] (a_K, z_K, tau_K, the
+V codes, sigma_V, a_V, z_V; `F16_ROWS`).
 
 Both dots are transposed so that the codes are the A operand, from registers, and the 8
 query rows (a GQA group, zero-padded) the N = 8 side; scores are in base 2:
